@@ -1,0 +1,66 @@
+"""pytest-benchmark: loss forward + backward per backend (CPU sizes always; 128^3 on CUDA).
+
+Run: pytest bench --benchmark-enable   (see bench/README.md for baselines and comparisons).
+In the default test run benchmarks are disabled: each case runs once on a small size (a smoke test).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expseg_fast.losses import available_backends, exp_log_loss
+
+CPU_BACKENDS = available_backends("cpu")
+
+
+def _case(benchmark, device: str, backend: str, shape, dtype, channels_last: bool):
+    torch.manual_seed(0)
+    logits = torch.randn(shape, device=device).to(dtype)
+    if channels_last:
+        logits = logits.to(memory_format=torch.channels_last_3d)
+    logits.requires_grad_(True)
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device)
+
+    def step():
+        logits.grad = None
+        exp_log_loss(logits, target, backend=backend, validate=False).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up: kernel load, thread start, compilation
+    benchmark.extra_info.update(backend=backend, shape=list(shape), dtype=str(dtype), channels_last=channels_last)
+    benchmark(step)
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
+def test_loss_cpu(benchmark, backend, channels_last):
+    size = 12 if benchmark.disabled else 64
+    benchmark.group = f"loss-cpu-1x20x{size}^3-fp32"
+    _case(benchmark, "cpu", backend, (1, 20, size, size, size), torch.float32, channels_last)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", available_backends("cuda") if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
+def test_loss_cuda(benchmark, backend, dtype, channels_last):
+    size = 32 if benchmark.disabled else 128
+    benchmark.group = f"loss-cuda-1x20x{size}^3-{dtype}"
+    _case(benchmark, "cuda", backend, (1, 20, size, size, size), dtype, channels_last)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_loss_cpu_peak_memory(benchmark, backend):
+    """Peak extra host memory of forward + backward at (1, 20, 64^3) fp32, in a fresh process."""
+    from cpu_memory import measure
+
+    size = 12 if benchmark.disabled else 64
+    mib = measure(backend, 1, 20, size)
+    benchmark.extra_info.update(backend=backend, peak_extra_mib=mib, size=size)
+    benchmark.group = "loss-cpu-peak-memory"
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert mib >= 0

@@ -1,0 +1,221 @@
+"""Public loss API: the paper's Table 1 losses as functions and nn.Modules over several backends.
+
+logits: (N, C, D, H, W), float32/bfloat16/float16 (float64 too), contiguous or channels_last_3d,
+read in place. target: (N, D, H, W), integer labels in [0, C). Returns a float32 scalar (float64
+for float64 logits); the
+gradient has the logits' dtype and memory format.
+
+Backends: "reference" (plain PyTorch autograd), "native" (the csrc op: C++/OpenMP on the CPU, CUDA
+kernels on the GPU), "auto" (the fastest available for the logits' device).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from expseg_fast.losses import native
+from expseg_fast.losses.reference import reference_loss
+from expseg_fast.losses.spec import LossSpec
+
+Backend = Literal["auto", "reference", "native"]
+BACKENDS = ("reference", "native")
+_PREFERENCE = ("native", "reference")  # fastest first
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on this device, fastest first."""
+    device = torch.device(device)
+    found = []
+    for name in _PREFERENCE:
+        if name == "reference" or (name == "native" and native.available(device)):
+            found.append(name)
+    return found
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: `backend` itself, or the fastest available for "auto"."""
+    if backend == "auto":
+        return available_backends(device)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "native" and not native.available(device):
+        raise RuntimeError(f"backend 'native' is not available on {device.type}: {native.unavailable_reason(device)}")
+    return backend
+
+
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
+    if logits.dim() != 5:
+        raise ValueError(f"logits must be (N, C, D, H, W), got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits must have at least 2 labels (dim 1), got {logits.shape[1]}")
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer labels, got {getattr(target, 'dtype', type(target))}")
+    n, _, d, h, w = logits.shape
+    if tuple(target.shape) != (n, d, h, w):
+        raise ValueError(f"target must be (N, D, H, W) = {(n, d, h, w)} to match logits, got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if weights is not None:
+        if weights.shape != (logits.shape[1],):
+            raise ValueError(f"weights must be (C,) = ({logits.shape[1]},), got {tuple(weights.shape)}")
+        if weights.device != logits.device:
+            raise ValueError(f"weights are on {weights.device} but logits are on {logits.device}")
+
+
+def _raise_for_bad_values(bad_target: int, bad_logits: int, num_labels: int) -> None:
+    if bad_target:
+        raise ValueError(f"target: {bad_target} voxels hold labels outside [0, {num_labels})")
+    if bad_logits:
+        raise ValueError(f"logits: {bad_logits} voxels hold NaN or Inf")
+
+
+def loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None,
+    spec: LossSpec,
+    backend: Backend = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """The loss `spec` of logits against target; the functions below are its named cases.
+
+    validate: raise ValueError for labels outside [0, C), non-finite logits and negative or
+    non-finite weights. It reads small tensors back from the device (a synchronisation on CUDA) and
+    is skipped under torch.compile. With validate=False, out-of-range labels are ignored (they contribute nothing and
+    get a zero gradient in the native backend) and, in the native backend, any non-finite logit
+    makes the loss NaN (the reference follows IEEE arithmetic: NaN or +Inf give NaN).
+    """
+    _check_inputs(logits, target, weights)
+    num_labels = logits.shape[1]
+    if weights is None:
+        weights = torch.ones(num_labels, device=logits.device, dtype=torch.float32)
+    weights = weights.detach()
+    validate = validate and not torch.compiler.is_compiling()
+    if validate and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
+        raise ValueError("weights must be finite and >= 0")
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        if validate:
+            bad_target = int(((target < 0) | (target >= num_labels)).sum())
+            bad_logits = int((~torch.isfinite(logits)).any(dim=1).sum())
+            _raise_for_bad_values(bad_target, bad_logits, num_labels)
+        return reference_loss(logits, target, weights, spec)
+    if target.dtype not in native.LABEL_DTYPES:
+        target = target.long()
+    value, bad = native.explog(logits, target, weights, spec.op_args())
+    if validate:
+        _raise_for_bad_values(*bad.tolist(), num_labels)
+    return value
+
+
+def exp_log_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    w_dice: float = 0.8,
+    w_cross: float = 0.2,
+    gamma_dice: float = 0.3,
+    gamma_cross: float = 0.3,
+    eps: float = 1.0,
+    backend: Backend = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """L_Exp = w_dice * L_Dice(gamma_dice) + w_cross * L_Cross(gamma_cross); paper's best by default."""
+    spec = LossSpec(w_dice, w_cross, gamma_dice, gamma_cross, False, eps)
+    return loss(logits, target, weights, spec, backend, validate)
+
+
+def linear_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0, backend: Backend = "auto", validate: bool = True
+) -> torch.Tensor:
+    """Mean over (sample, label) of 1 - Dice_i."""
+    return loss(logits, target, None, LossSpec(1.0, 0.0, 1.0, 1.0, True, eps), backend, validate)
+
+
+def log_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    eps: float = 1.0,
+    backend: Backend = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """L_Dice(gamma): mean over (sample, label) of (-ln Dice_i)^gamma (gamma 1: logarithmic Dice)."""
+    return loss(logits, target, None, LossSpec(1.0, 0.0, gamma, 1.0, False, eps), backend, validate)
+
+
+def cross_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    backend: Backend = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """L_Cross(gamma): mean over voxels of w_l * (-ln p_l)^gamma (gamma 1: weighted cross-entropy)."""
+    return loss(logits, target, weights, LossSpec(0.0, 1.0, 1.0, gamma, False, 1.0), backend, validate)
+
+
+class _LossModule(nn.Module):
+    def __init__(self, spec: LossSpec, weights: torch.Tensor | None, backend: Backend, validate: bool) -> None:
+        super().__init__()
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        self.spec = spec
+        self.backend = backend
+        self.validate = validate
+        self.register_buffer("weights", None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss(logits, target, self.weights, self.spec, self.backend, self.validate)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, backend={self.backend!r}"
+
+
+class ExpLogLoss(_LossModule):
+    """L_Exp as a module; `weights` (C,) from label_weights(training-set counts), or None for 1."""
+
+    def __init__(
+        self,
+        weights: torch.Tensor | None = None,
+        w_dice: float = 0.8,
+        w_cross: float = 0.2,
+        gamma_dice: float = 0.3,
+        gamma_cross: float = 0.3,
+        eps: float = 1.0,
+        backend: Backend = "auto",
+        validate: bool = True,
+    ) -> None:
+        super().__init__(LossSpec(w_dice, w_cross, gamma_dice, gamma_cross, False, eps), weights, backend, validate)
+
+
+class LinearDiceLoss(_LossModule):
+    """Mean over (sample, label) of 1 - Dice_i."""
+
+    def __init__(self, eps: float = 1.0, backend: Backend = "auto", validate: bool = True) -> None:
+        super().__init__(LossSpec(1.0, 0.0, 1.0, 1.0, True, eps), None, backend, validate)
+
+
+class LogDiceLoss(_LossModule):
+    """L_Dice(gamma) = mean over (sample, label) of (-ln Dice_i)^gamma."""
+
+    def __init__(self, gamma: float = 1.0, eps: float = 1.0, backend: Backend = "auto", validate: bool = True) -> None:
+        super().__init__(LossSpec(1.0, 0.0, gamma, 1.0, False, eps), None, backend, validate)
+
+
+class CrossLoss(_LossModule):
+    """L_Cross(gamma) = mean over voxels of w_l * (-ln p_l)^gamma."""
+
+    def __init__(
+        self, weights: torch.Tensor | None = None, gamma: float = 1.0, backend: Backend = "auto", validate: bool = True
+    ) -> None:
+        super().__init__(LossSpec(0.0, 1.0, 1.0, gamma, False, 1.0), weights, backend, validate)

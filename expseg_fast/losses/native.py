@@ -1,0 +1,84 @@
+"""The native op expseg_fast::explog_forward/backward (csrc/): loading, fake kernels, autograd.
+
+One forward pass gathers per-(sample, label) statistics (N, C, 4) in float64; the backward pass
+recomputes the softmax and writes d loss / d logits once. Nothing of size C*V is saved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Label dtypes the kernels read in place; other integer dtypes are converted to int64 first.
+LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+try:
+    from expseg_fast import _C  # noqa: F401  (loading it registers torch.ops.expseg_fast.*)
+
+    LOAD_ERROR: Exception | None = None
+except ImportError as error:  # not built: the backend reports it when asked for
+    LOAD_ERROR = error
+
+
+def _kernel_device_types() -> frozenset[str]:
+    if LOAD_ERROR is not None:
+        return frozenset()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA")) if has("expseg_fast::explog_forward", key))
+
+
+# Device types with a native kernel, fixed at import (so torch.compile traces a constant).
+DEVICE_TYPES = _kernel_device_types()
+
+
+def available(device: torch.device) -> bool:
+    """Whether the native op has a kernel for this device type."""
+    return device.type in DEVICE_TYPES
+
+
+def unavailable_reason(device: torch.device) -> str:
+    if LOAD_ERROR is not None:
+        return (
+            f"the extension expseg_fast._C is not built ({LOAD_ERROR}); "
+            "build it with `pip install --no-build-isolation -e .`"
+        )
+    return f"expseg_fast._C was built without {device.type.upper()} kernels (rebuild on a machine with nvcc)"
+
+
+def explog(
+    logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, op_args: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss, bad): the scalar loss (float32; float64 for float64 logits) and int64 (2,) counts of bad labels/logits."""
+    loss, _stats, bad = torch.ops.expseg_fast.explog_forward(logits, target, weights, *op_args)
+    return loss, bad
+
+
+if LOAD_ERROR is None:
+
+    @torch.library.register_fake("expseg_fast::explog_forward")
+    def _forward_fake(logits, target, weights, w_dice, w_cross, gamma_dice, gamma_cross, linear_dice, eps):
+        n, c = logits.shape[:2]
+        return (
+            logits.new_empty((), dtype=torch.promote_types(logits.dtype, torch.float32)),
+            logits.new_empty((n, c, 4), dtype=torch.float64),
+            logits.new_empty((2,), dtype=torch.int64),
+        )
+
+    @torch.library.register_fake("expseg_fast::explog_backward")
+    def _backward_fake(grad, logits, target, weights, stats, *op_args):
+        return torch.empty_like(logits)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        logits, target, weights, *op_args = inputs
+        _loss, stats, bad = output
+        ctx.save_for_backward(logits, target, weights, stats)
+        ctx.op_args = op_args
+        ctx.mark_non_differentiable(stats, bad)
+
+    def _backward(ctx, grad_loss, _grad_stats, _grad_bad):
+        logits, target, weights, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.expseg_fast.explog_backward(grad_loss, logits, target, weights, stats, *ctx.op_args)
+        return (grad, None, None) + (None,) * len(ctx.op_args)
+
+    torch.library.register_autograd("expseg_fast::explog_forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,119 @@
+"""Shared test helpers: input makers and an independent float64 oracle of the loss (paper eqs. 1-3)."""
+
+from __future__ import annotations
+
+import torch
+
+from expseg_fast.losses import LossSpec
+
+SPECS = {
+    "linear_dice": LossSpec(1.0, 0.0, 1.0, 1.0, True),
+    "log_dice": LossSpec(1.0, 0.0, 1.0, 1.0),
+    "cross": LossSpec(0.0, 1.0, 1.0, 1.0),
+    "exp_g1": LossSpec(0.8, 0.2, 1.0, 1.0),
+    "exp_g2": LossSpec(0.8, 0.2, 2.0, 2.0),
+    "exp_g03": LossSpec(0.8, 0.2, 0.3, 0.3),
+}
+
+
+def make_logits(shape, dtype=torch.float32, channels_last=False, scale=2.0, generator=None) -> torch.Tensor:
+    z = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+    return z.to(memory_format=torch.channels_last_3d) if channels_last else z
+
+
+def make_target(shape, num_labels, generator=None) -> torch.Tensor:
+    n, _, d, h, w = shape
+    return torch.randint(0, num_labels, (n, d, h, w), generator=generator)
+
+
+def oracle_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
+    """The loss in float64 straight from the paper's formulas (differentiable by autograd)."""
+    z = logits.double()
+    n, c = z.shape[:2]
+    e = torch.exp(z - z.amax(dim=1, keepdim=True))
+    p = e / e.sum(dim=1, keepdim=True)
+    delta = (target.unsqueeze(1) == torch.arange(c).view(1, c, 1, 1, 1)).double()
+    i = (delta * p).flatten(2).sum(-1)
+    g = delta.flatten(2).sum(-1)
+    pp = p.flatten(2).sum(-1)
+    dice = (2 * i + spec.eps) / (g + pp + spec.eps)
+    out = torch.zeros((), dtype=torch.float64)
+    if spec.w_dice:
+        per = 1 - dice if spec.linear_dice else (-torch.log(dice)) ** spec.gamma_dice
+        out = out + spec.w_dice * per.mean()
+    if spec.w_cross:
+        w = torch.ones(c, dtype=torch.float64) if weights is None else weights.double()
+        t = -torch.log(p.gather(1, target.long().unsqueeze(1)).squeeze(1))
+        out = out + spec.w_cross * (w[target.long()] * t**spec.gamma_cross).mean()
+    return out
+
+
+def loss_and_grad(fn, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logits.detach().clone().requires_grad_(True)
+    value = fn(z)
+    value.backward()
+    return value.detach(), z.grad
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def mp_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, spec: LossSpec, dps: int = 80):
+    """Loss and d loss / d logits in `dps`-digit arithmetic (mpmath), straight from the formulas
+    (DESIGN.md section 2, no stabilising rewrites): the judge for saturated logits, where float64
+    loses 1 - p_l and -ln Dice_i to rounding. The gradient coefficient floor GRAD_FLOOR on u applies.
+    Returns (loss float, gradient float64 tensor shaped like logits)."""
+    import mpmath as mp
+
+    from expseg_fast.losses import GRAD_FLOOR
+
+    z = logits.detach().double().contiguous()
+    n_s, c = z.shape[:2]
+    zf = z.reshape(n_s, c, -1).tolist()
+    lf = target.reshape(n_s, -1).tolist()
+    v = len(lf[0])
+    w = [1.0] * c if weights is None else weights.double().tolist()
+    grad = [[[0.0] * v for _ in range(c)] for _ in range(n_s)]
+    with mp.workdps(dps):
+        eps, nc, nv = mp.mpf(spec.eps), mp.mpf(n_s * c), mp.mpf(n_s * v)
+        total = mp.mpf(0)
+        for n in range(n_s):
+            p = []
+            for x in range(v):
+                e = [mp.exp(mp.mpf(zf[n][j][x])) for j in range(c)]
+                s = mp.fsum(e)
+                p.append([ej / s for ej in e])
+            dl_dp = [[mp.mpf(0)] * c for _ in range(v)]
+            if spec.w_dice:
+                for i in range(c):
+                    inter = mp.fsum(p[x][i] for x in range(v) if lf[n][x] == i)
+                    pred = mp.fsum(p[x][i] for x in range(v))
+                    count = sum(1 for x in range(v) if lf[n][x] == i)
+                    a_, b_ = 2 * inter + eps, count + pred + eps
+                    dice = a_ / b_
+                    u = -mp.log(dice)
+                    if spec.linear_dice:
+                        phi, dphi = 1 - dice, dice
+                    else:
+                        phi = u**spec.gamma_dice
+                        dphi = spec.gamma_dice * max(u, mp.mpf(GRAD_FLOOR)) ** (spec.gamma_dice - 1)
+                    total += spec.w_dice * phi / nc
+                    for x in range(v):
+                        dl_dp[x][i] += spec.w_dice * dphi * (1 / b_ - (2 / a_ if lf[n][x] == i else 0)) / nc
+            for x in range(v):
+                l = lf[n][x]
+                px = p[x]
+                gbar = mp.fsum(px[k] * dl_dp[x][k] for k in range(c))
+                dz = [px[j] * (dl_dp[x][j] - gbar) for j in range(c)]
+                if spec.w_cross:
+                    t = -mp.log(px[l])
+                    total += spec.w_cross * w[l] * t**spec.gamma_cross / nv
+                    coef = spec.w_cross * w[l] * spec.gamma_cross * t ** (spec.gamma_cross - 1) / nv
+                    for j in range(c):
+                        dz[j] += coef * (px[j] - (1 if j == l else 0))
+                for j in range(c):
+                    grad[n][j][x] = float(dz[j])
+        value = float(total)
+    return value, torch.tensor(grad, dtype=torch.float64).reshape(z.shape)

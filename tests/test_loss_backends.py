@@ -1,0 +1,68 @@
+"""Every CPU backend of the loss against the independent float64 oracle and against autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expseg_fast.losses import available_backends, loss
+from expseg_fast.losses.reference import reference_loss
+from helpers import SPECS, loss_and_grad, make_logits, make_target, oracle_loss, rel_err
+
+BACKENDS = available_backends("cpu")
+SHAPES = [(1, 2, 3, 5, 7), (2, 5, 4, 3, 5), (1, 20, 3, 4, 5), (2, 20, 5, 1, 3)]
+# (loss relative error, gradient relative error) by logits dtype; the gradient is rounded to it.
+TOL = {torch.float32: (2e-6, 2e-5), torch.bfloat16: (2e-6, 1e-2), torch.float16: (2e-6, 2e-3)}
+
+
+def test_native_backend_is_built():
+    assert "native" in BACKENDS, "the C++ extension must be built for the tests (pip install --no-build-isolation -e .)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec_name", list(SPECS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_float64_oracle(backend, spec_name, shape, channels_last, dtype):
+    spec = SPECS[spec_name]
+    logits = make_logits(shape, dtype, channels_last)
+    target = make_target(shape, shape[1])
+    weights = torch.rand(shape[1]) + 0.5
+    value, grad = loss_and_grad(lambda z: loss(z, target, weights, spec, backend), logits)
+    ref_value, ref_grad = loss_and_grad(lambda z: oracle_loss(z, target, weights, spec), logits.double())
+    loss_tol, grad_tol = TOL[dtype]
+    assert value.dtype == torch.float32 and value.shape == ()
+    assert abs(value.double() - ref_value) <= loss_tol * abs(ref_value) + 1e-7
+    assert grad.dtype == dtype and grad.stride() == logits.stride()
+    assert torch.isfinite(grad).all()
+    assert rel_err(grad, ref_grad) < grad_tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_gradcheck_float64(backend, spec_name):
+    spec = SPECS[spec_name]
+    shape = (2, 4, 3, 2, 3)
+    logits = make_logits(shape, torch.float64, scale=1.0).requires_grad_(True)
+    target = make_target(shape, shape[1])
+    weights = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lambda z: loss(z, target, weights, spec, backend), (logits,), atol=1e-8, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_gradient_matches_oracle_finite_differences(backend, spec_name):
+    """Directional derivative of the float64 oracle by central differences vs the backend's gradient."""
+    spec = SPECS[spec_name]
+    shape = (1, 5, 3, 3, 3)
+    logits = make_logits(shape, torch.float64)
+    target = make_target(shape, shape[1])
+    weights = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    _, grad = loss_and_grad(lambda z: loss(z, target, weights, spec, backend), logits)
+    direction = torch.randn_like(logits)
+    h = 1e-5
+    plus = oracle_loss(logits + h * direction, target, weights, spec)
+    minus = oracle_loss(logits - h * direction, target, weights, spec)
+    fd = float((plus - minus) / (2 * h))
+    assert abs(float((grad * direction).sum()) - fd) <= 1e-6 * abs(fd) + 1e-10
