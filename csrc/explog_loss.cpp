@@ -11,7 +11,6 @@
 // Voxels with an out-of-range label contribute nothing and get a zero gradient; a non-finite logit
 // (NaN or +-Inf) makes the loss NaN. The Python wrapper turns `bad` into a ValueError.
 #include <Python.h>
-#include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -242,7 +241,7 @@ void forward_chunks(const scalar_t* z, const label_t* lab_in, const Geometry& g,
           double* sl = st + lab[k] * kStatCols;
           sl[kStatG] += 1.0;
           sl[kStatM] += R[k] * w[k] + nonfinite[k];  // NaN for a non-finite logit: the loss is NaN
-          if (need_cross) sl[kStatT] += tp[k];
+          if (need_cross) sl[kStatT] += tp[k] + nonfinite[k];
         }
       }
     }

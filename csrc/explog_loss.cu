@@ -7,8 +7,6 @@
 // Backward: a one-block kernel computes the per-(sample, label) coefficients (scaled by the
 // incoming gradient read on the device), then a thread per voxel recomputes the softmax and writes
 // the gradient once.
-#include <torch/extension.h>
-
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -72,6 +70,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
       if (!s.finite) {  // a non-finite logit poisons the statistics: the loss is NaN
         atomicAdd(&s_bad[1], 1u);
         atomicAdd(sl + kStatM, __int_as_float(0x7fc00000));
+        if (need_cross) atomicAdd(sl + kStatT, __int_as_float(0x7fc00000));
       }
       if (need_cross) atomicAdd(sl + kStatT, (float)xpow(s.t, (acc_t)gamma_cross));
     }

@@ -3,7 +3,9 @@
 // format, no copies); the gradient is written through its own strides.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include "explog_math.h"
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from expseg_fast.losses import LossSpec
+from expseg_fast.losses import LossSpec, available_backends
 
 SPECS = {
     "linear_dice": LossSpec(1.0, 0.0, 1.0, 1.0, True),
@@ -14,6 +15,13 @@ SPECS = {
     "exp_g2": LossSpec(0.8, 0.2, 2.0, 2.0),
     "exp_g03": LossSpec(0.8, 0.2, 0.3, 0.3),
 }
+
+
+# Triton on the CPU runs in its interpreter (TRITON_INTERPRET=1, set by conftest when there is no GPU);
+# on a GPU machine the Triton kernels are tested on CUDA (test_loss_cuda.py) instead.
+needs_triton_cpu = pytest.mark.skipif(
+    "triton" not in available_backends("cpu"), reason="Triton on the CPU needs TRITON_INTERPRET=1 (no-GPU runs)"
+)
 
 
 def make_logits(shape, dtype=torch.float32, channels_last=False, scale=2.0, generator=None) -> torch.Tensor:

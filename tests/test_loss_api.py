@@ -23,7 +23,7 @@ from expseg_fast.losses import (
     log_dice_loss,
     loss,
 )
-from helpers import make_logits, make_target, oracle_loss
+from helpers import make_logits, make_target, needs_triton_cpu, oracle_loss
 
 BACKENDS = available_backends("cpu")
 
@@ -56,7 +56,7 @@ def test_paper_defaults():
 
 
 def test_auto_picks_the_fastest_available_and_top_level_exports():
-    assert available_backends("cpu")[0] == "native"
+    assert available_backends("cpu")[0] == "native"  # never the Triton interpreter
     logits, target = inputs()
     assert torch.equal(expseg_fast.exp_log_loss(logits, target), exp_log_loss(logits, target, backend="native"))
 
@@ -137,16 +137,19 @@ def test_non_finite_logits_raise_and_without_validation_give_nan(backend, value)
     logits[0, 3, 1, 1, 1] = value
     with pytest.raises(ValueError, match="logits: 1 voxels hold NaN or Inf"):
         exp_log_loss(logits, target, backend=backend)
-    if backend == "native":  # documented: any non-finite logit makes the loss NaN
+    if backend != "reference":  # documented: any non-finite logit makes the fused losses NaN
         assert torch.isnan(exp_log_loss(logits, target, backend=backend, validate=False))
+        assert torch.isnan(cross_loss(logits, target, backend=backend, validate=False))
+        assert torch.isnan(log_dice_loss(logits, target, backend=backend, validate=False))
 
 
-def test_native_ignores_out_of_range_labels_without_validation():
+@pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=needs_triton_cpu)])
+def test_fused_backends_ignore_out_of_range_labels_without_validation(backend):
     logits, target = inputs()
     bad = target.clone()
     bad[0, 0, 0, 0] = 99
     logits.requires_grad_(True)
-    exp_log_loss(logits, bad, backend="native", validate=False).backward()
+    exp_log_loss(logits, bad, backend=backend, validate=False).backward()
     assert torch.isfinite(logits.grad).all()
     assert torch.count_nonzero(logits.grad[0, :, 0, 0, 0]) == 0
 
@@ -159,11 +162,28 @@ def test_native_op_passes_opcheck():
         torch.library.opcheck(torch.ops.expseg_fast.explog_forward.default, args)
 
 
-def test_native_loss_under_torch_compile():
+@needs_triton_cpu
+def test_triton_op_passes_opcheck():
+    for dtype, channels_last in [(torch.float32, False), (torch.bfloat16, True)]:
+        logits = make_logits((2, 4, 3, 2, 5), dtype, channels_last).requires_grad_(True)
+        target = make_target((2, 4, 3, 2, 5), 4)
+        args = (logits, target, torch.rand(4) + 0.5, *LossSpec().op_args(), False)
+        torch.library.opcheck(torch.ops.expseg_fast.triton_explog_forward.default, args)
+
+
+@needs_triton_cpu
+def test_triton_rejects_float64_logits():
     logits, target = inputs()
-    compiled = torch.compile(lambda z, t: exp_log_loss(z, t, backend="native"), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        exp_log_loss(logits.double(), target, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=needs_triton_cpu)])
+def test_fused_loss_under_torch_compile_without_graph_breaks(backend):
+    logits, target = inputs()
+    compiled = torch.compile(lambda z, t: exp_log_loss(z, t, backend=backend), fullgraph=True, backend="aot_eager")
     z1 = logits.clone().requires_grad_(True)
     z2 = logits.clone().requires_grad_(True)
     compiled(z1, target).backward()
-    exp_log_loss(z2, target, backend="native").backward()
+    exp_log_loss(z2, target, backend=backend).backward()
     assert torch.allclose(z1.grad, z2.grad)

@@ -88,3 +88,22 @@ def test_native_cuda_opcheck():
     target = make_target((2, 5, 3, 4, 5), 5).cuda()
     args = (logits, target, torch.rand(5, device="cuda") + 0.5, *LossSpec().op_args())
     torch.library.opcheck(torch.ops.expseg_fast.explog_forward.default, args)
+
+
+def test_triton_cuda_deterministic_mode():
+    from test_loss_numerics import check_triton_determinism
+
+    check_triton_determinism("cuda")
+
+
+def test_triton_cuda_opcheck_and_compile():
+    logits = make_logits((2, 5, 3, 4, 5), torch.bfloat16, True).cuda().requires_grad_(True)
+    target = make_target((2, 5, 3, 4, 5), 5).cuda()
+    args = (logits, target, torch.rand(5, device="cuda") + 0.5, *LossSpec().op_args(), False)
+    torch.library.opcheck(torch.ops.expseg_fast.triton_explog_forward.default, args)
+    compiled = torch.compile(lambda z, t: loss(z, t, None, LossSpec(), "triton"), fullgraph=True)
+    z1 = logits.detach().clone().requires_grad_(True)
+    z2 = logits.detach().clone().requires_grad_(True)
+    compiled(z1, target).backward()
+    loss(z2, target, None, LossSpec(), "triton").backward()
+    assert torch.allclose(z1.grad.float(), z2.grad.float())

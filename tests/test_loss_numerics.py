@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expseg_fast.losses import LossSpec, available_backends, loss
-from helpers import loss_and_grad, make_target, mp_loss_and_grad, oracle_loss, rel_err
+from helpers import loss_and_grad, make_target, mp_loss_and_grad, needs_triton_cpu, oracle_loss, rel_err
 
 BACKENDS = available_backends("cpu")
 GAMMAS = [0.1, 0.3, 1.0, 3.0]
@@ -98,6 +98,27 @@ def test_noncontiguous_view_is_read_in_place(backend):
     ref_value, ref_grad = loss_and_grad(lambda z: oracle_loss(z, target, None, spec), logits.contiguous().double())
     assert abs(float(value) - float(ref_value)) <= 1e-5 * float(ref_value)
     assert rel_err(grad, ref_grad) < 1e-4
+
+
+@needs_triton_cpu
+def test_triton_deterministic_mode_is_bitwise_repeatable_and_matches_atomic_mode():
+    check_triton_determinism("cpu")
+
+
+def check_triton_determinism(device: str) -> None:
+    logits = torch.randn(2, 5, 7, 9, 11, device=device)
+    target = make_target(tuple(logits.shape), 5).to(device)
+    spec = LossSpec()
+    atomic = loss_and_grad(lambda z: loss(z, target, None, spec, "triton"), logits)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = loss_and_grad(lambda z: loss(z, target, None, spec, "triton"), logits)
+        second = loss_and_grad(lambda z: loss(z, target, None, spec, "triton"), logits)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert abs(float(first[0]) - float(atomic[0])) <= 1e-6 * float(atomic[0])
+    assert rel_err(first[1], atomic[1]) < 1e-6
 
 
 def test_native_statistics_do_not_depend_on_thread_count():

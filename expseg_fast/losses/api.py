@@ -6,7 +6,8 @@ for float64 logits); the
 gradient has the logits' dtype and memory format.
 
 Backends: "reference" (plain PyTorch autograd), "native" (the csrc op: C++/OpenMP on the CPU, CUDA
-kernels on the GPU), "auto" (the fastest available for the logits' device).
+kernels on the GPU), "triton" (fused Triton kernels: CUDA, or the CPU under TRITON_INTERPRET=1 for
+tests), "auto" (the fastest available for the logits' device).
 """
 
 from __future__ import annotations
@@ -16,23 +17,30 @@ from typing import Literal
 import torch
 from torch import nn
 
+from expseg_fast.kernels import triton_available
 from expseg_fast.losses import native
 from expseg_fast.losses.reference import reference_loss
 from expseg_fast.losses.spec import LossSpec
 
-Backend = Literal["auto", "reference", "native"]
-BACKENDS = ("reference", "native")
-_PREFERENCE = ("native", "reference")  # fastest first
+Backend = Literal["auto", "reference", "native", "triton"]
+BACKENDS = ("reference", "native", "triton")
+# Fastest first, per device type (Triton on the CPU is the interpreter: last).
+_PREFERENCE = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference", "triton")}
+
+
+def _available(name: str, device: torch.device) -> bool:
+    if name == "native":
+        return native.available(device)
+    if name == "triton":
+        return triton_available(device)
+    return True
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on this device, fastest first."""
     device = torch.device(device)
-    found = []
-    for name in _PREFERENCE:
-        if name == "reference" or (name == "native" and native.available(device)):
-            found.append(name)
-    return found
+    order = _PREFERENCE.get(device.type, ("reference",))
+    return [name for name in order if _available(name, device)]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -43,6 +51,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "native" and not native.available(device):
         raise RuntimeError(f"backend 'native' is not available on {device.type}: {native.unavailable_reason(device)}")
+    if backend == "triton" and not triton_available(device):
+        raise RuntimeError(
+            f"backend 'triton' is not available on {device.type}: it needs triton and a CUDA device "
+            "(or TRITON_INTERPRET=1 on the CPU)"
+        )
     return backend
 
 
@@ -105,9 +118,14 @@ def loss(
             bad_logits = int((~torch.isfinite(logits)).any(dim=1).sum())
             _raise_for_bad_values(bad_target, bad_logits, num_labels)
         return reference_loss(logits, target, weights, spec)
-    if target.dtype not in native.LABEL_DTYPES:
-        target = target.long()
-    value, bad = native.explog(logits, target, weights, spec.op_args())
+    if name == "triton":
+        from expseg_fast.kernels.explog import explog as triton_explog
+
+        value, bad = triton_explog(logits, target, weights, spec.op_args())
+    else:
+        if target.dtype not in native.LABEL_DTYPES:
+            target = target.long()
+        value, bad = native.explog(logits, target, weights, spec.op_args())
     if validate:
         _raise_for_bad_values(*bad.tolist(), num_labels)
     return value

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU suite: one device call (under 8 minutes) on a fresh GPU machine. Builds the CUDA extension,
+# runs the whole test suite (the CUDA-marked tests included), benchmarks the loss backends against the
+# eager reference and torch.compile in the same run, and writes logs, JSON and a markdown table to $OUT.
+# Usage (from the repository root): OUT=/some/dir bash bench/gpu_suite.sh
+# Pure-Python wheels missing on the machine may be carried in .whl/ (see bench/README.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ! python3 -c "import mpmath" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/card.txt"
+
+start=$(date +%s)
+if ! MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 EXPSEG_FAST_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+python3 -m pytest tests -q -p no:cacheprovider --maxfail=20 2>&1 | tee "$OUT/pytest.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+echo "tests: $(( $(date +%s) - start )) s, exit $tests_rc"
+
+start=$(date +%s)
+python3 bench/gpu_loss.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
+echo "benchmark: $(( $(date +%s) - start )) s"
+exit "$tests_rc"
