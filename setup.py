@@ -28,7 +28,7 @@ def extension():
     cpp = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]  # no FP traps: lets the tile loops vectorise
     if want_cuda():
-        cu = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
+        cu = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("cuda/*.cu"))
         return CUDAExtension(
             "expseg_fast._C",
             cpp + cu,

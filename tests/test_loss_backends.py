@@ -41,7 +41,10 @@ def test_matches_float64_oracle(backend, spec_name, shape, channels_last, dtype)
     assert abs(value.double() - ref_value) <= loss_tol * abs(ref_value) + 1e-7
     assert grad.dtype == dtype and grad.stride() == logits.stride()
     assert torch.isfinite(grad).all()
-    assert rel_err(grad, ref_grad) < grad_tol
+    # Relative accuracy, plus rounding in the dtype's subnormal range (tiny gradients in float16).
+    subnormal_step = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    err = float((grad.double() - ref_grad).norm())
+    assert err < grad_tol * float(ref_grad.norm()) + subnormal_step * grad.numel() ** 0.5
 
 
 @pytest.mark.parametrize("backend", F64_BACKENDS)

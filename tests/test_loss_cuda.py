@@ -36,7 +36,10 @@ def test_cuda_matches_float64_oracle(backend, spec_name, shape, channels_last, d
     assert value.device.type == "cuda" and value.dtype == torch.float32
     assert abs(float(value) - float(ref_value)) <= 10 * loss_tol * abs(float(ref_value)) + 1e-6
     assert grad.dtype == dtype and grad.stride() == logits.stride()
-    assert rel_err(grad.cpu(), ref_grad) < grad_tol
+    # Relative accuracy, plus rounding in the dtype's subnormal range (tiny gradients in float16).
+    subnormal_step = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    err = float((grad.cpu().double() - ref_grad).norm())
+    assert err < grad_tol * float(ref_grad.norm()) + subnormal_step * grad.numel() ** 0.5
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)

@@ -12,7 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "explog_loss.h"
+#include "../explog_loss.h"
 
 namespace expseg {
 namespace {
