@@ -94,7 +94,7 @@ def floor_ms(dtype: torch.dtype, bandwidth: float) -> float:
 def tune_triton(dtype: torch.dtype, channels_last: bool) -> list[dict]:
     rows = []
     for block_v in (64, 128, 256):
-        for warps in (4, 8):
+        for warps in (1, 2, 4):
             triton_explog.TUNING.update(block_v=block_v, num_warps=warps)
             try:
                 ms = measure("triton", dtype, channels_last, rep=50)["ms"]

@@ -24,7 +24,8 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 
 start=$(date +%s)
-python3 -m pytest tests -q -p no:cacheprovider --maxfail=20 2>&1 | tee "$OUT/pytest.log" | tail -15
+# SUITE_TESTS narrows the tests (e.g. tests/test_loss_cuda.py when the CPU tests already passed there).
+python3 -m pytest ${SUITE_TESTS:-tests} -q -p no:cacheprovider --maxfail=20 2>&1 | tee "$OUT/pytest.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 echo "tests: $(( $(date +%s) - start )) s, exit $tests_rc"
 

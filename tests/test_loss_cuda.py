@@ -90,7 +90,8 @@ def test_native_cuda_opcheck():
     logits = make_logits((2, 5, 3, 4, 5)).cuda().requires_grad_(True)
     target = make_target((2, 5, 3, 4, 5), 5).cuda()
     args = (logits, target, torch.rand(5, device="cuda") + 0.5, *LossSpec().op_args())
-    torch.library.opcheck(torch.ops.expseg_fast.explog_forward.default, args)
+    # float64 atomics make the statistics order-dependent in the last bits
+    torch.library.opcheck(torch.ops.expseg_fast.explog_forward.default, args, rtol=1e-6, atol=1e-6)
 
 
 def test_triton_cuda_deterministic_mode():
@@ -102,7 +103,7 @@ def test_triton_cuda_deterministic_mode():
 def test_triton_cuda_opcheck_and_compile():
     logits = make_logits((2, 5, 3, 4, 5), torch.bfloat16, True).cuda().requires_grad_(True)
     target = make_target((2, 5, 3, 4, 5), 5).cuda()
-    args = (logits, target, torch.rand(5, device="cuda") + 0.5, *LossSpec().op_args(), False)
+    args = (logits, target, torch.rand(5, device="cuda") + 0.5, *LossSpec().op_args(), True)  # deterministic
     torch.library.opcheck(torch.ops.expseg_fast.triton_explog_forward.default, args)
     compiled = torch.compile(lambda z, t: loss(z, t, None, LossSpec(), "triton"), fullgraph=True)
     z1 = logits.detach().clone().requires_grad_(True)

@@ -90,43 +90,52 @@ def _tile_softmax(z_ptr, lab_ptr, n, v, C, V, H, W,
 
 
 @triton.jit
-def _stats_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C, V, H, W,
+def _stats_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C, V, H, W, n_tiles,
                   szn, szc, szd, szh, szw, stn, std, sth, stw, gamma_cross,
                   NEED_CROSS: tl.constexpr, DETERMINISTIC: tl.constexpr,
                   FLAT_Z: tl.constexpr, FLAT_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Persistent over tiles: program (pid, n) sums tiles pid, pid + P, ... of sample n in registers,
+    then adds its sums atomically, or stores them in its own slot when deterministic."""
     pid = tl.program_id(0)
     n = tl.program_id(1)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    c, in_v, valid, nonfinite, is_lab, is_arg, e, inv_s, r, t = _tile_softmax(
-        z_ptr, lab_ptr, n, v, C, V, H, W, szn, szc, szd, szh, szw, stn, std, sth, stw, FLAT_Z, FLAT_T, BLOCK_C)
-    vf = valid.to(tl.float32)
-    # A voxel with a non-finite logit poisons M and T (the loss is then NaN).
-    miss = tl.where(nonfinite & valid, float("nan"), r * inv_s * vf)
-    g_sum = tl.sum(tl.where(is_lab, vf[None, :], 0.0), axis=1)
-    m_sum = tl.sum(tl.where(is_lab, miss[None, :], 0.0), axis=1)
-    q_sum = tl.sum(tl.where(is_lab, 0.0, e * (inv_s * vf)[None, :]), axis=1)
+    c = tl.arange(0, BLOCK_C)
     in_c = c < C
+    g_acc = tl.zeros((BLOCK_C,), tl.float32)
+    m_acc = tl.zeros((BLOCK_C,), tl.float32)
+    q_acc = tl.zeros((BLOCK_C,), tl.float32)
+    t_acc = tl.zeros((BLOCK_C,), tl.float32)
+    bad_label = tl.zeros((BLOCK_V,), tl.int32)
+    bad_logit = tl.zeros((BLOCK_V,), tl.int32)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        c, in_v, valid, nonfinite, is_lab, is_arg, e, inv_s, r, t = _tile_softmax(
+            z_ptr, lab_ptr, n, v, C, V, H, W, szn, szc, szd, szh, szw, stn, std, sth, stw, FLAT_Z, FLAT_T, BLOCK_C)
+        vf = valid.to(tl.float32)
+        # A voxel with a non-finite logit poisons M and T (the loss is then NaN).
+        miss = tl.where(nonfinite & valid, float("nan"), r * inv_s * vf)
+        g_acc += tl.sum(tl.where(is_lab, vf[None, :], 0.0), axis=1)
+        m_acc += tl.sum(tl.where(is_lab, miss[None, :], 0.0), axis=1)
+        q_acc += tl.sum(tl.where(is_lab, 0.0, e * (inv_s * vf)[None, :]), axis=1)
+        if NEED_CROSS:
+            t_val = tl.where(nonfinite & valid, float("nan"), _pow(t, gamma_cross) * vf)
+            t_acc += tl.sum(tl.where(is_lab, t_val[None, :], 0.0), axis=1)
+        bad_label += (in_v & ~valid).to(tl.int32)
+        bad_logit += (in_v & nonfinite).to(tl.int32)
     if DETERMINISTIC:
         base = part_ptr + ((n * tl.num_programs(0) + pid) * C + c) * 4
-        tl.store(base + 0, g_sum.to(tl.float64), mask=in_c)
-        tl.store(base + 1, m_sum.to(tl.float64), mask=in_c)
-        tl.store(base + 2, q_sum.to(tl.float64), mask=in_c)
+        tl.store(base + 0, g_acc.to(tl.float64), mask=in_c)
+        tl.store(base + 1, m_acc.to(tl.float64), mask=in_c)
+        tl.store(base + 2, q_acc.to(tl.float64), mask=in_c)
+        tl.store(base + 3, t_acc.to(tl.float64), mask=in_c)
     else:
         base = part_ptr + (n * C + c) * 4
-        tl.atomic_add(base + 0, g_sum.to(tl.float64), mask=in_c)
-        tl.atomic_add(base + 1, m_sum.to(tl.float64), mask=in_c)
-        tl.atomic_add(base + 2, q_sum.to(tl.float64), mask=in_c)
-    if NEED_CROSS:
-        t_val = tl.where(nonfinite & valid, float("nan"), _pow(t, gamma_cross) * vf)
-        t_sum = tl.sum(tl.where(is_lab, t_val[None, :], 0.0), axis=1)
-        if DETERMINISTIC:
-            tl.store(base + 3, t_sum.to(tl.float64), mask=in_c)
-        else:
-            tl.atomic_add(base + 3, t_sum.to(tl.float64), mask=in_c)
-    elif DETERMINISTIC:
-        tl.store(base + 3, tl.zeros((BLOCK_C,), tl.float64), mask=in_c)
-    tl.atomic_add(bad_ptr + 0, tl.sum((in_v & ~valid).to(tl.int32), axis=0))
-    tl.atomic_add(bad_ptr + 1, tl.sum((in_v & nonfinite).to(tl.int32), axis=0))
+        tl.atomic_add(base + 0, g_acc.to(tl.float64), mask=in_c)
+        tl.atomic_add(base + 1, m_acc.to(tl.float64), mask=in_c)
+        tl.atomic_add(base + 2, q_acc.to(tl.float64), mask=in_c)
+        if NEED_CROSS:
+            tl.atomic_add(base + 3, t_acc.to(tl.float64), mask=in_c)
+    tl.atomic_add(bad_ptr + 0, tl.sum(bad_label, axis=0))
+    tl.atomic_add(bad_ptr + 1, tl.sum(bad_logit, axis=0))
 
 
 @triton.jit
@@ -222,6 +231,13 @@ def _blocks(num_labels: int) -> tuple[int, int]:
     return block_c, TUNING["block_v"] or max(16, min(256, 4096 // block_c))
 
 
+def _programs_per_sample(device: torch.device, n_samples: int) -> int:
+    """Programs of the persistent statistics kernel per sample: a few per multiprocessor (each
+    program adds its sums once, so fewer programs mean fewer atomics on the same addresses)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, 4 * sms // max(1, n_samples))
+
+
 def _warps() -> dict:
     return {} if TUNING["num_warps"] is None else {"num_warps": TUNING["num_warps"]}
 
@@ -251,7 +267,8 @@ def explog_forward(
     n_samples, num_labels = logits.shape[:2]
     geo = _geometry(logits, target)
     block_c, block_v = _blocks(num_labels)
-    programs = triton.cdiv(geo["V"], block_v)
+    n_tiles = triton.cdiv(geo["V"], block_v)
+    programs = max(1, min(n_tiles, _programs_per_sample(logits.device, n_samples)))
     slots = programs if deterministic else 1
     alloc = torch.empty if deterministic else torch.zeros
     part = alloc((n_samples, slots, num_labels, 4), dtype=torch.float64, device=logits.device)
@@ -260,7 +277,7 @@ def explog_forward(
     loss = torch.empty((), dtype=torch.float32, device=logits.device)
     if geo["V"] > 0:
         _stats_kernel[(programs, n_samples)](
-            logits, target, part, bad, gamma_cross=gamma_cross, NEED_CROSS=w_cross != 0.0,
+            logits, target, part, bad, n_tiles=n_tiles, gamma_cross=gamma_cross, NEED_CROSS=w_cross != 0.0,
             DETERMINISTIC=deterministic, BLOCK_C=block_c, BLOCK_V=block_v, **geo, **_warps())
     else:
         part.zero_()
