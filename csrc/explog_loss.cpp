@@ -156,8 +156,12 @@ void load_tile(const scalar_t* z, const label_t* lab_in, const Geometry& g, int6
     const int64_t vs = g.zs[4];
     const scalar_t* base = z + n * g.zs[0] + v0 * vs;
     if (vs == 1) {
-      for (int c = 0; c < C; ++c)
-        for (int k = 0; k < count; ++k) buf[c * kTile + k] = static_cast<acc_t>(base[c * cs + k]);
+      for (int c = 0; c < C; ++c) {
+        const scalar_t* __restrict__ row = base + c * cs;
+        acc_t* __restrict__ dst = buf + c * kTile;
+#pragma omp simd
+        for (int k = 0; k < count; ++k) dst[k] = static_cast<acc_t>(row[k]);
+      }
     } else {
       for (int k = 0; k < count; ++k)
         for (int c = 0; c < C; ++c) buf[c * kTile + k] = static_cast<acc_t>(base[k * vs + c * cs]);
@@ -182,9 +186,12 @@ void store_tile(scalar_t* grad, const Geometry& g, int64_t n, int64_t v0, int co
     const int64_t vs = g.gz[4];
     scalar_t* base = grad + n * g.gz[0] + v0 * vs;
     if (vs == 1) {
-      for (int c = 0; c < C; ++c)
-        for (int k = 0; k < count; ++k)
-          base[c * cs + k] = static_cast<scalar_t>(valid[k] ? buf[c * kTile + k] : acc_t(0));
+      for (int c = 0; c < C; ++c) {
+        scalar_t* __restrict__ row = base + c * cs;
+        const acc_t* __restrict__ src = buf + c * kTile;
+#pragma omp simd
+        for (int k = 0; k < count; ++k) row[k] = static_cast<scalar_t>(valid[k] ? src[k] : acc_t(0));
+      }
     } else {
       for (int k = 0; k < count; ++k)
         for (int c = 0; c < C; ++c)

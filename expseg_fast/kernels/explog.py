@@ -221,14 +221,20 @@ def _flat(strides: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     return (h == 1 or sh == w * sw) and (d == 1 or sd == h * w * sw)
 
 
-# Launch configuration: voxels per program and warps. None picks the default below; the GPU
-# benchmark (bench/gpu_loss.py) sweeps these and bench/NOTES.md records the choice.
+# Launch configuration override (voxels per program, warps); None keeps the measured defaults of
+# _launch. The GPU benchmark (bench/gpu_loss.py) sweeps these; bench/NOTES.md has the figures.
 TUNING: dict[str, int | None] = {"block_v": None, "num_warps": None}
 
 
-def _blocks(num_labels: int) -> tuple[int, int]:
+def _launch(num_labels: int, channels_last: bool) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_V, num_warps). Defaults measured on an H100 at C = 20 (bench/NOTES.md):
+    contiguous logits 128 voxels x 2 warps, channels-last 64 voxels x 8 warps."""
     block_c = triton.next_power_of_2(num_labels)
-    return block_c, TUNING["block_v"] or max(16, min(256, 4096 // block_c))
+    if channels_last:
+        block_v, warps = max(16, min(256, 2048 // block_c)), 8
+    else:
+        block_v, warps = max(16, min(256, 4096 // block_c)), 2
+    return block_c, TUNING["block_v"] or block_v, TUNING["num_warps"] or warps
 
 
 def _programs_per_sample(device: torch.device, n_samples: int) -> int:
@@ -237,9 +243,6 @@ def _programs_per_sample(device: torch.device, n_samples: int) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, 4 * sms // max(1, n_samples))
 
-
-def _warps() -> dict:
-    return {} if TUNING["num_warps"] is None else {"num_warps": TUNING["num_warps"]}
 
 
 def _geometry(logits: torch.Tensor, target: torch.Tensor) -> dict:
@@ -266,7 +269,7 @@ def explog_forward(
     labels outside [0, C) and of voxels with a non-finite logit)."""
     n_samples, num_labels = logits.shape[:2]
     geo = _geometry(logits, target)
-    block_c, block_v = _blocks(num_labels)
+    block_c, block_v, warps = _launch(num_labels, logits.stride(1) == 1)
     n_tiles = triton.cdiv(geo["V"], block_v)
     programs = max(1, min(n_tiles, _programs_per_sample(logits.device, n_samples)))
     slots = programs if deterministic else 1
@@ -278,7 +281,7 @@ def explog_forward(
     if geo["V"] > 0:
         _stats_kernel[(programs, n_samples)](
             logits, target, part, bad, n_tiles=n_tiles, gamma_cross=gamma_cross, NEED_CROSS=w_cross != 0.0,
-            DETERMINISTIC=deterministic, BLOCK_C=block_c, BLOCK_V=block_v, **geo, **_warps())
+            DETERMINISTIC=deterministic, BLOCK_C=block_c, BLOCK_V=block_v, num_warps=warps, **geo)
     else:
         part.zero_()
     _finalize_kernel[(1,)](
@@ -305,14 +308,14 @@ def explog_backward(
     """d loss / d logits (logits' dtype and memory format) scaled by grad (a 0-d tensor)."""
     out = torch.empty_like(logits)
     geo = _geometry(logits, target)
-    block_c, block_v = _blocks(logits.shape[1])
+    block_c, block_v, warps = _launch(logits.shape[1], logits.stride(1) == 1)
     if out.numel():
         spatial = tuple(logits.shape[2:])
         _grad_kernel[(triton.cdiv(geo["V"], block_v), logits.shape[0])](
             logits, target, out, coef, grad.float().contiguous(),
             sgn=out.stride(0), sgc=out.stride(1), sgd=out.stride(2), sgh=out.stride(3), sgw=out.stride(4),
             gamma_cross=gamma_cross, FLAT_G=_flat(out.stride()[2:], spatial),
-            BLOCK_C=block_c, BLOCK_V=block_v, **geo, **_warps())
+            BLOCK_C=block_c, BLOCK_V=block_v, num_warps=warps, **geo)
     return out
 
 

@@ -24,8 +24,9 @@ from expseg_fast.losses.spec import LossSpec
 
 Backend = Literal["auto", "reference", "native", "triton"]
 BACKENDS = ("reference", "native", "triton")
-# Fastest first, per device type (Triton on the CPU is the interpreter: last).
-_PREFERENCE = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference", "triton")}
+# Fastest first, per device type, as measured (bench/NOTES.md): on an H100 the native CUDA op beats
+# the Triton kernels in both layouts so far; Triton on the CPU is the interpreter: last.
+_PREFERENCE = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference", "triton")}
 
 
 def _available(name: str, device: torch.device) -> bool:
