@@ -63,6 +63,13 @@ def loss_and_grad(fn, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return value.detach(), z.grad
 
 
+def assert_grad_close(grad: torch.Tensor, ref_grad: torch.Tensor, rtol: float) -> None:
+    """Relative accuracy, plus rounding in grad's subnormal range (tiny gradients in float16)."""
+    subnormal_step = torch.finfo(grad.dtype).tiny * torch.finfo(grad.dtype).eps
+    err = float((grad.cpu().double() - ref_grad).norm())
+    assert err < rtol * float(ref_grad.norm()) + subnormal_step * grad.numel() ** 0.5
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))

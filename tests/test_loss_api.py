@@ -21,7 +21,6 @@ from expseg_fast.losses import (
     label_weights,
     linear_dice_loss,
     log_dice_loss,
-    loss,
 )
 from helpers import make_logits, make_target, needs_triton_cpu, oracle_loss
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -9,12 +10,8 @@ import torch
 
 def triton_available(device: torch.device) -> bool:
     """The Triton backend runs on CUDA, and on the CPU only under TRITON_INTERPRET=1 (for tests)."""
-    if device.type == "cuda":
-        pass
-    elif device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if device.type not in ("cpu", "cuda"):
         return False
-    return True
+    return importlib.util.find_spec("triton") is not None
