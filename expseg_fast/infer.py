@@ -1,0 +1,88 @@
+"""Inference: a predictor for one fixed input shape.
+
+Eval mode, the chosen precision (autocast; normalisation statistics stay float32), channels-last. On
+CUDA the forward is captured in a CUDA graph on first use (static input and output buffers, warm-up on
+a side stream) and replayed afterwards; on the CPU it runs eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Predictor:
+    """predictor(image) -> labels (N, D, H, W) int64; predictor.predict(image, probabilities=True)
+    also returns the softmax (N, C, D, H, W) float32. `image` must have exactly `input_shape`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: tuple[int, int, int, int, int],
+        precision: Precision = "bf16",
+        channels_last: bool = True,
+        cuda_graph: bool = True,
+    ) -> None:
+        if precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {tuple(_DTYPES)}, got {precision!r}")
+        if len(input_shape) != 5:
+            raise ValueError(f"input_shape must be (N, C, D, H, W), got {tuple(input_shape)}")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.dtype = _DTYPES[precision]
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
+        self.use_graph = cuda_graph and self.device.type == "cuda"
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_input: torch.Tensor | None = None
+        self._static_logits: torch.Tensor | None = None
+
+    def _forward(self, image: torch.Tensor) -> torch.Tensor:
+        enabled = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled):
+            return self.model(image)
+
+    def _capture(self) -> None:
+        self._static_input = torch.zeros(self.input_shape, device=self.device).to(memory_format=self.memory_format)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._forward(self._static_input)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_logits = self._forward(self._static_input)
+
+    @torch.inference_mode()
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Raw network output (N, C, D, H, W) for `image` of input_shape."""
+        if tuple(image.shape) != self.input_shape:
+            raise ValueError(f"image must have the predictor's shape {self.input_shape}, got {tuple(image.shape)}")
+        image = image.to(self.device, torch.float32)
+        if not self.use_graph:
+            return self._forward(image.contiguous(memory_format=self.memory_format))
+        if self._graph is None:
+            self._capture()
+        self._static_input.copy_(image)
+        self._graph.replay()
+        return self._static_logits
+
+    @torch.inference_mode()
+    def predict(self, image: torch.Tensor, probabilities: bool = False):
+        """labels (N, D, H, W), and the softmax (N, C, D, H, W) float32 when probabilities is True."""
+        logits = self.logits(image)
+        labels = logits.argmax(dim=1)
+        if probabilities:
+            return labels, torch.softmax(logits.float(), dim=1)
+        return labels
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.predict(image)

@@ -1,0 +1,130 @@
+"""The paper's network (Wong et al. 2018, section 2.1, Fig. 1; DESIGN.md section 3).
+
+Blocks of k x (3x3x3 conv, BN, ReLU) plus a 1x1x1 convolution skip, the two branches added; max
+pooling between encoder levels, channels doubling; trilinear upsampling in the decoder, encoder
+features concatenated, channels halving. Deep supervision is multi-level fusion into one output: the
+chosen decoder levels are upsampled to full size, concatenated, and mapped by a 1x1x1 convolution
+to the labels. A Gaussian noise layer (on the input) and a dropout layer (before the fusion) act in
+training only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expseg_fast.models.shapes import check_spatial_shape
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """in_channels: image channels; num_labels: output labels C; width: channels of the first block
+    (doubling per level); blocks: convolutions k per block, encoder top to bottom (the decoder mirrors
+    all but the bottom); fuse_levels: decoder levels fused for deep supervision (0 = full resolution,
+    1 = half, ...; len(blocks) - 1 = the bottom block, which the paper left out for memory);
+    noise_std: std of the training-time Gaussian noise on the input; dropout: rate before the fusion."""
+
+    in_channels: int = 1
+    num_labels: int = 20
+    width: int = 24
+    blocks: tuple[int, ...] = (1, 2, 3, 3)
+    fuse_levels: tuple[int, ...] = (0, 1, 2)
+    noise_std: float = 0.1
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1 or self.num_labels < 2 or self.width < 1:
+            raise ValueError(f"in_channels >= 1, num_labels >= 2 and width >= 1 required, got {self}")
+        if len(self.blocks) < 2 or any(k < 1 for k in self.blocks):
+            raise ValueError(f"blocks must list >= 2 levels of >= 1 convolutions, got {self.blocks}")
+        if not self.fuse_levels or any(not 0 <= lv < len(self.blocks) for lv in self.fuse_levels):
+            raise ValueError(f"fuse_levels must be non-empty, within [0, {len(self.blocks)}), got {self.fuse_levels}")
+        if self.noise_std < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"noise_std >= 0 and 0 <= dropout < 1 required, got {self.noise_std}, {self.dropout}")
+
+
+class GaussianNoise(nn.Module):
+    """Adds N(0, std^2) noise in training; identity in eval."""
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.std > 0:
+            return x + self.std * torch.randn_like(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}"
+
+
+class ResBlock(nn.Module):
+    """k x (3x3x3 conv, BN, ReLU) + 1x1x1 conv skip, added."""
+
+    def __init__(self, in_channels: int, channels: int, k: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(k):
+            layers += [
+                nn.Conv3d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
+                nn.BatchNorm3d(channels),
+                nn.ReLU(inplace=True),
+            ]
+        self.body = nn.Sequential(*layers)
+        self.skip = nn.Conv3d(in_channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.skip(x)
+
+
+def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+
+
+class ExpLogNet(nn.Module):
+    """image (N, in_channels, D, H, W) -> logits (N, num_labels, D, H, W); D, H, W multiples of
+    2^(len(blocks) - 1)."""
+
+    def __init__(self, config: NetConfig = NetConfig()) -> None:
+        super().__init__()
+        self.config = config
+        levels = len(config.blocks)
+        widths = [config.width * 2**i for i in range(levels)]
+        self.noise = GaussianNoise(config.noise_std)
+        self.encoder = nn.ModuleList()
+        in_ch = config.in_channels
+        for width, k in zip(widths, config.blocks):
+            self.encoder.append(ResBlock(in_ch, width, k))
+            in_ch = width
+        # decoder[i] produces level i (width widths[i]) from level i + 1 upsampled + encoder level i
+        self.decoder = nn.ModuleList(
+            ResBlock(widths[i + 1] + widths[i], widths[i], config.blocks[i]) for i in range(levels - 1)
+        )
+        self.dropout = nn.Dropout3d(config.dropout)
+        self.fuse = nn.Conv3d(sum(widths[lv] for lv in config.fuse_levels), config.num_labels, 1)
+
+    @property
+    def levels(self) -> int:
+        return len(self.config.blocks)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        check_spatial_shape(image.shape, self.levels)
+        x = self.noise(image)
+        skips = []
+        for i, block in enumerate(self.encoder):
+            if i:
+                x = F.max_pool3d(x, 2)
+            x = block(x)
+            skips.append(x)
+        outputs = {self.levels - 1: x}  # level -> decoder output (the bottom block for the last)
+        for i in reversed(range(self.levels - 1)):
+            x = _upsample(x, skips[i].shape[2:])
+            x = self.decoder[i](torch.cat([x, skips[i]], dim=1))
+            outputs[i] = x
+        full = image.shape[2:]
+        fused = [outputs[lv] if lv == 0 else _upsample(outputs[lv], full) for lv in sorted(self.config.fuse_levels)]
+        return self.fuse(self.dropout(torch.cat(fused, dim=1)))

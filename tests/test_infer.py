@@ -1,0 +1,65 @@
+"""The predictor against the eager fp32 model (CPU eager path; the CUDA-graph path in the GPU suite)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expseg_fast.infer import Predictor
+from expseg_fast.models import ExpLogNet, NetConfig
+
+
+def trained_like_model(device="cpu") -> ExpLogNet:
+    torch.manual_seed(0)
+    model = ExpLogNet(NetConfig(num_labels=4, width=4, blocks=(1, 1, 2), fuse_levels=(0, 1))).to(device)
+    model.train()
+    with torch.no_grad():  # settle the BatchNorm running statistics
+        for _ in range(3):
+            model(torch.randn(2, 1, 16, 16, 16, device=device))
+    return model.eval()
+
+
+def test_predictor_matches_eager_fp32_on_cpu():
+    model = trained_like_model()
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = model(image).argmax(1)
+    predictor = Predictor(model, image.shape, precision="fp32", channels_last=True)
+    labels, probs = predictor.predict(image, probabilities=True)
+    assert labels.shape == (1, 16, 16, 16) and probs.shape == (1, 4, 16, 16, 16)
+    assert (labels == expected).float().mean() >= 0.999
+    assert torch.allclose(probs.sum(1), torch.ones(1, 16, 16, 16))
+
+
+def test_predictor_bf16_agrees_with_fp32():
+    model = trained_like_model()
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = model(image).argmax(1)
+    labels = Predictor(model, image.shape, precision="bf16")(image)
+    assert (labels == expected).float().mean() >= 0.97  # bf16 flips near-ties only
+
+
+def test_predictor_rejects_other_shapes_and_precisions():
+    model = trained_like_model()
+    predictor = Predictor(model, (1, 1, 16, 16, 16), precision="fp32")
+    with pytest.raises(ValueError, match="shape"):
+        predictor(torch.randn(1, 1, 16, 16, 32))
+    with pytest.raises(ValueError, match="precision"):
+        Predictor(model, (1, 1, 16, 16, 16), precision="int8")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_predictor_matches_eager(precision):
+    model = trained_like_model("cuda")
+    image = torch.randn(1, 1, 16, 16, 16, device="cuda")
+    with torch.no_grad():
+        expected = model(image).argmax(1)
+    predictor = Predictor(model, image.shape, precision=precision)
+    first = predictor(image).clone()
+    second = predictor(image)  # replay
+    assert predictor._graph is not None
+    assert torch.equal(first, second)
+    assert (second == expected).float().mean() >= (0.999 if precision == "fp32" else 0.97)

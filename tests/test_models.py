@@ -1,0 +1,120 @@
+"""The paper's network and V-Net: shapes, parameter counts, wiring, train/eval behaviour, layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from expseg_fast.models import ExpLogNet, NetConfig, VNet, count_parameters
+
+SMALL = NetConfig(num_labels=5, width=4, blocks=(1, 1, 2, 2))
+
+
+def test_paper_configuration_parameter_counts():
+    ours = count_parameters(ExpLogNet(NetConfig(num_labels=20)))
+    vnet = count_parameters(VNet(num_labels=20))
+    assert 4.6e6 < ours < 5.3e6  # the paper: about 5.1 M
+    assert 55e6 < vnet < 75e6  # original V-Net about 62 M (the paper quotes ~71 M)
+    assert vnet / ours >= 10
+
+
+@pytest.mark.parametrize("model_fn", [lambda: ExpLogNet(SMALL), lambda: VNet(num_labels=5, width=4)], ids=["ours", "vnet"])
+@pytest.mark.parametrize("size", [(16, 16, 16), (32, 16, 48)])
+def test_output_shape(model_fn, size):
+    model = model_fn()
+    out = model(torch.randn(2, 1, *size))
+    assert out.shape == (2, 5, *size)
+
+
+@pytest.mark.parametrize("model_fn,bad", [(lambda: ExpLogNet(SMALL), (1, 1, 12, 16, 16)), (lambda: VNet(width=4), (1, 1, 24, 32, 32))], ids=["ours", "vnet"])
+def test_bad_input_size_is_a_clear_error(model_fn, bad):
+    with pytest.raises(ValueError, match="multiples of"):
+        model_fn()(torch.randn(bad))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="fuse_levels"):
+        NetConfig(fuse_levels=(5,))
+    with pytest.raises(ValueError, match="dropout"):
+        NetConfig(dropout=1.0)
+
+
+@pytest.mark.parametrize("levels", [(0, 1, 2), (0, 1, 2, 3), (1, 3)])
+def test_each_fused_level_reaches_the_output(levels):
+    """Deep supervision: every fused level has a direct path to the output (its fusion weights
+    get gradient and perturbing its decoder output changes the prediction)."""
+    model = ExpLogNet(NetConfig(num_labels=3, width=4, blocks=(1, 1, 1, 1), fuse_levels=levels)).eval()
+    widths = [4 * 2**i for i in range(4)]
+    model(torch.randn(1, 1, 16, 16, 16)).square().mean().backward()
+    start = 0
+    for lv in sorted(levels):
+        w = model.fuse.weight.grad[:, start : start + widths[lv]]
+        assert w.abs().sum() > 0, f"level {lv} gets no gradient through the fusion"
+        start += widths[lv]
+    assert start == model.fuse.in_channels
+
+
+def test_noise_and_dropout_only_in_training():
+    model = ExpLogNet(NetConfig(num_labels=3, width=4, blocks=(1, 1), fuse_levels=(0, 1), noise_std=0.5, dropout=0.5))
+    x = torch.randn(1, 1, 8, 8, 8)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def conv_inputs_channels_last(model: nn.Module, x: torch.Tensor, dtype, emulate_cl_kernels: bool) -> list[bool]:
+    """Runs model on x and returns, per convolution call, whether its input was channels_last_3d.
+    emulate_cl_kernels: make each convolution return channels_last_3d, as cuDNN does (PyTorch's CPU
+    conv3d returns contiguous outputs whatever its input), so the check isolates the model's own ops."""
+    cl = torch.channels_last_3d
+    seen: list[bool] = []
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=cl))) for m in convs]
+    if emulate_cl_kernels:
+        hooks += [m.register_forward_hook(lambda m, args, out: out.contiguous(memory_format=cl)) for m in convs]
+    try:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x.to(memory_format=cl))
+    finally:
+        for h in hooks:
+            h.remove()
+    seen.append(out.is_contiguous(memory_format=cl))
+    return seen
+
+
+MODELS = [lambda: ExpLogNet(SMALL), lambda: VNet(num_labels=5, width=4)]
+
+
+@pytest.mark.parametrize("model_fn", MODELS, ids=["ours", "vnet"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_preserved_by_the_model_ops(model_fn, dtype):
+    """Every convolution input (and the output) stays channels_last_3d: no layout round trips."""
+    model = model_fn().to(memory_format=torch.channels_last_3d)
+    seen = conv_inputs_channels_last(model, torch.randn(1, 1, 32, 32, 32), dtype, emulate_cl_kernels=True)
+    assert all(seen), f"{seen.count(False)} of {len(seen)} convolution inputs / output not channels-last"
+
+
+def test_channels_last_check_catches_a_layout_break():
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv3d(1, 4, 3, padding=1)
+            self.b = nn.Conv3d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(x).contiguous())
+
+    seen = conv_inputs_channels_last(Breaks(), torch.randn(1, 1, 8, 8, 8), torch.float32, emulate_cl_kernels=True)
+    assert seen == [True, False, True]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model_fn", MODELS, ids=["ours", "vnet"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_channels_last_end_to_end_on_cuda(model_fn, dtype):
+    model = model_fn().cuda().to(memory_format=torch.channels_last_3d)
+    seen = conv_inputs_channels_last(model, torch.randn(1, 1, 32, 32, 32, device="cuda"), dtype, emulate_cl_kernels=False)
+    assert all(seen), f"{seen.count(False)} of {len(seen)} convolution inputs / output not channels-last"
