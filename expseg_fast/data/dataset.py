@@ -1,0 +1,162 @@
+"""Datasets of image/label NIfTI pairs: discovery, label maps, and a scan that reports every problem.
+
+A dataset is a folder in the imagesTr/ + labelsTr/ convention (matched by name; an image may carry
+the nnU-Net channel suffix _0000), or a JSON list [{"image": ..., "label": ...}, ...] or a CSV with
+columns image,label (paths relative to the list's folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from expseg_fast.data.nifti import VolumeError, load_volume
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class DatasetError(ValueError):
+    """Problems found in a dataset, one line per problem, each naming its file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in the dataset:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Training classes: names[c] is class c; source ids (FreeSurfer, Neuromorphometrics, ...) map to
+    classes through `lookup`. JSON form: {"classes": [{"name": "background", "ids": [0]}, ...]}."""
+
+    names: tuple[str, ...]
+    lookup: dict[int, int]
+
+    @classmethod
+    def identity(cls, num_classes: int) -> "LabelMap":
+        return cls(tuple(f"class {c}" for c in range(num_classes)), {c: c for c in range(num_classes)})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LabelMap":
+        path = Path(path)
+        try:
+            spec = json.loads(path.read_text())
+            classes = spec["classes"]
+            names = tuple(str(c["name"]) for c in classes)
+            lookup: dict[int, int] = {}
+            for index, c in enumerate(classes):
+                for source in c["ids"]:
+                    if int(source) in lookup:
+                        raise ValueError(f"source id {source} is listed for two classes")
+                    lookup[int(source)] = index
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a label map ({error}); expected "
+                             '{"classes": [{"name": ..., "ids": [...]}, ...]}') from error
+        if len(names) < 2:
+            raise ValueError(f"{path}: a label map needs at least 2 classes, got {len(names)}")
+        return cls(names, lookup)
+
+    def unknown(self, values: np.ndarray) -> list[int]:
+        """The values (sorted) that the map does not know."""
+        return sorted(int(v) for v in np.unique(values) if int(v) not in self.lookup)
+
+    def apply(self, labels: np.ndarray) -> np.ndarray:
+        """Source ids -> class indices (uint8 for up to 256 classes, else int16)."""
+        values, inverse = np.unique(labels, return_inverse=True)
+        classes = np.array([self.lookup[int(v)] for v in values])
+        dtype = np.uint8 if len(self.names) <= 256 else np.int16
+        return classes[inverse].reshape(labels.shape).astype(dtype)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name[:-5] if name.endswith("_0000") else name
+
+
+def find_pairs(source: str | Path) -> list[Pair]:
+    """Image/label pairs of a dataset folder or list file; missing partners raise DatasetError."""
+    source = Path(source)
+    if source.is_dir():
+        images_dir, labels_dir = source / "imagesTr", source / "labelsTr"
+        if not images_dir.is_dir() or not labels_dir.is_dir():
+            raise DatasetError([f"{source}: expected the folders imagesTr/ and labelsTr/"])
+        images = {_stem(p): p for p in sorted(images_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
+        labels = {_stem(p): p for p in sorted(labels_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
+        problems = [f"{images[k]}: no label file in {labels_dir}" for k in sorted(images.keys() - labels.keys())]
+        problems += [f"{labels[k]}: no image file in {images_dir}" for k in sorted(labels.keys() - images.keys())]
+        if problems:
+            raise DatasetError(problems)
+        pairs = [Pair(images[k], labels[k]) for k in sorted(images)]
+    elif source.suffix in (".json", ".csv") and source.is_file():
+        pairs = _read_list(source)
+    else:
+        raise DatasetError([f"{source}: not a dataset folder (imagesTr/, labelsTr/) or a .json / .csv list"])
+    if not pairs:
+        raise DatasetError([f"{source}: no image/label pairs found"])
+    return pairs
+
+
+def _read_list(path: Path) -> list[Pair]:
+    try:
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text())
+        else:
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        return [Pair(path.parent / row["image"], path.parent / row["label"]) for row in rows]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DatasetError([f"{path}: cannot read the image/label list ({error})"]) from error
+
+
+def scan(pairs: list[Pair], label_map: LabelMap) -> list[str]:
+    """Every problem of every pair (reads all files), one message each naming the file."""
+    problems: list[str] = []
+    for pair in pairs:
+        try:
+            image = load_volume(pair.image)
+        except VolumeError as error:
+            problems.append(str(error))
+            image = None
+        try:
+            label = load_volume(pair.label, dtype=np.float64)
+        except VolumeError as error:
+            problems.append(str(error))
+            label = None
+        if image is not None and not np.isfinite(image.data).all():
+            problems.append(f"{pair.image}: {int((~np.isfinite(image.data)).sum())} voxels are NaN or Inf")
+        if label is not None:
+            values = label.data
+            if not np.isfinite(values).all() or (values != np.round(values)).any():
+                problems.append(f"{pair.label}: label values must be integers")
+            else:
+                unknown = label_map.unknown(values.astype(np.int64))
+                if unknown:
+                    shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+                    problems.append(f"{pair.label}: label values outside the label map: {shown}")
+                elif (label_map.apply(values.astype(np.int64)) == 0).all():
+                    problems.append(f"{pair.label}: empty label map (background only)")
+        if image is not None and label is not None:
+            if image.data.shape != label.data.shape:
+                problems.append(f"{pair.label}: shape {label.data.shape} differs from its image's {image.data.shape}")
+            elif not np.allclose(image.affine, label.affine, atol=1e-3 * float(image.spacing.min())):
+                problems.append(f"{pair.label}: affine differs from its image's ({pair.image})")
+    return problems
+
+
+def validate(pairs: list[Pair], label_map: LabelMap) -> None:
+    """Raise DatasetError listing all problems at once; nothing should be written before this passes."""
+    problems = scan(pairs, label_map)
+    if problems:
+        raise DatasetError(problems)

@@ -1,0 +1,142 @@
+"""The paper's preprocessing (section 3.1) as one resampling, and its exact inverse.
+
+Reorient to the canonical (RAS) axis order, resample to isotropic spacing at the image's minimum
+spacing, zero-pad the shorter sides to a cube (centred), resize the cube to the target size. All
+four steps compose into one affine map from target voxels to source voxels, so each volume is
+resampled once: images linearly, labels by nearest neighbour. The inverse maps a predicted label
+volume back onto the ORIGINAL grid (shape and affine) with the inverse map, by nearest neighbour.
+
+Intensity normalisation (our choice; the paper does not say): zero mean and unit variance over the
+voxels inside the original field of view; the padding stays 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """Target voxel t -> source voxel s = matrix @ t + offset, and the grids on both sides."""
+
+    source_shape: tuple[int, int, int]
+    source_affine: np.ndarray  # (4, 4) voxel -> world of the original volume
+    target_shape: tuple[int, int, int]
+    matrix: np.ndarray  # (3, 3)
+    offset: np.ndarray  # (3,)
+
+    @property
+    def target_affine(self) -> np.ndarray:
+        """Voxel -> world of the preprocessed volume (so it overlays the original in a viewer)."""
+        voxel_map = np.eye(4)
+        voxel_map[:3, :3] = self.matrix
+        voxel_map[:3, 3] = self.offset
+        return self.source_affine @ voxel_map
+
+    def to_dict(self) -> dict:
+        return {
+            "source_shape": list(self.source_shape),
+            "source_affine": self.source_affine.tolist(),
+            "target_shape": list(self.target_shape),
+            "matrix": self.matrix.tolist(),
+            "offset": self.offset.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Resampling":
+        return cls(
+            tuple(d["source_shape"]),
+            np.asarray(d["source_affine"], dtype=np.float64),
+            tuple(d["target_shape"]),
+            np.asarray(d["matrix"], dtype=np.float64),
+            np.asarray(d["offset"], dtype=np.float64),
+        )
+
+
+def plan(shape: tuple[int, int, int], affine: np.ndarray, size: int) -> Resampling:
+    """The resampling of a (shape, affine) volume onto a size^3 cube (paper section 3.1)."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    shape = tuple(int(n) for n in shape)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    ornt = nib.orientations.io_orientation(affine)  # per source axis j: canonical axis k, flip +-1
+    canon_axis = ornt[:, 0].astype(int)
+    flip = ornt[:, 1]
+    iso = float(spacing.min())
+    extent = np.empty(3)  # voxels of the isotropic grid along each canonical axis
+    canon_spacing = np.empty(3)
+    for j in range(3):
+        k = canon_axis[j]
+        canon_spacing[k] = spacing[j]
+        extent[k] = max(1, round(shape[j] * spacing[j] / iso))
+    cube = float(extent.max())
+    pad = (cube - extent) / 2.0
+    scale = cube / size  # cube voxels per target voxel
+    # Canonical voxel c_k = a_k t_k + d_k, aligning voxel edges: target -> cube -> isotropic -> canonical.
+    a = scale * iso / canon_spacing
+    d = (0.5 * scale - pad) * iso / canon_spacing - 0.5
+    matrix = np.zeros((3, 3))
+    offset = np.zeros(3)
+    for j in range(3):
+        k = canon_axis[j]
+        if flip[j] > 0:
+            matrix[j, k], offset[j] = a[k], d[k]
+        else:
+            matrix[j, k], offset[j] = -a[k], shape[j] - 1 - d[k]
+    return Resampling(shape, np.asarray(affine, dtype=np.float64), (size, size, size), matrix, offset)
+
+
+def _map(shape: tuple[int, int, int], matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Coordinates (3, *shape) = matrix @ voxel + offset for every voxel of a grid of that shape."""
+    grid = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    return (matrix @ grid + offset[:, None]).reshape(3, *shape)
+
+
+def _nearest(volume: np.ndarray, coords: np.ndarray, fill) -> np.ndarray:
+    """volume sampled at the rounded coords; `fill` where they fall outside the voxels' extent
+    [-0.5, n - 0.5] (None: clamp to the nearest voxel instead)."""
+    idx = np.rint(coords).astype(np.int64)
+    shape = np.array(volume.shape)[:, None, None, None]
+    inside = ((idx >= 0) & (idx < shape)).all(axis=0)
+    idx = np.clip(idx, 0, shape - 1)
+    out = volume[idx[0], idx[1], idx[2]]
+    if fill is not None:
+        out = np.where(inside, out, fill).astype(volume.dtype)
+    return out
+
+
+def field_of_view(r: Resampling) -> np.ndarray:
+    """Boolean target-grid mask of the voxels that fall inside the original volume."""
+    coords = _map(r.target_shape, r.matrix, r.offset)
+    n = np.array(r.source_shape, dtype=np.float64)[:, None, None, None]
+    return ((coords >= -0.5) & (coords <= n - 0.5)).all(axis=0)
+
+
+def apply_image(image: np.ndarray, r: Resampling) -> np.ndarray:
+    """Linear resampling onto the target grid, zero outside the field of view, then normalised."""
+    coords = _map(r.target_shape, r.matrix, r.offset)
+    out = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, mode="nearest")
+    inside = field_of_view(r)
+    values = out[inside]
+    if values.size:
+        std = float(values.std())
+        out = np.where(inside, (out - float(values.mean())) / (std if std > 0 else 1.0), 0.0)
+    return out.astype(np.float32)
+
+
+def apply_labels(labels: np.ndarray, r: Resampling) -> np.ndarray:
+    """Nearest-neighbour resampling of a label volume onto the target grid (0 outside)."""
+    return _nearest(labels, _map(r.target_shape, r.matrix, r.offset), fill=0)
+
+
+def invert_labels(labels: np.ndarray, r: Resampling) -> np.ndarray:
+    """A label volume on the target grid mapped back onto the original grid (r.source_shape, whose
+    affine is r.source_affine), by nearest neighbour."""
+    if tuple(labels.shape) != tuple(r.target_shape):
+        raise ValueError(f"labels must have the preprocessed shape {r.target_shape}, got {labels.shape}")
+    inverse = np.linalg.inv(r.matrix)
+    return _nearest(labels, _map(r.source_shape, inverse, -inverse @ r.offset), fill=None)
