@@ -176,3 +176,29 @@ def test_unreadable_file_error_names_it(tmp_path):
     path.write_bytes(b"\x00" * 100)
     with pytest.raises(VolumeError, match="broken.nii: unreadable or truncated"):
         load_volume(path)
+
+
+def test_preprocessed_pairs_are_cached_by_content_and_settings(tmp_path, monkeypatch):
+    from expseg_fast.data import cache
+    from expseg_fast.data.dataset import Pair
+
+    rng = np.random.default_rng(5)
+    affine = random_affine(rng, (1.0, 1.2, 2.0))
+    labels = blob_labels(rng, (20, 24, 16), affine, count=3)
+    write_pair(tmp_path / "ds", "a", rng.normal(size=labels.shape).astype(np.float32), labels, affine)
+    pair = Pair(tmp_path / "ds" / "imagesTr" / "a_0000.nii.gz", tmp_path / "ds" / "labelsTr" / "a.nii.gz")
+    label_map = LabelMap.identity(7)
+    first = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    calls = []
+    monkeypatch.setattr(cache, "apply_image", lambda *a: calls.append(1) or np.zeros((32, 32, 32), np.float32))
+    again = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
+    assert not calls and np.array_equal(again.image, first.image) and np.array_equal(again.labels, first.labels)
+    assert np.allclose(again.resampling.target_affine, first.resampling.target_affine)
+    cache.preprocess_pair(pair, label_map, 24, tmp_path / "cache")  # other settings: rebuilt
+    assert calls
+    save_volume(pair.label, np.zeros_like(labels), affine)  # other content: rebuilt
+    cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    back = invert_labels(first.labels, first.resampling)
+    assert (back == labels).mean() > 0.97
