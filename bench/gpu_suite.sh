@@ -2,7 +2,9 @@
 # The GPU suite: one device call (under 8 minutes) on a fresh GPU machine. Builds the CUDA extension,
 # runs the whole test suite (the CUDA-marked tests included), benchmarks the loss backends against the
 # eager reference and torch.compile in the same run, compares our network with V-Net (eager fp32 vs
-# bf16 + channels-last + CUDA graph), and writes logs, JSON and markdown tables to $OUT.
+# bf16 + channels-last + CUDA graph), measures a training step's time and peak memory (eager fp32 vs the
+# engine, both deep-supervision settings, and under a 12 GB cap), and writes logs, JSON and markdown
+# tables to $OUT.
 # Usage (from the repository root): OUT=/some/dir bash bench/gpu_suite.sh
 # Pure-Python wheels missing on the machine may be carried in .whl/ (see bench/README.md).
 set -uo pipefail
@@ -37,4 +39,8 @@ echo "loss benchmark: $(( $(date +%s) - start )) s"
 start=$(date +%s)
 python3 bench/compare_vnet.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/compare_vnet.log" | tail -12
 echo "network comparison: $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+python3 bench/train_step.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/train_step.log" | tail -10
+echo "training step: $(( $(date +%s) - start )) s"
 exit "$tests_rc"
