@@ -202,3 +202,21 @@ def test_preprocessed_pairs_are_cached_by_content_and_settings(tmp_path, monkeyp
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
     back = invert_labels(first.labels, first.resampling)
     assert (back == labels).mean() > 0.97
+
+
+def test_written_prediction_overlays_the_input(tmp_path):
+    from expseg_fast.data import preprocess_pair, write_prediction
+    from expseg_fast.data.dataset import Pair
+
+    rng = np.random.default_rng(6)
+    affine = random_affine(rng, (0.9, 1.3, 2.2))
+    labels = blob_labels(rng, (30, 22, 26), affine, count=4)
+    write_pair(tmp_path, "p", rng.normal(size=labels.shape).astype(np.float32), labels, affine)
+    pair = Pair(tmp_path / "imagesTr" / "p_0000.nii.gz", tmp_path / "labelsTr" / "p.nii.gz")
+    sample = preprocess_pair(pair, LabelMap.identity(5), 128)
+    out = tmp_path / "prediction.nii.gz"
+    write_prediction(out, sample.labels, sample.resampling)  # a perfect prediction
+    written, original = load_volume(out, dtype=np.int16), load_volume(pair.image)
+    assert written.data.shape == original.data.shape
+    assert np.allclose(written.affine, original.affine, atol=1e-5)
+    assert (written.data == labels).mean() >= 0.99

@@ -5,7 +5,15 @@ from expseg_fast.data.augment import AugmentConfig, augment
 from expseg_fast.data.cache import Preprocessed, preprocess_pair
 from expseg_fast.data.dataset import DatasetError, LabelMap, Pair, find_pairs, scan, validate
 from expseg_fast.data.nifti import Volume, VolumeError, load_volume, save_volume
-from expseg_fast.data.preprocess import Resampling, apply_image, apply_labels, field_of_view, invert_labels, plan
+from expseg_fast.data.preprocess import (
+    Resampling,
+    apply_image,
+    apply_labels,
+    field_of_view,
+    invert_labels,
+    plan,
+    write_prediction,
+)
 from expseg_fast.data.splits import random_splits
 
 __all__ = [
@@ -30,4 +38,5 @@ __all__ = [
     "save_volume",
     "scan",
     "validate",
+    "write_prediction",
 ]

@@ -140,3 +140,14 @@ def invert_labels(labels: np.ndarray, r: Resampling) -> np.ndarray:
         raise ValueError(f"labels must have the preprocessed shape {r.target_shape}, got {labels.shape}")
     inverse = np.linalg.inv(r.matrix)
     return _nearest(labels, _map(r.source_shape, inverse, -inverse @ r.offset), fill=None)
+
+
+def write_prediction(path, labels: np.ndarray, r: Resampling) -> np.ndarray:
+    """Maps a predicted label volume (target grid) back onto the original grid and writes it as NIfTI
+    with the original affine, so it overlays the input image in any viewer. Returns the written array."""
+    from expseg_fast.data.nifti import save_volume
+
+    original = invert_labels(labels, r)
+    dtype = np.uint8 if original.size == 0 or int(original.max()) < 256 else np.int16
+    save_volume(path, original.astype(dtype), r.source_affine)
+    return original
