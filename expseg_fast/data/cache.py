@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from expseg_fast.atomic import write_atomic
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.nifti import load_volume
 from expseg_fast.data.preprocess import Resampling, apply_image, apply_labels, plan
@@ -53,13 +52,6 @@ def preprocess_pair(pair: Pair, label_map: LabelMap, size: int, cache_dir: str |
     r = plan(image.data.shape, image.affine, size)
     result = Preprocessed(apply_image(image.data, r), apply_labels(label_map.apply(label.data), r), r)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
-            np.savez(tmp, image=result.image, labels=result.labels, resampling=json.dumps(r.to_dict()))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, lambda tmp: np.savez(tmp, image=result.image, labels=result.labels,
+                                                 resampling=json.dumps(r.to_dict())), ".npz")
     return result

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from expseg_fast.atomic import write_atomic
 
 
 class VolumeError(ValueError):
@@ -50,16 +50,8 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
     """Writes data with affine atomically (a temporary file in the same folder, then a rename), so an
     interrupted write never leaves a truncated file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: nib.save(image, tmp), suffix)

@@ -1,0 +1,233 @@
+"""The trainer: the paper's training strategy (section 2.3) on one device, resumable.
+
+Configuration lives in TrainConfig; `train(config)` runs it. Per epoch: NAdam steps over the shuffled
+training split with batch size 1 and the rigid augmentation on the device, then the validation hard
+Dice per label (on the device), one JSON line in log.jsonl, and the `last` and `best` checkpoints,
+written atomically. Every random draw comes from torch generators whose states are checkpointed, so
+a resumed run continues exactly (bitwise in deterministic mode on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from expseg_fast.atomic import write_atomic
+from expseg_fast.data import AugmentConfig, LabelMap, augment, find_pairs, preprocess_pair, random_splits, validate
+from expseg_fast.data import demo
+from expseg_fast.losses import LossSpec, label_counts, label_weights, loss as loss_fn
+from expseg_fast.models import ExpLogNet, NetConfig, VNet
+
+LOSSES = {  # name -> LossSpec factory from (gamma_dice, gamma_cross, w_dice, w_cross)
+    "exp": lambda gd, gc, wd, wc: LossSpec(wd, wc, gd, gc),
+    "log_dice": lambda gd, gc, wd, wc: LossSpec(1.0, 0.0, gd, 1.0),
+    "linear_dice": lambda gd, gc, wd, wc: LossSpec(1.0, 0.0, 1.0, 1.0, True),
+    "cross": lambda gd, gc, wd, wc: LossSpec(0.0, 1.0, 1.0, gc),
+}
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/demo"
+    data: str | None = None  # dataset folder or list; None: the synthetic demo dataset
+    label_map: str | None = None
+    demo_preset: str = "cpu"
+    size: int = 48
+    model: str = "ours"  # ours | vnet
+    width: int = 12
+    fuse_levels: tuple[int, ...] = (0, 1, 2)
+    loss: str = "exp"
+    gamma_dice: float = 0.3
+    gamma_cross: float = 0.3
+    w_dice: float = 0.8
+    w_cross: float = 0.2
+    epochs: int = 12
+    lr: float = 1e-3
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (with a grad scaler)
+    channels_last: bool = False
+    augment_probability: float = 0.8
+    seed: int = 0
+    splits: int = 5
+    split: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    limit_subjects: int | None = None  # use only the first N subjects (tests, quick looks)
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        problems = []
+        if self.model not in ("ours", "vnet"):
+            problems.append(f"model must be 'ours' or 'vnet', got {self.model!r}")
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.size < 16 or self.size % 16:
+            problems.append(f"size must be a multiple of 16 (>= 16), got {self.size}")
+        if self.epochs < 1 or self.lr <= 0 or self.width < 1:
+            problems.append("epochs >= 1, lr > 0 and width >= 1 required")
+        if not 0 <= self.split < self.splits:
+            problems.append(f"split must be in [0, {self.splits}), got {self.split}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _dataset(config: TrainConfig, out: Path):
+    if config.data is None:
+        settings = demo.PRESETS[config.demo_preset]
+        if config.limit_subjects:  # build only what is used
+            settings = dataclasses.replace(settings, subjects=max(2, config.limit_subjects))
+        root = demo.build(out.parent / f"demo-data-{config.demo_preset}-{settings.subjects}", settings)
+        label_map = LabelMap.from_json(root / "label_map.json")
+        pairs = find_pairs(root)
+    else:
+        pairs = find_pairs(config.data)
+        label_map = LabelMap.from_json(config.label_map) if config.label_map else None
+        if label_map is None:
+            raise ValueError("--label-map is required with --data (it names the classes)")
+    if config.limit_subjects:
+        pairs = pairs[: config.limit_subjects]
+    validate(pairs, label_map)  # every problem at once, before anything is written
+    return pairs, label_map
+
+
+def _model(config: TrainConfig, num_labels: int) -> torch.nn.Module:
+    if config.model == "vnet":
+        return VNet(num_labels=num_labels, width=config.width)
+    return ExpLogNet(NetConfig(num_labels=num_labels, width=config.width, fuse_levels=tuple(config.fuse_levels)))
+
+
+def hard_dice(pred: torch.Tensor, target: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Per-label hard Dice (C,) of two label volumes; NaN where a label is absent from both."""
+    p = torch.nn.functional.one_hot(pred.reshape(-1), num_labels).sum(0).double()
+    g = torch.nn.functional.one_hot(target.reshape(-1), num_labels).sum(0).double()
+    match = pred.reshape(-1) == target.reshape(-1)
+    inter = torch.bincount(target.reshape(-1)[match], minlength=num_labels).double()
+    denominator = p + g
+    return torch.where(denominator > 0, 2 * inter / denominator.clamp_min(1), torch.full_like(inter, math.nan))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Loads a checkpoint with weights_only=True: one carrying arbitrary pickled objects is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a loadable expseg_fast checkpoint (refused: {error})") from error
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    """Runs (or, with resume, continues) the training; returns the last epoch's record."""
+    config.check()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(config)
+    torch.use_deterministic_algorithms(config.deterministic)
+    pairs, label_map = _dataset(config, out)
+    num_labels = len(label_map.names)
+    train_idx, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
+    cache = out.parent / "cache"
+    samples = [preprocess_pair(p, label_map, config.size, cache) for p in pairs]
+    to_tensor = lambda s: (  # noqa: E731
+        torch.from_numpy(s.image)[None, None].to(device), torch.from_numpy(s.labels.astype("int64"))[None].to(device)
+    )
+    data = [to_tensor(s) for s in samples]
+    counts = label_counts([torch.from_numpy(samples[i].labels) for i in train_idx], num_labels)
+    weights = label_weights(counts.clamp_min(1)).to(device)  # labels absent from the split get the largest weight
+    spec = LOSSES[config.loss](config.gamma_dice, config.gamma_cross, config.w_dice, config.w_cross)
+
+    torch.manual_seed(config.seed)
+    model = _model(config, num_labels).to(device)
+    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+    aug_gen = torch.Generator().manual_seed(config.seed + 1)
+    order_gen = torch.Generator().manual_seed(config.seed + 2)
+    start_epoch, best = 0, -1.0
+    if resume and (out / "last.pt").exists():
+        state = load_checkpoint(out / "last.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        aug_gen.set_state(state["aug_rng"])
+        order_gen.set_state(state["order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+    else:
+        (out / "log.jsonl").write_text("")
+    print(f"training {config.model} on {len(train_idx)} subjects, validating on {len(val_idx)}, {config.size}^3, "
+          f"{config.epochs} epochs, {config.loss} loss, {config.precision} on {device}; output in {out}", flush=True)
+    record: dict = {}
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model.train()
+        losses = []
+        for i in torch.randperm(len(train_idx), generator=order_gen).tolist():
+            image, labels = data[train_idx[i]]
+            image, labels = augment(image, labels, aug_gen, AugmentConfig(probability=config.augment_probability))
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(image.contiguous(memory_format=memory_format))
+            value = loss_fn(logits, labels, weights, spec, validate=False)
+            scaler.scale(value).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(value.detach()))
+        model.eval()
+        dice = []
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            for j in val_idx:
+                image, labels = data[j]
+                pred = model(image.contiguous(memory_format=memory_format)).argmax(1)
+                dice.append(hard_dice(pred, labels, num_labels))
+        per_label = torch.stack(dice)[:, 1:]  # without background, like the paper
+        mean = float(per_label.nanmean())
+        record = {
+            "epoch": epoch,
+            "train_loss": sum(losses) / len(losses),
+            "val_dice_mean": mean,
+            "val_dice_per_label": [float(x) for x in per_label.nanmean(0)],
+            "val_dice_std_per_label": [float(x) for x in _nanstd(per_label)],
+            "seconds": time.perf_counter() - started,
+            "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        }
+        with (out / "log.jsonl").open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        eta = record["seconds"] * (config.epochs - epoch - 1)
+        print(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  val Dice {mean:.3f}  "
+              f"{record['seconds']:.1f} s  ETA {eta / 60:.1f} min", flush=True)
+        best = max(best, mean)
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "best": best, "aug_rng": aug_gen.get_state(), "order_rng": order_gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "config": json.dumps(asdict(config)), "class_names": list(label_map.names),
+        }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        write_atomic(out / "last.pt", lambda tmp: torch.save(state, tmp), ".pt")
+        if mean >= best:
+            write_atomic(out / "best.pt", lambda tmp: torch.save(state, tmp), ".pt")
+    print(f"done: log {out / 'log.jsonl'}, checkpoints {out / 'last.pt'} and {out / 'best.pt'}", flush=True)
+    return record
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    mean = x.nanmean(0, keepdim=True)
+    return ((x - mean) ** 2).nanmean(0).sqrt()

