@@ -131,10 +131,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     """Runs (or, with resume, continues) the training; returns the last epoch's record."""
     config.check()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = _device(config)
     torch.use_deterministic_algorithms(config.deterministic)
-    pairs, label_map = _dataset(config, out)
+    pairs, label_map = _dataset(config, out)  # scanned before anything of the run is written
+    out.mkdir(parents=True, exist_ok=True)
     num_labels = len(label_map.names)
     train_idx, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
     cache = out.parent / "cache"

@@ -74,3 +74,19 @@ def test_hard_dice():
     d = hard_dice(pred, target, 4)
     assert torch.allclose(d[:3].float(), torch.tensor([1.0, 0.5, 2 * 2 / 6]))
     assert torch.isnan(d[3])
+
+
+def test_broken_dataset_stops_before_anything_is_written(tmp_path):
+    from expseg_fast.data import DatasetError, save_volume
+
+    data = tmp_path / "data"
+    save_volume(data / "imagesTr" / "a_0000.nii.gz", torch.randn(8, 8, 8).numpy(), torch.eye(4).numpy())
+    save_volume(data / "labelsTr" / "a.nii.gz", torch.full((8, 8, 9), 7).numpy().astype("int16"), torch.eye(4).numpy())
+    label_map = tmp_path / "map.json"
+    label_map.write_text(json.dumps({"classes": [{"name": "bg", "ids": [0]}, {"name": "x", "ids": [1]}]}))
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError) as error:
+        train(TrainConfig(out=str(out), data=str(data), label_map=str(label_map), size=16, width=4, epochs=1))
+    assert "a.nii.gz: label values outside the label map: 7" in str(error.value)
+    assert "differs from its image" in str(error.value)
+    assert not out.exists()
