@@ -2,8 +2,8 @@
 
 Configuration lives in TrainConfig; `train(config)` runs it. Per epoch: NAdam steps over the shuffled
 training split with batch size 1 and the rigid augmentation on the device, then the validation hard
-Dice per label (on the device), one JSON line in log.jsonl, and the `last` and `best` checkpoints,
-written atomically. Every random draw comes from torch generators whose states are checkpointed, so
+Dice per label (on the device), one JSON line in log.jsonl, the plots (dice_curve.png, overlay.png)
+and dice_table.md refreshed, and the `last` and `best` checkpoints, written atomically. Every random draw comes from torch generators whose states are checkpointed, so
 a resumed run continues exactly (bitwise in deterministic mode on the CPU).
 """
 
@@ -197,6 +197,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 image, labels = data[j]
                 pred = model(image.contiguous(memory_format=memory_format)).argmax(1)
                 dice.append(hard_dice(pred, labels, num_labels))
+                if j == val_idx[0]:
+                    pred_first = pred
         per_label = torch.stack(dice)[:, 1:]  # without background, like the paper
         mean = float(per_label.nanmean())
         record = {
@@ -210,6 +212,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         }
         with (out / "log.jsonl").open("a") as log:
             log.write(json.dumps(record) + "\n")
+        _write_reports(out, label_map.names, data[val_idx[0]], pred_first)
         eta = record["seconds"] * (config.epochs - epoch - 1)
         print(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  val Dice {mean:.3f}  "
               f"{record['seconds']:.1f} s  ETA {eta / 60:.1f} min", flush=True)
@@ -224,8 +227,23 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         write_atomic(out / "last.pt", lambda tmp: torch.save(state, tmp), ".pt")
         if mean >= best:
             write_atomic(out / "best.pt", lambda tmp: torch.save(state, tmp), ".pt")
-    print(f"done: log {out / 'log.jsonl'}, checkpoints {out / 'last.pt'} and {out / 'best.pt'}", flush=True)
+    if record:
+        print((out / "dice_table.md").read_text())
+    print(f"done: log {out / 'log.jsonl'}, checkpoints {out / 'last.pt'} and {out / 'best.pt'}, plots "
+          f"{out / 'dice_curve.png'} and {out / 'overlay.png'}, table {out / 'dice_table.md'}", flush=True)
     return record
+
+
+def _write_reports(out: Path, names: tuple[str, ...], case, prediction: torch.Tensor) -> None:
+    """Refreshes dice_curve.png (Fig. 3), overlay.png (Fig. 4) and dice_table.md from the log."""
+    from expseg_fast import report
+
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    report.plot_dice_curve(records, out / "dice_curve.png")
+    image, labels = case
+    report.plot_overlay(image[0, 0].float().cpu().numpy(), labels[0].cpu().numpy(), prediction[0].cpu().numpy(),
+                        out / "overlay.png", len(names))
+    write_atomic(out / "dice_table.md", lambda tmp: Path(tmp).write_text(report.label_table(records[-1], names)), ".md")
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:

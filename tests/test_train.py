@@ -56,6 +56,15 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     assert [r["train_loss"] for r in log(killed)] == [r["train_loss"] for r in log(full)]
 
 
+def test_reports_are_written(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, 1))
+    for name in ("dice_curve.png", "overlay.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "dice_table.md").read_text()
+    assert "| cerebral grey |" in table and "**average**" in table
+
+
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": Path("x")}, path)
