@@ -103,7 +103,8 @@ def _dataset(config: TrainConfig, out: Path):
     return pairs, label_map
 
 
-def _model(config: TrainConfig, num_labels: int) -> torch.nn.Module:
+def build_model(config: TrainConfig, num_labels: int) -> torch.nn.Module:
+    """The network a TrainConfig describes, with num_labels outputs."""
     if config.model == "vnet":
         return VNet(num_labels=num_labels, width=config.width)
     return ExpLogNet(NetConfig(num_labels=num_labels, width=config.width, fuse_levels=tuple(config.fuse_levels)))
@@ -148,7 +149,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     spec = LOSSES[config.loss](config.gamma_dice, config.gamma_cross, config.w_dice, config.w_cross)
 
     torch.manual_seed(config.seed)
-    model = _model(config, num_labels).to(device)
+    model = build_model(config, num_labels).to(device)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)

@@ -99,3 +99,19 @@ def test_broken_dataset_stops_before_anything_is_written(tmp_path):
     assert "a.nii.gz: label values outside the label map: 7" in str(error.value)
     assert "differs from its image" in str(error.value)
     assert not out.exists()
+
+
+def test_segment_writes_labels_in_the_original_space(tmp_path):
+    from expseg_fast.data import find_pairs, load_volume
+    from expseg_fast.infer_files import segment
+
+    out = tmp_path / "run"
+    train(tiny(out, 1))
+    pairs = find_pairs(tmp_path / "demo-data-cpu-5")
+    written = segment(out / "best.pt", pairs[0].image.parent, tmp_path / "seg")
+    assert len(written) == 5 and (tmp_path / "seg" / "class_names.json").exists()
+    for pair, path in zip(pairs, written):
+        source, result = load_volume(pair.image), load_volume(path, dtype=int)
+        assert result.data.shape == source.data.shape
+        assert abs(result.affine - source.affine).max() < 1e-4
+        assert 0 <= result.data.min() and result.data.max() < 20

@@ -1,0 +1,28 @@
+"""Segment NIfTI files with a trained checkpoint: labels written in each input's original space.
+
+python scripts/segment.py CHECKPOINT INPUT(.nii[.gz] or folder) OUTPUT_FOLDER [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from expseg_fast.infer_files import segment
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("inputs", help="a .nii/.nii.gz file or a folder of them")
+    parser.add_argument("out", help="output folder (label files keep the input names)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    try:
+        segment(args.checkpoint, args.inputs, args.out, args.device)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
