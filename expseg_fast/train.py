@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from expseg_fast import distributed
 from expseg_fast.atomic import write_atomic
 from expseg_fast.data import AugmentConfig, LabelMap, augment, find_pairs, preprocess_pair, random_splits, validate
 from expseg_fast.data import demo
@@ -133,9 +134,15 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     config.check()
     out = Path(config.out)
     device = _device(config)
+    rank, world = distributed.setup(device.type)
+    device = distributed.device_for(device)
+    main = rank == 0  # only the first process writes
     torch.use_deterministic_algorithms(config.deterministic)
+    if not main:
+        distributed.barrier()  # the first process builds the demo data and the cache
     pairs, label_map = _dataset(config, out)  # scanned before anything of the run is written
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     num_labels = len(label_map.names)
     train_idx, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
     cache = out.parent / "cache"
@@ -144,6 +151,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         torch.from_numpy(s.image)[None, None].to(device), torch.from_numpy(s.labels.astype("int64"))[None].to(device)
     )
     data = [to_tensor(s) for s in samples]
+    if main:
+        distributed.barrier()
     counts = label_counts([torch.from_numpy(samples[i].labels) for i in train_idx], num_labels)
     weights = label_weights(counts.clamp_min(1)).to(device)  # labels absent from the split get the largest weight
     spec = LOSSES[config.loss](config.gamma_dice, config.gamma_cross, config.w_dice, config.w_cross)
@@ -152,10 +161,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     model = build_model(config, num_labels).to(device)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
-    aug_gen = torch.Generator().manual_seed(config.seed + 1)
+    aug_gen = torch.Generator().manual_seed(config.seed + 1 + rank)
     order_gen = torch.Generator().manual_seed(config.seed + 2)
     start_epoch, best = 0, -1.0
     if resume and (out / "last.pt").exists():
@@ -169,10 +179,12 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
-    else:
+    elif main:
         (out / "log.jsonl").write_text("")
-    print(f"training {config.model} on {len(train_idx)} subjects, validating on {len(val_idx)}, {config.size}^3, "
-          f"{config.epochs} epochs, {config.loss} loss, {config.precision} on {device}; output in {out}", flush=True)
+    if main:
+        print(f"training {config.model} on {len(train_idx)} subjects, validating on {len(val_idx)}, {config.size}^3, "
+              f"{config.epochs} epochs, {config.loss} loss, {config.precision} on {device} x {world}; output in {out}",
+              flush=True)
     record: dict = {}
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
@@ -180,12 +192,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             torch.cuda.reset_peak_memory_stats()
         model.train()
         losses = []
-        for i in torch.randperm(len(train_idx), generator=order_gen).tolist():
+        order = torch.randperm(len(train_idx), generator=order_gen).tolist()
+        for i in order[rank::world][: len(order) // world]:  # equal shards: every process steps alike
             image, labels = data[train_idx[i]]
             image, labels = augment(image, labels, aug_gen, AugmentConfig(probability=config.augment_probability))
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(image.contiguous(memory_format=memory_format))
+                logits = net(image.contiguous(memory_format=memory_format))
             value = loss_fn(logits, labels, weights, spec, validate=False)
             scaler.scale(value).backward()
             scaler.step(optimizer)
@@ -194,12 +207,14 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         model.eval()
         dice = []
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            for j in val_idx:
+            for j in val_idx[rank::world]:
                 image, labels = data[j]
                 pred = model(image.contiguous(memory_format=memory_format)).argmax(1)
                 dice.append(hard_dice(pred, labels, num_labels))
                 if j == val_idx[0]:
                     pred_first = pred
+        dice = [d.cpu() for d in distributed.gather(dice)]
+        losses = distributed.gather(losses)
         per_label = torch.stack(dice)[:, 1:]  # without background, like the paper
         mean = float(per_label.nanmean())
         record = {
@@ -211,13 +226,15 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             "seconds": time.perf_counter() - started,
             "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }
+        best = max(best, mean)
+        if not main:
+            continue
         with (out / "log.jsonl").open("a") as log:
             log.write(json.dumps(record) + "\n")
         _write_reports(out, label_map.names, data[val_idx[0]], pred_first)
         eta = record["seconds"] * (config.epochs - epoch - 1)
         print(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  val Dice {mean:.3f}  "
               f"{record['seconds']:.1f} s  ETA {eta / 60:.1f} min", flush=True)
-        best = max(best, mean)
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "best": best, "aug_rng": aug_gen.get_state(), "order_rng": order_gen.get_state(),
@@ -228,6 +245,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         write_atomic(out / "last.pt", lambda tmp: torch.save(state, tmp), ".pt")
         if mean >= best:
             write_atomic(out / "best.pt", lambda tmp: torch.save(state, tmp), ".pt")
+    distributed.teardown()
+    if not main:
+        return record
     if record:
         print((out / "dice_table.md").read_text())
     print(f"done: log {out / 'log.jsonl'}, checkpoints {out / 'last.pt'} and {out / 'best.pt'}, plots "

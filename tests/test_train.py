@@ -115,3 +115,17 @@ def test_segment_writes_labels_in_the_original_space(tmp_path):
         assert result.data.shape == source.data.shape
         assert abs(result.affine - source.affine).max() < 1e-4
         assert 0 <= result.data.min() and result.data.max() < 20
+
+
+def test_two_processes_with_torchrun_gloo(tmp_path):
+    """DDP on the CPU (gloo): the shards train one model, validation is gathered, only rank 0 writes."""
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+            "--out", str(out), "--size", "16", "--width", "4", "--epochs", "2", "--limit-subjects", "6", "--seed", "3"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = log(out)
+    assert [r["epoch"] for r in records] == [0, 1]  # one line per epoch: rank 1 wrote nothing
+    assert len(records[-1]["val_dice_per_label"]) == 19
+    assert result.stdout.count("epoch 2/2") == 1 and "x 2" in result.stdout
+    assert (out / "last.pt").exists() and (out / "overlay.png").exists()
