@@ -26,11 +26,11 @@ def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module,
 def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto") -> list[Path]:
     """Segments one NIfTI file or every NIfTI file of a folder; returns the written label files."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model, config, names = load_model(Path(checkpoint), dev)
     inputs, out_dir = Path(inputs), Path(out_dir)
     files = sorted(p for p in inputs.iterdir() if p.name.endswith(NIFTI_SUFFIXES)) if inputs.is_dir() else [inputs]
     if not files:
         raise ValueError(f"{inputs}: no .nii or .nii.gz files")
-    model, config, names = load_model(Path(checkpoint), dev)
     precision = config.precision if dev.type == "cuda" else "fp32"
     predictor = Predictor(model, (1, 1, config.size, config.size, config.size), precision=precision,
                           channels_last=config.channels_last)
