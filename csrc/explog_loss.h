@@ -70,6 +70,11 @@ inline void check_weights(const at::Tensor& weights, const Geometry& g, const at
   TORCH_CHECK_VALUE(weights.device() == logits.device(), "weights on a different device than logits");
 }
 
+inline void check_stats(const at::Tensor& stats, const Geometry& g) {
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({g.N, g.C, kStatCols}) && stats.scalar_type() == at::kDouble,
+                    "stats must be (N, C, 4) float64");
+}
+
 // The loss is float32, or float64 for float64 logits.
 inline at::ScalarType loss_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -194,8 +194,7 @@ at::Tensor explog_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& l
                                 double gamma_dice, double gamma_cross, bool linear_dice, double eps) {
   Geometry g = make_geometry(logits, target);
   check_weights(weights, g, logits);
-  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({g.N, g.C, kStatCols}) && stats.scalar_type() == at::kDouble,
-                    "stats must be (N, C, 4) float64");
+  check_stats(stats, g);
   const c10::cuda::CUDAGuard guard(logits.device());
   const LossParams p = make_params(w_dice, w_cross, gamma_dice, gamma_cross, linear_dice, eps);
   auto st = stats.contiguous();
