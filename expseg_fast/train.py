@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,7 +194,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         model.train()
         losses = []
         order = torch.randperm(len(train_idx), generator=order_gen).tolist()
-        for i in order[rank::world][: len(order) // world]:  # equal shards: every process steps alike
+        shard = order[rank::world][: len(order) // world]  # equal shards: every process steps alike
+        for step, i in enumerate(shard, start=1):
+            if main and sys.stderr.isatty():  # a progress bar with ETA on a terminal
+                done = step - 1
+                eta = f"{(time.perf_counter() - started) / done * (len(shard) - done):.0f} s" if done else "?"
+                bar = "#" * (20 * done // len(shard))
+                print(f"\r  epoch {epoch + 1} [{bar:<20}] {done}/{len(shard)}  ETA {eta}", end="", file=sys.stderr)
             image, labels = data[train_idx[i]]
             image, labels = augment(image, labels, aug_gen, AugmentConfig(probability=config.augment_probability))
             optimizer.zero_grad(set_to_none=True)
@@ -204,6 +211,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(value.detach()))
+        if main and sys.stderr.isatty():
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
         model.eval()
         dice = []
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
