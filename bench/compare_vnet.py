@@ -30,18 +30,18 @@ SETTINGS = {  # name -> (precision, channels_last)
 }
 
 
-def build(network: str, device: str, setting: str) -> tuple[torch.nn.Module, tuple[str, bool]]:
+def build(network: str, device: str, setting: str, size: int, graph: bool) -> Predictor:
+    """The Predictor of a freshly seeded network for one (size^3) volume in one setting."""
     torch.manual_seed(0)
     model = NETWORKS[network]().to(device).eval()
     precision, channels_last = SETTINGS[setting]
-    return model, (precision, channels_last)
+    shape = (1, 1, size, size, size)
+    return Predictor(model, shape, precision=precision, channels_last=channels_last, cuda_graph=graph)
 
 
 def latency_ms(network: str, device: str, setting: str, size: int, repeats: int, graph: bool) -> float:
-    model, (precision, channels_last) = build(network, device, setting)
-    shape = (1, 1, size, size, size)
-    predictor = Predictor(model, shape, precision=precision, channels_last=channels_last, cuda_graph=graph)
-    image = torch.randn(shape, device=device)
+    predictor = build(network, device, setting, size, graph)
+    image = torch.randn(predictor.input_shape, device=device)
     times = []
     for i in range(repeats + 2):  # two warm-ups (graph capture, autotuning)
         if device == "cuda":
@@ -62,10 +62,8 @@ def peak_mib(network: str, device: str, setting: str, size: int, graph: bool) ->
             check=True, capture_output=True, text=True,
         )
         return float(out.stdout.strip().splitlines()[-1])
-    model, (precision, channels_last) = build(network, device, setting)
-    shape = (1, 1, size, size, size)
-    predictor = Predictor(model, shape, precision=precision, channels_last=channels_last, cuda_graph=graph)
-    image = torch.randn(shape, device=device)
+    predictor = build(network, device, setting, size, graph)
+    image = torch.randn(predictor.input_shape, device=device)
     predictor.logits(image)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -76,10 +74,8 @@ def peak_mib(network: str, device: str, setting: str, size: int, graph: bool) ->
 
 
 def _worker(network: str, setting: str, size: int) -> None:
-    model, (precision, channels_last) = build(network, "cpu", setting)
-    shape = (1, 1, size, size, size)
-    predictor = Predictor(model, shape, precision=precision, channels_last=channels_last)
-    image = torch.randn(shape)
+    predictor = build(network, "cpu", setting, size, graph=False)
+    image = torch.randn(predictor.input_shape)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to now
     before = _status_kib("VmRSS")
     predictor.logits(image)

@@ -44,12 +44,17 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in order if _available(name, device)]
 
 
+def check_backend_name(backend: str) -> None:
+    """ValueError unless backend is "auto" or one of BACKENDS."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that will run: `backend` itself, or the fastest available for "auto"."""
+    check_backend_name(backend)
     if backend == "auto":
         return available_backends(device)[0]
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "native" and not native.available(device):
         raise RuntimeError(f"backend 'native' is not available on {device.type}: {native.unavailable_reason(device)}")
     if backend == "triton" and not triton_available(device):
@@ -100,9 +105,9 @@ def loss(
 
     validate: raise ValueError for labels outside [0, C), non-finite logits and negative or
     non-finite weights. It reads small tensors back from the device (a synchronisation on CUDA) and
-    is skipped under torch.compile. With validate=False, out-of-range labels are ignored (they contribute nothing and
-    get a zero gradient in the native backend) and, in the native backend, any non-finite logit
-    makes the loss NaN (the reference follows IEEE arithmetic: NaN or +Inf give NaN).
+    is skipped under torch.compile. With validate=False, the fused backends (native, triton) ignore
+    out-of-range labels (they contribute nothing and get a zero gradient) and make the loss NaN for
+    any non-finite logit (the reference follows IEEE arithmetic: NaN or +Inf give NaN).
     """
     _check_inputs(logits, target, weights)
     num_labels = logits.shape[1]
@@ -186,8 +191,7 @@ def cross_loss(
 class _LossModule(nn.Module):
     def __init__(self, spec: LossSpec, weights: torch.Tensor | None, backend: Backend, validate: bool) -> None:
         super().__init__()
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         self.spec = spec
         self.backend = backend
         self.validate = validate
