@@ -72,6 +72,8 @@ class TrainConfig:
             problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.size < 16 or self.size % 16:
             problems.append(f"size must be a multiple of 16 (>= 16), got {self.size}")
+        elif self.model == "vnet" and self.size < 32:  # its 1-voxel bottom level cannot batch-normalise a batch of 1
+            problems.append(f"size must be >= 32 for V-Net (4 halvings), got {self.size}")
         if self.epochs < 1 or self.lr <= 0 or self.width < 1:
             problems.append("epochs >= 1, lr > 0 and width >= 1 required")
         if not 0 <= self.split < self.splits:

@@ -75,6 +75,8 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
 def test_bad_arguments_get_a_clear_message():
     out = subprocess.run([sys.executable, str(SCRIPT), "--size", "20"], capture_output=True, text=True)
     assert out.returncode == 2 and "size must be a multiple of 16" in out.stderr
+    out = subprocess.run([sys.executable, str(SCRIPT), "--model", "vnet", "--size", "16"], capture_output=True, text=True)
+    assert out.returncode == 2 and "size must be >= 32 for V-Net" in out.stderr
 
 
 def test_hard_dice():
