@@ -4,8 +4,10 @@ python bench/gpu_loss.py --out DIR
 Measures the device-to-device copy bandwidth (the DRAM ceiling), then for fp32 and bf16 logits in both
 layouts: median time (triton.testing.do_bench) and peak extra memory of forward + backward for the
 eager reference, torch.compile(reference) (bf16 only: compiles cost device time), the native CUDA op
-and the Triton kernels, with the Triton launch configuration swept first (bf16, per layout). Writes gpu_loss.json and
-gpu_loss.md (card, driver, torch and Triton versions) to DIR.
+and the Triton kernels. First, per layout (bf16), the forward and backward phases alone: the native op
+and each Triton design x launch configuration (checked against the native op); the fastest per kernel
+is then used for the end-to-end rows. Writes gpu_loss.json and gpu_loss.md (card, driver, torch and
+Triton versions) to DIR.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from expseg_fast.losses import LossSpec, loss
 from expseg_fast.losses.reference import reference_loss
 
 SHAPE = (1, 20, 128, 128, 128)
+DEVICE = "cuda"  # the smoke test (bench/test_gpu_loss_smoke.py) runs the sweep logic on the CPU
 SPEC = LossSpec()
 
 
@@ -44,11 +47,11 @@ def copy_bandwidth() -> float:
 
 def inputs(dtype: torch.dtype, channels_last: bool):
     torch.manual_seed(0)
-    logits = (2 * torch.randn(SHAPE, device="cuda")).to(dtype)
+    logits = (2 * torch.randn(SHAPE, device=DEVICE)).to(dtype)
     if channels_last:
         logits = logits.to(memory_format=torch.channels_last_3d)
-    target = torch.randint(0, SHAPE[1], (SHAPE[0], *SHAPE[2:]), device="cuda")
-    weights = torch.rand(SHAPE[1], device="cuda") + 0.5
+    target = torch.randint(0, SHAPE[1], (SHAPE[0], *SHAPE[2:]), device=DEVICE)
+    weights = torch.rand(SHAPE[1], device=DEVICE) + 0.5
     return logits.requires_grad_(True), target, weights
 
 
@@ -91,20 +94,61 @@ def floor_ms(dtype: torch.dtype, bandwidth: float) -> float:
     return (3 * n * c * voxels * size + 2 * voxels * 8) / bandwidth * 1e3
 
 
-def tune_triton(dtype: torch.dtype, channels_last: bool) -> list[dict]:
-    rows = []
-    # The best and runner-up configurations of the H100 sweeps (bench/NOTES.md), kept short: each
-    # configuration compiles its kernels, which costs device time.
-    for block_v, warps in ((64, 2), (64, 4), (64, 8), (128, 2), (128, 4), (256, 4)):
-        triton_explog.TUNING.update(block_v=block_v, num_warps=warps)
-        try:
-            ms = measure("triton", dtype, channels_last, rep=50)["ms"]
-        except Exception as error:  # a configuration that does not compile or fit
-            ms = float("nan")
-            print(f"  block_v {block_v} warps {warps}: {error}")
-        rows.append({"block_v": block_v, "num_warps": warps, "ms": ms})
-        print(f"  tune {dtype} cl={channels_last} block_v {block_v} warps {warps}: {ms:.3f} ms")
-    return rows
+# Per kernel and design, the (voxels per program, warps) configurations swept: the H100 sweeps'
+# best tiles configurations, and the row design's spill-free ones (bench/triton_static.py).
+SWEEP = {"tiles": ((64, 2), (128, 2), (64, 8), (128, 4)), "rows": ((128, 1), (256, 2), (256, 4), (512, 4))}
+
+
+def phase_times(dtype: torch.dtype, channels_last: bool) -> dict:
+    """Forward (statistics + finalize) and backward (gradient) alone, for the native op and every
+    Triton design x configuration, with each configuration's loss and gradient checked against the
+    native op's. Returns {"native": {...}, "stats": [rows], "grad": [rows]}."""
+    logits, target, weights = inputs(dtype, channels_last)
+    logits = logits.detach()
+    args = SPEC.op_args()
+    one = torch.ones((), device=DEVICE)
+    loss_n, stats_n, _ = torch.ops.expseg_fast.explog_forward(logits, target, weights, *args)
+    grad_n = torch.ops.expseg_fast.explog_backward(one, logits, target, weights, stats_n, *args)
+    bench = lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    out = {"native": {
+        "forward_ms": bench(lambda: torch.ops.expseg_fast.explog_forward(logits, target, weights, *args)),
+        "backward_ms": bench(lambda: torch.ops.expseg_fast.explog_backward(one, logits, target, weights, stats_n,
+                                                                            *args)),
+    }, "stats": [], "grad": []}
+    tiles = {"design": "tiles"}
+    triton_explog.TUNING.update(stats=tiles, grad=tiles)
+    _, coef, _ = triton_explog.explog_forward(logits, target, weights, *args, False)
+    for design, configs in SWEEP.items():
+        for block_v, warps in configs:
+            chosen = {"design": design, "block_v": block_v, "num_warps": warps}
+            row = dict(chosen)
+            try:
+                triton_explog.TUNING.update(stats=chosen, grad=tiles)
+                loss_t, _, _ = triton_explog.explog_forward(logits, target, weights, *args, False)
+                row["loss_rel_err"] = abs(float(loss_t) - float(loss_n)) / abs(float(loss_n))
+                row["ms"] = bench(lambda: triton_explog.explog_forward(logits, target, weights, *args, False))
+                out["stats"].append(row)
+                row = dict(chosen)
+                triton_explog.TUNING.update(stats=tiles, grad=chosen)
+                grad_t = triton_explog.explog_backward(one, logits, target, coef, args[3])
+                row["grad_rel_err"] = float((grad_t.float() - grad_n.float()).norm() / grad_n.float().norm())
+                row["ms"] = bench(lambda: triton_explog.explog_backward(one, logits, target, coef, args[3]))
+                out["grad"].append(row)
+            except Exception as error:  # a configuration that does not compile or fit
+                print(f"  {chosen}: {type(error).__name__}: {error}")
+    triton_explog.TUNING.update(stats=None, grad=None)
+    for kind in ("stats", "grad"):
+        for row in out[kind]:
+            print(f"  {kind} {dtype} cl={channels_last} {row}")
+    print(f"  native {out['native']}")
+    return out
+
+
+def best(rows: list[dict], error_key: str, tolerance: float) -> dict:
+    """The fastest configuration whose result agrees with the native op's."""
+    good = [r for r in rows if r.get(error_key, 1.0) <= tolerance]
+    pick = min(good, key=lambda r: r["ms"])
+    return {"design": pick["design"], "block_v": pick["block_v"], "num_warps": pick["num_warps"]}
 
 
 def main() -> None:
@@ -116,21 +160,20 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"{env}\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     results = {"environment": env, "shape": list(SHAPE), "copy_bandwidth_Bps": bandwidth, "cases": [], "tuning": {}}
-    default_tuning = dict(triton_explog.TUNING)
-    best_by_layout = {}
+    chosen_by_layout = {}
     for dtype in (torch.bfloat16, torch.float32):
         for channels_last in (False, True):
             key = f"{str(dtype).removeprefix('torch.')}-{'cl3d' if channels_last else 'ncdhw'}"
             if dtype == torch.bfloat16:  # sweep once per layout (compiles cost device time)
-                sweep = tune_triton(dtype, channels_last)
-                best = min((r for r in sweep if r["ms"] == r["ms"]), key=lambda r: r["ms"])
-                results["tuning"][key] = {"sweep": sweep, "best": best}
-                best_by_layout[channels_last] = best
-            best = best_by_layout[channels_last]
-            triton_explog.TUNING.update(block_v=best["block_v"], num_warps=best["num_warps"])
+                phases = phase_times(dtype, channels_last)
+                chosen = {"stats": best(phases["stats"], "loss_rel_err", 1e-4),
+                          "grad": best(phases["grad"], "grad_rel_err", 1e-2)}
+                results["tuning"][key] = {**phases, "chosen": chosen}
+                chosen_by_layout[channels_last] = chosen
+            triton_explog.TUNING.update(chosen_by_layout[channels_last])
             variants = ["eager", "native", "triton"] + (["compile"] if dtype == torch.bfloat16 else [])
             measured = {v: measure(v, dtype, channels_last) for v in variants}
-            triton_explog.TUNING.update(default_tuning)
+            triton_explog.TUNING.update(stats=None, grad=None)
             ref = measured["eager"]["grad"]
             for variant, m in measured.items():
                 err = float((m["grad"] - ref).norm() / ref.norm())
@@ -146,8 +189,9 @@ def main() -> None:
                 }
                 results["cases"].append(row)
                 print(row)
-    (args.out / "gpu_loss.json").write_text(json.dumps(results, indent=2))
-    (args.out / "gpu_loss.md").write_text(markdown(results))
+            # written after every case: a run stopped by the suite's time limit keeps what it measured
+            (args.out / "gpu_loss.json").write_text(json.dumps(results, indent=2))
+            (args.out / "gpu_loss.md").write_text(markdown(results))
     print(markdown(results))
 
 
@@ -175,10 +219,16 @@ def markdown(results: dict) -> str:
                 f"{row['working_MiB']:.1f} | {row['working_MiB'] / eager['working_MiB']:.4f} | "
                 f"{row['grad_rel_err_vs_eager']:.1e} |"
             )
-    lines += ["", "Triton launch configuration (best of the sweep):", ""]
+    lines += ["", "Forward (statistics + finalize) and backward (gradient) alone, ms (median), bf16:", "",
+              "| layout | kernel | native | " + " | ".join(f"{d} {b}x{w}" for d, c in SWEEP.items() for b, w in c)
+              + " | chosen |", "|---|---|---|" + "---|" * (sum(len(c) for c in SWEEP.values()) + 1)]
     for case, tuning in results["tuning"].items():
-        best = tuning["best"]
-        lines.append(f"- {case}: block_v {best['block_v']}, num_warps {best['num_warps']}: {best['ms']:.3f} ms")
+        for kind, native_key in (("stats", "forward_ms"), ("grad", "backward_ms")):
+            times = {(r["design"], r["block_v"], r["num_warps"]): r["ms"] for r in tuning[kind]}
+            cells = [f"{times[(d, b, w)]:.3f}" if (d, b, w) in times else "-" for d, c in SWEEP.items() for b, w in c]
+            chosen = tuning["chosen"][kind]
+            lines.append(f"| {case} | {kind} | {tuning['native'][native_key]:.3f} | " + " | ".join(cells)
+                         + f" | {chosen['design']} {chosen['block_v']}x{chosen['num_warps']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -182,6 +182,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        if main:  # a kill between the log line and the checkpoint left a record the run will redo
+            _keep_log_before(out / "log.jsonl", start_epoch)
     elif main:
         (out / "log.jsonl").write_text("")
     if main:
@@ -276,6 +278,14 @@ def _write_reports(out: Path, names: tuple[str, ...], case, prediction: torch.Te
     report.plot_overlay(image[0, 0].float().cpu().numpy(), labels[0].cpu().numpy(), prediction[0].cpu().numpy(),
                         out / "overlay.png", len(names))
     write_atomic(out / "dice_table.md", lambda tmp: Path(tmp).write_text(report.label_table(records[-1], names)), ".md")
+
+
+def _keep_log_before(path: Path, epoch: int) -> None:
+    """Drops the records of epochs >= epoch from the log (atomically)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < epoch]
+    if len(kept) != len(lines):
+        write_atomic(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)), ".jsonl")
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Reproduce the paper's Table 1(b) and Fig. 3 on the synthetic demo dataset: seven cases x k splits.
 
 Runs every missing (case, split) under --runs (resuming interrupted ones, skipping complete ones), then
-writes table1.md, table1.json and fig3.png to --results. Presets: `cpu` (32^3, widths 12/8, 24 epochs,
-5 splits: about 2 hours on 2 cores) and `paper` (128^3, widths 24/16, 100 epochs, bf16, for a GPU).
+writes table1.md, table1.json and fig3.png to --results. Presets: `cpu` (32^3, widths 12/8, 32 epochs,
+5 splits: about 2.5 hours on 2 cores) and `paper` (128^3, widths 24/16, 100 epochs, bf16, for a GPU).
 """
 
 from __future__ import annotations

@@ -24,6 +24,27 @@ needs_triton_cpu = pytest.mark.skipif(
 )
 
 
+def with_triton_designs(backends) -> list[str]:
+    """The backends, with "triton" followed by "triton-rows": the Triton kernels' row design (both
+    designs stay tested until the GPU benchmark has chosen one; see expseg_fast/kernels/explog.py)."""
+    out = []
+    for name in backends:
+        out += [name, "triton-rows"] if name == "triton" else [name]
+    return out
+
+
+def use_backend(name: str) -> str:
+    """Selects the Triton design a test name asks for (reset after each test by conftest) and
+    returns the loss API's backend name."""
+    if name.startswith("triton"):
+        from expseg_fast.kernels import explog
+
+        design = {"design": "rows" if name == "triton-rows" else "tiles"}
+        explog.TUNING.update(stats=design, grad=design)
+        return "triton"
+    return name
+
+
 def make_logits(shape, dtype=torch.float32, channels_last=False, scale=2.0, generator=None) -> torch.Tensor:
     z = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
     return z.to(memory_format=torch.channels_last_3d) if channels_last else z

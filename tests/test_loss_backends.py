@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from expseg_fast.losses import available_backends, loss
-from helpers import SPECS, assert_grad_close, loss_and_grad, make_logits, make_target, oracle_loss
+from helpers import (
+    SPECS, assert_grad_close, loss_and_grad, make_logits, make_target, oracle_loss, use_backend, with_triton_designs,
+)
 
 BACKENDS = available_backends("cpu")
 F64_BACKENDS = [b for b in BACKENDS if b != "triton"]  # the Triton kernels compute in float32
@@ -23,12 +25,13 @@ def test_native_and_triton_backends_are_tested():
         assert "triton" in BACKENDS, "triton must be installed; the tests run its kernels under TRITON_INTERPRET=1"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_triton_designs(BACKENDS))
 @pytest.mark.parametrize("spec_name", list(SPECS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_matches_float64_oracle(backend, spec_name, shape, channels_last, dtype):
+    backend = use_backend(backend)
     spec = SPECS[spec_name]
     logits = make_logits(shape, dtype, channels_last)
     target = make_target(shape, shape[1])

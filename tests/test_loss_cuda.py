@@ -6,13 +6,17 @@ import pytest
 import torch
 
 from expseg_fast.losses import LossSpec, available_backends, loss
-from helpers import SPECS, assert_grad_close, loss_and_grad, make_logits, make_target, mp_loss_and_grad, oracle_loss, rel_err
+from helpers import (
+    SPECS, assert_grad_close, loss_and_grad, make_logits, make_target, mp_loss_and_grad, oracle_loss, rel_err,
+    use_backend, with_triton_designs,
+)
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 CUDA_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
+VARIANTS = with_triton_designs(CUDA_BACKENDS)  # the Triton kernels in both designs
 TOL = {torch.float32: (2e-6, 2e-5), torch.bfloat16: (2e-6, 1e-2), torch.float16: (2e-6, 2e-3)}
 
 
@@ -20,12 +24,13 @@ def test_native_cuda_kernels_are_built():
     assert "native" in CUDA_BACKENDS, "the extension must be built with its CUDA kernels on a GPU machine"
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("backend", VARIANTS)
 @pytest.mark.parametrize("spec_name", list(SPECS))
 @pytest.mark.parametrize("shape", [(1, 2, 3, 5, 7), (2, 5, 9, 8, 7), (2, 20, 5, 6, 33)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_matches_float64_oracle(backend, spec_name, shape, channels_last, dtype):
+    backend = use_backend(backend)
     spec = SPECS[spec_name]
     logits = make_logits(shape, dtype, channels_last)
     target = make_target(shape, shape[1])
@@ -39,10 +44,11 @@ def test_cuda_matches_float64_oracle(backend, spec_name, shape, channels_last, d
     assert_grad_close(grad, ref_grad, grad_tol)
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("backend", VARIANTS)
 @pytest.mark.parametrize("gamma", [0.1, 0.3, 1.0, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_saturated_logits(backend, gamma, dtype):
+    backend = use_backend(backend)
     from test_loss_numerics import saturated_logits
 
     target = make_target((2, 6, 4, 5, 3), 5)
@@ -59,8 +65,9 @@ def test_cuda_saturated_logits(backend, gamma, dtype):
     assert float((grad.cpu().double() - ref_grad).norm()) <= rtol * float(ref_grad.norm()) + resolution
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("backend", VARIANTS)
 def test_cuda_large_volume_matches_cpu_native(backend):
+    backend = use_backend(backend)
     shape = (1, 20, 64, 64, 64)
     logits = make_logits(shape, torch.float32)
     target = make_target(shape, 20)
@@ -70,8 +77,9 @@ def test_cuda_large_volume_matches_cpu_native(backend):
     assert rel_err(grad.cpu(), cpu_grad) < 1e-5
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("backend", VARIANTS)
 def test_cuda_bad_values_raise(backend):
+    backend = use_backend(backend)
     logits, target = make_logits((1, 4, 3, 3, 3)).cuda(), make_target((1, 4, 3, 3, 3), 4).cuda()
     bad = target.clone()
     bad[0, 1, 1, 1] = 4
@@ -91,9 +99,11 @@ def test_native_cuda_opcheck():
     torch.library.opcheck(torch.ops.expseg_fast.explog_forward.default, args, rtol=1e-6, atol=1e-6)
 
 
-def test_triton_cuda_deterministic_mode():
+@pytest.mark.parametrize("design", ["triton", "triton-rows"])
+def test_triton_cuda_deterministic_mode(design):
     from test_loss_numerics import check_triton_determinism
 
+    use_backend(design)
     check_triton_determinism("cuda")
 
 

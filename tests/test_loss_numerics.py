@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from expseg_fast.losses import LossSpec, available_backends, loss
-from helpers import loss_and_grad, make_target, mp_loss_and_grad, needs_triton_cpu, oracle_loss, rel_err
+from helpers import (
+    loss_and_grad, make_target, mp_loss_and_grad, needs_triton_cpu, oracle_loss, rel_err, use_backend,
+    with_triton_designs,
+)
 
 BACKENDS = available_backends("cpu")
 GAMMAS = [0.1, 0.3, 1.0, 3.0]
@@ -24,13 +27,14 @@ def saturated_logits(target: torch.Tensor, num_labels: int, margin: float, wrong
     return z.to(dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_triton_designs(BACKENDS))
 @pytest.mark.parametrize("gamma", GAMMAS)
 @pytest.mark.parametrize("margin", [30.0, 100.0])
 @pytest.mark.parametrize("wrong", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("linear", [False, True], ids=["exp", "linear"])
 def test_saturated_logits_finite_and_accurate(backend, gamma, margin, wrong, dtype, linear):
+    backend = use_backend(backend)
     num_labels = 6
     target = make_target((2, num_labels, 4, 5, 3), num_labels - 1)  # the last label is absent
     logits = saturated_logits(target, num_labels, margin, wrong, dtype)
@@ -61,9 +65,10 @@ def test_saturated_logits_finite_and_accurate(backend, gamma, margin, wrong, dty
         assert err <= rtol * float(ref_grad.norm()) + 1e-6 * scale * root_n + resolution
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_triton_designs(BACKENDS))
 @pytest.mark.parametrize("gamma", GAMMAS)
 def test_one_label_sample_and_absent_labels(backend, gamma):
+    backend = use_backend(backend)
     num_labels = 5
     shape = (2, num_labels, 3, 4, 5)
     target = torch.full((2, 3, 4, 5), 2)
@@ -76,9 +81,10 @@ def test_one_label_sample_and_absent_labels(backend, gamma):
     assert rel_err(grad, ref_grad) < 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_triton_designs(BACKENDS))
 def test_perfect_prediction_gives_zero_loss_and_finite_gradient(backend):
     """Dice_i -> 1 and t -> 0: the floor keeps gamma < 1 gradients finite, the loss is exact."""
+    backend = use_backend(backend)
     target = make_target((1, 3, 4, 4, 4), 3)
     logits = 200.0 * torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float()
     for gamma in GAMMAS:
@@ -88,8 +94,9 @@ def test_perfect_prediction_gives_zero_loss_and_finite_gradient(backend):
         assert 0.0 <= float(value) < 1e-6 and torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_triton_designs(BACKENDS))
 def test_noncontiguous_view_is_read_in_place(backend):
+    backend = use_backend(backend)
     base = torch.randn(2, 7, 6, 5, 8)
     logits = base[:, 1:6, :, ::2, 1:7]  # not dense: strided in C, H and W
     target = make_target(tuple(logits.shape), 5)
@@ -101,7 +108,9 @@ def test_noncontiguous_view_is_read_in_place(backend):
 
 
 @needs_triton_cpu
-def test_triton_deterministic_mode_is_bitwise_repeatable_and_matches_atomic_mode():
+@pytest.mark.parametrize("design", ["triton", "triton-rows"])
+def test_triton_deterministic_mode_is_bitwise_repeatable_and_matches_atomic_mode(design):
+    use_backend(design)
     check_triton_determinism("cpu")
 
 
@@ -136,9 +145,10 @@ def test_native_statistics_do_not_depend_on_thread_count():
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_triton_designs(BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64, torch.int8], ids=str)
 def test_label_dtypes(backend, dtype):
+    backend = use_backend(backend)
     logits = torch.randn(1, 4, 3, 3, 3)
     target = make_target(tuple(logits.shape), 4)
     expected = loss(logits, target, None, LossSpec(), backend)

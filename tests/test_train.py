@@ -34,6 +34,10 @@ def test_resume_continues_exactly(tmp_path):
     train(tiny(full, 3))
     part = tmp_path / "part"
     train(tiny(part, 1))
+    # a kill after epoch 2's log line but before its checkpoint: the resumed run redoes epoch 2
+    stale = {**log(part)[0], "epoch": 1, "train_loss": -1.0}
+    with (part / "log.jsonl").open("a") as f:
+        f.write(json.dumps(stale) + "\n")
     train(tiny(part, 3), resume=True)
     assert log(part) == [{**r, "seconds": log(part)[i]["seconds"]} for i, r in enumerate(log(full))]
 

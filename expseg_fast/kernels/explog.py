@@ -7,11 +7,16 @@ Three kernels, the same math as csrc/explog_math.h (DESIGN.md section 2):
                     fixed order when deterministic.
   _finalize_kernel  one program: the scalar loss and the per-(sample, label) backward coefficients.
   _grad_kernel      one pass that recomputes the softmax and writes d loss / d logits once.
+The statistics and gradient kernels come in two designs, chosen per kernel (TUNING, _launch): "tiles"
+work on (labels x voxels) tiles; "rows" (_stats_rows_kernel, _grad_rows_kernel) go one label row at a
+time, unrolled over the constexpr label count, so a voxel's labels stay in one thread.
 Logits of any strides (contiguous or channels_last_3d, no copies), float32/bfloat16/float16, computed
 in float32; integer labels of any dtype. Runs on CUDA, and on the CPU under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -56,9 +61,19 @@ def _voxel_offset(v, H, W, s_d, s_h, s_w, FLAT: tl.constexpr):
 
 
 @triton.jit
-def _tile_softmax(z_ptr, lab_ptr, n, v, C, V, H, W,
+def _label_offsets(n, c, v, C: tl.constexpr, H, W, sn, sc, sd, sh, sw, FLAT: tl.constexpr, PACKED: tl.constexpr):
+    """Offsets (BLOCK_C, BLOCK_V) of labels c at voxels v of sample n. PACKED: channels-last with the
+    C labels of a voxel adjacent (label stride 1, voxel stride C), where the constexpr C lets the
+    compiler prove alignment and load a voxel's labels in vectors."""
+    if PACKED:
+        return n * sn + (v.to(tl.int64) * C)[None, :] + c[:, None]
+    return n * sn + c[:, None].to(tl.int64) * sc + _voxel_offset(v, H, W, sd, sh, sw, FLAT)[None, :]
+
+
+@triton.jit
+def _tile_softmax(z_ptr, lab_ptr, n, v, C: tl.constexpr, V, H, W,
                   szn, szc, szd, szh, szw, stn, std, sth, stw,
-                  FLAT_Z: tl.constexpr, FLAT_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                  FLAT_Z: tl.constexpr, PACKED_Z: tl.constexpr, FLAT_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Softmax of the voxels v (BLOCK_V,) of sample n relative to their labels.
 
     Returns c (BLOCK_C,), in_v, valid (label in [0, C)), nonfinite, is_lab and is_arg
@@ -72,7 +87,7 @@ def _tile_softmax(z_ptr, lab_ptr, n, v, C, V, H, W,
     lab = lab.to(tl.int32)
     valid = in_v & (lab >= 0) & (lab < C)
     lab = tl.where(valid, lab, 0)
-    offs = n * szn + c[:, None].to(tl.int64) * szc + _voxel_offset(v, H, W, szd, szh, szw, FLAT_Z)[None, :]
+    offs = _label_offsets(n, c, v, C, H, W, szn, szc, szd, szh, szw, FLAT_Z, PACKED_Z)
     mask = in_c[:, None] & in_v[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     nonfinite = tl.max(tl.where(mask & ((z - z) != 0.0), 1, 0), axis=0) > 0
@@ -90,37 +105,10 @@ def _tile_softmax(z_ptr, lab_ptr, n, v, C, V, H, W,
 
 
 @triton.jit
-def _stats_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C, V, H, W, n_tiles,
-                  szn, szc, szd, szh, szw, stn, std, sth, stw, gamma_cross,
-                  NEED_CROSS: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                  FLAT_Z: tl.constexpr, FLAT_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Persistent over tiles: program (pid, n) sums tiles pid, pid + P, ... of sample n in registers,
-    then adds its sums atomically, or stores them in its own slot when deterministic."""
-    pid = tl.program_id(0)
-    n = tl.program_id(1)
-    c = tl.arange(0, BLOCK_C)
-    in_c = c < C
-    g_acc = tl.zeros((BLOCK_C,), tl.float32)
-    m_acc = tl.zeros((BLOCK_C,), tl.float32)
-    q_acc = tl.zeros((BLOCK_C,), tl.float32)
-    t_acc = tl.zeros((BLOCK_C,), tl.float32)
-    bad_label = tl.zeros((BLOCK_V,), tl.int32)
-    bad_logit = tl.zeros((BLOCK_V,), tl.int32)
-    for tile in range(pid, n_tiles, tl.num_programs(0)):
-        v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-        c, in_v, valid, nonfinite, is_lab, is_arg, e, inv_s, r, t = _tile_softmax(
-            z_ptr, lab_ptr, n, v, C, V, H, W, szn, szc, szd, szh, szw, stn, std, sth, stw, FLAT_Z, FLAT_T, BLOCK_C)
-        vf = valid.to(tl.float32)
-        # A voxel with a non-finite logit poisons M and T (the loss is then NaN).
-        miss = tl.where(nonfinite & valid, float("nan"), r * inv_s * vf)
-        g_acc += tl.sum(tl.where(is_lab, vf[None, :], 0.0), axis=1)
-        m_acc += tl.sum(tl.where(is_lab, miss[None, :], 0.0), axis=1)
-        q_acc += tl.sum(tl.where(is_lab, 0.0, e * (inv_s * vf)[None, :]), axis=1)
-        if NEED_CROSS:
-            t_val = tl.where(nonfinite & valid, float("nan"), _pow(t, gamma_cross) * vf)
-            t_acc += tl.sum(tl.where(is_lab, t_val[None, :], 0.0), axis=1)
-        bad_label += (in_v & ~valid).to(tl.int32)
-        bad_logit += (in_v & nonfinite).to(tl.int32)
+def _store_stats(part_ptr, bad_ptr, g_acc, m_acc, q_acc, t_acc, bad_label, bad_logit, n, pid, c, in_c,
+                 C: tl.constexpr, NEED_CROSS: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Adds a program's sums (BLOCK_C,) to part (N, 1, C, 4) atomically, or stores them in its slot of
+    part (N, P, C, 4) when deterministic; adds the bad-label and bad-logit counts."""
     if DETERMINISTIC:
         base = part_ptr + ((n * tl.num_programs(0) + pid) * C + c) * 4
         tl.store(base + 0, g_acc.to(tl.float64), mask=in_c)
@@ -136,6 +124,44 @@ def _stats_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C, V, H, W, n_tiles,
             tl.atomic_add(base + 3, t_acc.to(tl.float64), mask=in_c)
     tl.atomic_add(bad_ptr + 0, tl.sum(bad_label, axis=0))
     tl.atomic_add(bad_ptr + 1, tl.sum(bad_logit, axis=0))
+
+
+@triton.jit
+def _stats_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C: tl.constexpr, V, H, W, n_tiles,
+                  szn, szc, szd, szh, szw, stn, std, sth, stw, gamma_cross,
+                  NEED_CROSS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                  FLAT_Z: tl.constexpr, PACKED_Z: tl.constexpr, FLAT_T: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Persistent over tiles: program (pid, n) sums tiles pid, pid + P, ... of sample n in registers,
+    then adds its sums atomically, or stores them in its own slot when deterministic."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    in_c = c < C
+    g_acc = tl.zeros((BLOCK_C,), tl.float32)
+    m_acc = tl.zeros((BLOCK_C,), tl.float32)
+    q_acc = tl.zeros((BLOCK_C,), tl.float32)
+    t_acc = tl.zeros((BLOCK_C,), tl.float32)
+    bad_label = tl.zeros((BLOCK_V,), tl.int32)
+    bad_logit = tl.zeros((BLOCK_V,), tl.int32)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        c, in_v, valid, nonfinite, is_lab, is_arg, e, inv_s, r, t = _tile_softmax(
+            z_ptr, lab_ptr, n, v, C, V, H, W, szn, szc, szd, szh, szw, stn, std, sth, stw,
+            FLAT_Z, PACKED_Z, FLAT_T, BLOCK_C)
+        vf = valid.to(tl.float32)
+        # A voxel with a non-finite logit poisons M and T (the loss is then NaN).
+        miss = tl.where(nonfinite & valid, float("nan"), r * inv_s * vf)
+        g_acc += tl.sum(tl.where(is_lab, vf[None, :], 0.0), axis=1)
+        m_acc += tl.sum(tl.where(is_lab, miss[None, :], 0.0), axis=1)
+        q_acc += tl.sum(tl.where(is_lab, 0.0, e * (inv_s * vf)[None, :]), axis=1)
+        if NEED_CROSS:
+            t_val = tl.where(nonfinite & valid, float("nan"), _pow(t, gamma_cross) * vf)
+            t_acc += tl.sum(tl.where(is_lab, t_val[None, :], 0.0), axis=1)
+        bad_label += (in_v & ~valid).to(tl.int32)
+        bad_logit += (in_v & nonfinite).to(tl.int32)
+    _store_stats(part_ptr, bad_ptr, g_acc, m_acc, q_acc, t_acc, bad_label, bad_logit, n, pid, c, in_c, C,
+                 NEED_CROSS, DETERMINISTIC)
 
 
 @triton.jit
@@ -181,15 +207,16 @@ def _finalize_kernel(part_ptr, w_ptr, coef_ptr, loss_ptr, N, C, P, V,
 
 
 @triton.jit
-def _grad_kernel(z_ptr, lab_ptr, g_ptr, coef_ptr, gout_ptr, C, V, H, W,
+def _grad_kernel(z_ptr, lab_ptr, g_ptr, coef_ptr, gout_ptr, C: tl.constexpr, V, H, W,
                  szn, szc, szd, szh, szw, stn, std, sth, stw, sgn, sgc, sgd, sgh, sgw, gamma_cross,
-                 FLAT_Z: tl.constexpr, FLAT_T: tl.constexpr, FLAT_G: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+                 FLAT_Z: tl.constexpr, PACKED_Z: tl.constexpr, FLAT_T: tl.constexpr,
+                 FLAT_G: tl.constexpr, PACKED_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
     n = tl.program_id(1)
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     c, in_v, valid, nonfinite, is_lab, is_arg, e, inv_s, r, t = _tile_softmax(
-        z_ptr, lab_ptr, n, v, C, V, H, W, szn, szc, szd, szh, szw, stn, std, sth, stw, FLAT_Z, FLAT_T, BLOCK_C)
+        z_ptr, lab_ptr, n, v, C, V, H, W, szn, szc, szd, szh, szw, stn, std, sth, stw,
+        FLAT_Z, PACKED_Z, FLAT_T, BLOCK_C)
     in_c = c < C
     scale = tl.load(gout_ptr).to(tl.float32)
     a = tl.load(coef_ptr + n * 3 * C + c, mask=in_c, other=0.0) * scale
@@ -211,8 +238,159 @@ def _grad_kernel(z_ptr, lab_ptr, g_ptr, coef_ptr, gout_ptr, C, V, H, W,
     tg_pos = tl.where(t_pos, tg, 0.0)
     cross = tl.where(is_lab, -tg_miss[None, :], tg_pos[None, :] * (p / safe_t[None, :]))
     grad = tl.where(valid[None, :], dice + cross, 0.0)
-    offs = n * sgn + c[:, None].to(tl.int64) * sgc + _voxel_offset(v, H, W, sgd, sgh, sgw, FLAT_G)[None, :]
+    offs = _label_offsets(n, c, v, C, H, W, sgn, sgc, sgd, sgh, sgw, FLAT_G, PACKED_G)
     tl.store(g_ptr + offs, grad.to(g_ptr.dtype.element_ty), mask=in_c[:, None] & in_v[None, :])
+
+
+# --- The row design: one label row (BLOCK_V,) at a time, unrolled over the constexpr C ------------
+# Each thread owns whole voxels, so the per-voxel sums over labels never leave the thread (no shuffles),
+# and rows of contiguous logits load as wide vectors. Three passes re-read the tile's rows (from the
+# cache after the first): 1) max, arg max, the label's logit; 2) exponentials and their sums; 3) the
+# per-label statistics (stats kernel) or the gradient (grad kernel).
+
+
+@triton.jit
+def _voxel_ptrs(base, n, v, H, W, sn, sd, sh, sw, FLAT: tl.constexpr, PACKED: tl.constexpr, C: tl.constexpr):
+    """Pointers (BLOCK_V,) to label 0 of voxels v of sample n (label c is c label strides further)."""
+    if PACKED:
+        return base + n * sn + v.to(tl.int64) * C
+    return base + n * sn + _voxel_offset(v, H, W, sd, sh, sw, FLAT)
+
+
+@triton.jit
+def _rows_softmax(zp, szc, lab, in_v, C: tl.constexpr):
+    """Passes 1 and 2 over the rows at zp (label stride szc): max m, arg max, the label's logit, a
+    non-finite flag, s1 = sum_{j != arg} e_j and r = sum_{j != l} e_j with e_j = exp(z_j - m)."""
+    m = tl.full(lab.shape, float("-inf"), tl.float32)
+    arg = tl.zeros(lab.shape, tl.int32)
+    z_lab = tl.zeros(lab.shape, tl.float32)
+    nonfinite = lab != lab
+    row = zp
+    for c in tl.static_range(C):
+        z = tl.load(row, mask=in_v, other=0.0).to(tl.float32)
+        nonfinite = nonfinite | ((z - z) != 0.0)
+        take = z > m  # the first maximum wins, as argmax
+        arg = tl.where(take, c, arg)
+        m = tl.where(take, z, m)
+        z_lab = tl.where(lab == c, z, z_lab)
+        row += szc
+    s1 = tl.zeros(lab.shape, tl.float32)
+    r = tl.zeros(lab.shape, tl.float32)
+    row = zp
+    for c in tl.static_range(C):
+        e = tl.exp(tl.load(row, mask=in_v, other=0.0).to(tl.float32) - m)
+        s1 += tl.where(arg == c, 0.0, e)
+        r += tl.where(lab == c, 0.0, e)
+        row += szc
+    return m, arg, z_lab, nonfinite, s1, r
+
+
+@triton.jit
+def _load_labels(lab_ptr, n, v, in_v, C: tl.constexpr, H, W, stn, std, sth, stw, FLAT_T: tl.constexpr):
+    """(label clamped to [0, C) for indexing, valid) of voxels v."""
+    lab = tl.load(lab_ptr + n * stn + _voxel_offset(v, H, W, std, sth, stw, FLAT_T), mask=in_v, other=-1)
+    lab = lab.to(tl.int32)
+    valid = in_v & (lab >= 0) & (lab < C)
+    return tl.where(valid, lab, -1), valid
+
+
+@triton.jit
+def _stats_rows_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C: tl.constexpr, V, H, W, n_tiles,
+                       szn, szc, szd, szh, szw, stn, std, sth, stw, gamma_cross,
+                       NEED_CROSS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                       FLAT_Z: tl.constexpr, PACKED_Z: tl.constexpr, FLAT_T: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    """_stats_kernel's sums (same outputs, same persistence), computed row by row."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    cidx = tl.arange(0, BLOCK_C)
+    in_c = cidx < C
+    g_acc = tl.zeros((BLOCK_C,), tl.float32)
+    m_acc = tl.zeros((BLOCK_C,), tl.float32)
+    q_acc = tl.zeros((BLOCK_C,), tl.float32)
+    t_acc = tl.zeros((BLOCK_C,), tl.float32)
+    bad_label = tl.zeros((BLOCK_V,), tl.int32)
+    bad_logit = tl.zeros((BLOCK_V,), tl.int32)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        in_v = v < V
+        lab, valid = _load_labels(lab_ptr, n, v, in_v, C, H, W, stn, std, sth, stw, FLAT_T)
+        zp = _voxel_ptrs(z_ptr, n, v, H, W, szn, szd, szh, szw, FLAT_Z, PACKED_Z, C)
+        m, arg, z_lab, nonfinite, s1, r = _rows_softmax(zp, szc, lab, in_v, C)
+        vf = valid.to(tl.float32)
+        pv = vf / (1.0 + s1)
+        poisoned = nonfinite & valid  # a non-finite logit makes M and T (and the loss) NaN
+        miss = tl.where(poisoned, float("nan"), r * pv)
+        t_val = tl.zeros_like(vf)
+        if NEED_CROSS:
+            t_val = tl.where(poisoned, float("nan"), _pow((m - z_lab) + _log1p(s1), gamma_cross) * vf)
+        row = zp
+        for c in tl.static_range(C):
+            e = tl.exp(tl.load(row, mask=in_v, other=0.0).to(tl.float32) - m)
+            is_c = lab == c
+            here = cidx == c
+            g_acc += tl.where(here, tl.sum(tl.where(is_c, vf, 0.0), axis=0), 0.0)
+            m_acc += tl.where(here, tl.sum(tl.where(is_c, miss, 0.0), axis=0), 0.0)
+            q_acc += tl.where(here, tl.sum(tl.where(is_c, 0.0, e * pv), axis=0), 0.0)
+            if NEED_CROSS:
+                t_acc += tl.where(here, tl.sum(tl.where(is_c, t_val, 0.0), axis=0), 0.0)
+            row += szc
+        bad_label += (in_v & ~valid).to(tl.int32)
+        bad_logit += (in_v & nonfinite).to(tl.int32)
+    _store_stats(part_ptr, bad_ptr, g_acc, m_acc, q_acc, t_acc, bad_label, bad_logit, n, pid, cidx, in_c, C,
+                 NEED_CROSS, DETERMINISTIC)
+
+
+@triton.jit
+def _grad_rows_kernel(z_ptr, lab_ptr, g_ptr, coef_ptr, gout_ptr, C: tl.constexpr, V, H, W,
+                      szn, szc, szd, szh, szw, stn, std, sth, stw, sgn, sgc, sgd, sgh, sgw, gamma_cross,
+                      FLAT_Z: tl.constexpr, PACKED_Z: tl.constexpr, FLAT_T: tl.constexpr,
+                      FLAT_G: tl.constexpr, PACKED_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    """_grad_kernel's gradient (same math, pivoted on the arg max), computed row by row."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_v = v < V
+    lab, valid = _load_labels(lab_ptr, n, v, in_v, C, H, W, stn, std, sth, stw, FLAT_T)
+    zp = _voxel_ptrs(z_ptr, n, v, H, W, szn, szd, szh, szw, FLAT_Z, PACKED_Z, C)
+    m, arg, z_lab, nonfinite, s1, r = _rows_softmax(zp, szc, lab, in_v, C)
+    scale = tl.load(gout_ptr).to(tl.float32)
+    coef = coef_ptr + n * 3 * C
+    # g_k = a_k - b_k [k == l]; the pivot g* = g_{arg max}; kappa of the voxel's label
+    g_star = tl.zeros_like(m)
+    kappa = tl.zeros_like(m)
+    for c in tl.static_range(C):
+        a_c = tl.load(coef + c)
+        b_c = tl.load(coef + C + c)
+        g_star = tl.where(arg == c, a_c - tl.where(lab == c, b_c, 0.0), g_star)
+        kappa = tl.where(lab == c, tl.load(coef + 2 * C + c), kappa)
+    inv_s = 1.0 / (1.0 + s1)
+    t = (m - z_lab) + _log1p(s1)
+    # gbar = sum_{k != k*} p_k (g_k - g*)
+    gbar = tl.zeros_like(m)
+    row = zp
+    for c in tl.static_range(C):
+        e = tl.exp(tl.load(row, mask=in_v, other=0.0).to(tl.float32) - m)
+        diff = tl.where(arg == c, 0.0, tl.load(coef + c) - tl.where(lab == c, tl.load(coef + C + c), 0.0) - g_star)
+        gbar += e * diff
+        row += szc
+    gbar = gbar * inv_s
+    # cross part: kappa_l t^gamma (p_j - [j == l]) / t, with (1 - p_l) / t -> 1 and p_j / t -> 0
+    tg = kappa * _pow(t, gamma_cross)
+    t_pos = t > 0.0
+    safe_t = tl.where(t_pos, t, 1.0)
+    tg_miss = tg * tl.where(t_pos, r * inv_s / safe_t, 1.0)
+    tg_pos = tl.where(t_pos, tg, 0.0) / safe_t
+    row = zp
+    gp = _voxel_ptrs(g_ptr, n, v, H, W, sgn, sgd, sgh, sgw, FLAT_G, PACKED_G, C)
+    for c in tl.static_range(C):
+        p = tl.exp(tl.load(row, mask=in_v, other=0.0).to(tl.float32) - m) * inv_s
+        diff = tl.where(arg == c, 0.0, tl.load(coef + c) - tl.where(lab == c, tl.load(coef + C + c), 0.0) - g_star)
+        grad = p * (diff - gbar) + tl.where(lab == c, -tg_miss, tg_pos * p)
+        grad = tl.where(valid, grad * scale, 0.0)
+        tl.store(gp, grad.to(g_ptr.dtype.element_ty), mask=in_v)
+        row += szc
+        gp += sgc
 
 
 def _flat(strides: tuple[int, ...], shape: tuple[int, ...]) -> bool:
@@ -221,20 +399,43 @@ def _flat(strides: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     return (h == 1 or sh == w * sw) and (d == 1 or sd == h * w * sw)
 
 
-# Launch configuration override (voxels per program, warps); None keeps the measured defaults of
-# _launch. The GPU benchmark (bench/gpu_loss.py) sweeps these; bench/NOTES.md has the figures.
-TUNING: dict[str, int | None] = {"block_v": None, "num_warps": None}
+def _packed(x: torch.Tensor) -> bool:
+    """Whether (N, C, D, H, W) x holds label c of voxel v at v * C + c within a sample (dense channels-last)."""
+    return _flat(x.stride()[2:], tuple(x.shape[2:])) and x.stride(1) == 1 and x.stride(4) == x.shape[1]
 
 
-def _launch(num_labels: int, channels_last: bool) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_V, num_warps). Defaults measured on an H100 at C = 20 (bench/NOTES.md):
-    contiguous logits 128 voxels x 2 warps, channels-last 64 voxels x 8 warps."""
+# Launch configuration overrides, per kernel ("stats", "grad"): a dict with any of "design" ("tiles":
+# (BLOCK_C, BLOCK_V) tiles; "rows": one label row at a time), "block_v" (voxels per program) and
+# "num_warps"; what is missing comes from _launch's measured defaults. bench/gpu_loss.py sweeps these
+# per kernel; bench/NOTES.md has the figures, bench/triton_static.py the register and instruction counts.
+TUNING: dict[str, dict | None] = {"stats": None, "grad": None}
+DESIGNS = ("tiles", "rows")
+
+
+@dataclass(frozen=True)
+class Launch:
+    rows: bool  # the row design (else tiles)
+    block_c: int
+    block_v: int
+    num_warps: int
+
+
+def _launch(kernel: str, num_labels: int, channels_last: bool) -> Launch:
+    """Design and configuration of a kernel ("stats" or "grad"). Defaults measured on an H100 at
+    C = 20 (bench/NOTES.md): tiles, contiguous logits 128 voxels x 2 warps, channels-last 64 x 8;
+    the row design's default (256 x 4) is the largest without spills (bench/triton_static.py)."""
+    chosen = TUNING[kernel] or {}
+    design = chosen.get("design", "tiles")
+    if design not in DESIGNS:
+        raise ValueError(f"TUNING[{kernel!r}]['design'] must be one of {DESIGNS}, got {design!r}")
     block_c = triton.next_power_of_2(num_labels)
-    if channels_last:
+    if design == "rows":
+        block_v, warps = 256, 4
+    elif channels_last:
         block_v, warps = max(16, min(256, 2048 // block_c)), 8
     else:
         block_v, warps = max(16, min(256, 4096 // block_c)), 2
-    return block_c, TUNING["block_v"] or block_v, TUNING["num_warps"] or warps
+    return Launch(design == "rows", block_c, chosen.get("block_v", block_v), chosen.get("num_warps", warps))
 
 
 def _programs_per_sample(device: torch.device, n_samples: int) -> int:
@@ -242,7 +443,6 @@ def _programs_per_sample(device: torch.device, n_samples: int) -> int:
     program adds its sums once, so fewer programs mean fewer atomics on the same addresses)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, 4 * sms // max(1, n_samples))
-
 
 
 def _geometry(logits: torch.Tensor, target: torch.Tensor) -> dict:
@@ -255,6 +455,7 @@ def _geometry(logits: torch.Tensor, target: torch.Tensor) -> dict:
         szn=logits.stride(0), szc=logits.stride(1), szd=logits.stride(2), szh=logits.stride(3), szw=logits.stride(4),
         stn=target.stride(0), std=target.stride(1), sth=target.stride(2), stw=target.stride(3),
         FLAT_Z=_flat(logits.stride()[2:], spatial),
+        PACKED_Z=_packed(logits),
         FLAT_T=_flat(target.stride()[1:], spatial),
     )
 
@@ -269,8 +470,8 @@ def explog_forward(
     labels outside [0, C) and of voxels with a non-finite logit)."""
     n_samples, num_labels = logits.shape[:2]
     geo = _geometry(logits, target)
-    block_c, block_v, warps = _launch(num_labels, logits.stride(1) == 1)
-    n_tiles = triton.cdiv(geo["V"], block_v)
+    launch = _launch("stats", num_labels, logits.stride(1) == 1)
+    n_tiles = triton.cdiv(geo["V"], launch.block_v)
     programs = max(1, min(n_tiles, _programs_per_sample(logits.device, n_samples)))
     slots = programs if deterministic else 1
     alloc = torch.empty if deterministic else torch.zeros
@@ -279,15 +480,17 @@ def explog_forward(
     coef = torch.empty((n_samples, 3, num_labels), dtype=torch.float32, device=logits.device)
     loss = torch.empty((), dtype=torch.float32, device=logits.device)
     if geo["V"] > 0:
-        _stats_kernel[(programs, n_samples)](
+        kernel = _stats_rows_kernel if launch.rows else _stats_kernel
+        kernel[(programs, n_samples)](
             logits, target, part, bad, n_tiles=n_tiles, gamma_cross=gamma_cross, NEED_CROSS=w_cross != 0.0,
-            DETERMINISTIC=deterministic, BLOCK_C=block_c, BLOCK_V=block_v, num_warps=warps, **geo)
+            DETERMINISTIC=deterministic, BLOCK_C=launch.block_c, BLOCK_V=launch.block_v, num_warps=launch.num_warps,
+            **geo)
     else:
         part.zero_()
     _finalize_kernel[(1,)](
         part, weights, coef, loss, n_samples, num_labels, slots, geo["V"],
         w_dice, w_cross, gamma_dice, gamma_cross, eps, GRAD_FLOOR,
-        LINEAR=linear_dice, BLOCK_C=block_c, BLOCK_P=max(1, min(64, triton.next_power_of_2(slots))))
+        LINEAR=linear_dice, BLOCK_C=launch.block_c, BLOCK_P=max(1, min(64, triton.next_power_of_2(slots))))
     return loss, coef, bad
 
 
@@ -308,14 +511,15 @@ def explog_backward(
     """d loss / d logits (logits' dtype and memory format) scaled by grad (a 0-d tensor)."""
     out = torch.empty_like(logits)
     geo = _geometry(logits, target)
-    block_c, block_v, warps = _launch(logits.shape[1], logits.stride(1) == 1)
+    launch = _launch("grad", logits.shape[1], logits.stride(1) == 1)
     if out.numel():
         spatial = tuple(logits.shape[2:])
-        _grad_kernel[(triton.cdiv(geo["V"], block_v), logits.shape[0])](
+        kernel = _grad_rows_kernel if launch.rows else _grad_kernel
+        kernel[(triton.cdiv(geo["V"], launch.block_v), logits.shape[0])](
             logits, target, out, coef, grad.float().contiguous(),
             sgn=out.stride(0), sgc=out.stride(1), sgd=out.stride(2), sgh=out.stride(3), sgw=out.stride(4),
-            gamma_cross=gamma_cross, FLAT_G=_flat(out.stride()[2:], spatial),
-            BLOCK_C=block_c, BLOCK_V=block_v, num_warps=warps, **geo)
+            gamma_cross=gamma_cross, FLAT_G=_flat(out.stride()[2:], spatial), PACKED_G=_packed(out),
+            BLOCK_C=launch.block_c, BLOCK_V=launch.block_v, num_warps=launch.num_warps, **geo)
     return out
 
 
