@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 
 from expseg_fast.atomic import write_atomic
-from expseg_fast.data.demo import CLASS_NAMES
-from expseg_fast.train import TrainConfig, train
+from expseg_fast.data.demo import CLASS_NAMES, PAPER_SIZES
+from expseg_fast.data import preprocess_pair
+from expseg_fast.train import TrainConfig, dataset, train
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,18 @@ def _label_average(per_label: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def label_voxels(preset: Preset, runs: Path) -> list[float]:
+    """Mean voxel count of labels 1..19 per subject at the preset's training size (from the runs' cache)."""
+    config = config_for(CASES[0], 0, preset, runs)
+    pairs, label_map = dataset(config, Path(config.out))
+    totals = [0.0] * (len(CLASS_NAMES) - 1)
+    for pair in pairs:
+        labels = torch.from_numpy(preprocess_pair(pair, label_map, preset.size, runs / "cache").labels.astype("int64"))
+        counts = torch.bincount(labels.reshape(-1), minlength=len(CLASS_NAMES))[1:]
+        totals = [t + float(c) / len(pairs) for t, c in zip(totals, counts)]
+    return totals
+
+
 def collect(preset: Preset, runs: Path, cases=CASES) -> dict:
     """Every figure of the complete runs: per case, per split the last epoch's per-label Dice and the
     curve; across splits per-label and average mean ± std (in %)."""
@@ -188,18 +202,18 @@ def markdown(result: dict, header: str) -> str:
     keys = list(result["cases"])
     lines = [header, "", "Dice (mean ± std %, over the splits; each split: mean over its validation images at the "
              "last epoch). Each cell: **ours** / paper.", ""]
-    lines.append("| label (paper size %) | " + " | ".join(c["title"] for c in cases) + " |")
-    lines.append("|---|" + "---|" * len(cases))
-    from expseg_fast.data.demo import PAPER_SIZES
-
+    voxels = result.get("label_voxels")
+    lines.append("| label (paper size %) | voxels | " + " | ".join(c["title"] for c in cases) + " |")
+    lines.append("|---|---|" + "---|" * len(cases))
     for i, name in enumerate(result["labels"]):
         cells = [f"**{_cell(c['per_label'][i])}** / {_cell(c['paper']['labels'][i])}" for c in cases]
-        lines.append(f"| {i + 1}. {name} ({PAPER_SIZES[i]}) | " + " | ".join(cells) + " |")
+        count = f"{voxels[i]:.0f}" if voxels else "–"
+        lines.append(f"| {i + 1}. {name} ({PAPER_SIZES[i]}) | {count} | " + " | ".join(cells) + " |")
     cells = [f"**{_cell(c['average'])}** / {_cell(c['paper']['average'])}" for c in cases]
-    lines.append("| **average** | " + " | ".join(cells) + " |")
-    lines.append("| splits complete | " + " | ".join(str(len(c["splits"])) for c in cases) + " |")
-    ranking = sorted(keys, key=lambda k: -result["cases"][k]["average"][0]
-                     if math.isfinite(result["cases"][k]["average"][0]) else math.inf)
+    lines.append("| **average** | | " + " | ".join(cells) + " |")
+    lines.append("| splits complete | | " + " | ".join(str(len(c["splits"])) for c in cases) + " |")
+    ranking = sorted((k for k in keys if math.isfinite(result["cases"][k]["average"][0])),
+                     key=lambda k: -result["cases"][k]["average"][0])
     paper_rank = sorted(keys, key=lambda k: -result["cases"][k]["paper"]["average"][0])
     lines += ["", "Ordering by average, ours: " + " > ".join(result["cases"][k]["title"] for k in ranking),
               "", "Ordering by average, paper: " + " > ".join(result["cases"][k]["title"] for k in paper_rank), ""]
@@ -233,10 +247,20 @@ def plot_fig3(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _processor() -> str:
+    """The CPU's model name (Linux), else what platform reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def write_results(result: dict, preset_name: str, preset: Preset, out: Path, wall_seconds: float | None) -> None:
     """table1.md, table1.json and fig3.png under out (each written atomically)."""
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": torch.get_num_threads(), "torch": torch.__version__,
+    machine = {"platform": platform.platform(), "processor": _processor(), "cpus": os.cpu_count(),
+               "torch": torch.__version__,
                "device": torch.cuda.get_device_name() if preset.precision != "fp32" and torch.cuda.is_available()
                else "cpu"}
     run_seconds = sum(s["seconds"] for c in result["cases"].values() for s in c["splits"].values())
@@ -246,7 +270,7 @@ def write_results(result: dict, preset_name: str, preset: Preset, out: Path, wal
     full = {"meta": meta, **result}
     header = (f"# Table 1(b) reproduction, preset `{preset_name}` (synthetic demo dataset)\n\n"
               f"Settings: {json.dumps(asdict(preset))}; NAdam lr 1e-3, batch 1, rigid augmentation p 0.8, seed 0. "
-              f"Machine: {machine['processor']}, {machine['cpus']} threads, torch {machine['torch']}, "
+              f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
               f"{machine['device']}. Training time, all runs: {run_seconds / 3600:.2f} h.")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "table1.json", lambda tmp: Path(tmp).write_text(json.dumps(full, indent=1)), ".json")

@@ -88,7 +88,8 @@ def _device(config: TrainConfig) -> torch.device:
     return torch.device(config.device)
 
 
-def _dataset(config: TrainConfig, out: Path):
+def dataset(config: TrainConfig, out: Path):
+    """(pairs, label map) of a run writing to out: its data, or the demo dataset built once beside out."""
     if config.data is None:
         settings = demo.PRESETS[config.demo_preset]
         if config.limit_subjects:  # build only what is used
@@ -143,7 +144,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     torch.use_deterministic_algorithms(config.deterministic)
     if not main:
         distributed.barrier()  # the first process builds the demo data and the cache
-    pairs, label_map = _dataset(config, out)  # scanned before anything of the run is written
+    pairs, label_map = dataset(config, out)  # scanned before anything of the run is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
     num_labels = len(label_map.names)

@@ -41,6 +41,7 @@ def main(argv=None) -> None:
         except ValueError as error:
             sys.exit(f"error: {error}")
     result = table1.collect(preset, runs)
+    result["label_voxels"] = table1.label_voxels(preset, runs)
     table1.write_results(result, a.preset, preset, results, None if a.collect_only else time.perf_counter() - started)
     print(f"[table1] results: {results / 'table1.md'}, {results / 'table1.json'}, {results / 'fig3.png'}", flush=True)
 

@@ -121,6 +121,8 @@ def test_tiny_experiment_end_to_end_then_rerun_skips(tmp_path, monkeypatch, caps
             "--cases", TWO[0].key, TWO[1].key, "--splits", "1"]
     script.main(argv)
     saved = json.loads((tmp_path / "res" / "table1.json").read_text())
+    voxels = saved["label_voxels"]
+    assert len(voxels) == 19 and voxels[0] > voxels[7] > 0  # cerebral grey > accumbens, per subject at 32^3
     for case in TWO:
         assert list(saved["cases"][case.key]["splits"]) == ["1"]
         config = json.loads((table1.run_dir(tmp_path / "runs", case, 1) / "log.jsonl").read_text().splitlines()[0])
