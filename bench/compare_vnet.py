@@ -3,7 +3,8 @@
 python bench/compare_vnet.py [--device cpu|cuda] [--size N] [--repeats R] [--out DIR]
 Optimized = the Predictor with bf16 + channels-last + CUDA graph on a GPU; on the CPU, the fastest of
 fp32, fp32 channels-last and bf16 autocast, measured here per network. Peak memory: on CUDA the growth of
-max_memory_allocated over one forward; on the CPU the growth of the peak resident set over one forward,
+max_memory_allocated from building the predictor through two calls, less the weights and the input
+(a CUDA graph's capture and private pool included); on the CPU the growth of the peak resident set over one forward,
 measured in a fresh process (Linux: /proc/self/clear_refs resets the peak). Prints one markdown table (and writes it with a JSON to DIR).
 """
 
@@ -56,21 +57,25 @@ def latency_ms(network: str, device: str, setting: str, size: int, repeats: int,
 
 
 def peak_mib(network: str, device: str, setting: str, size: int, graph: bool) -> float:
+    """Peak memory of inference beyond the weights: on CUDA over building the predictor and two calls
+    (so a CUDA graph's capture and private pool count), on the CPU over one forward."""
     if device == "cpu":  # the peak resident set only grows: measure in a fresh process
         out = subprocess.run(
             [sys.executable, __file__, "--worker", network, setting, str(size)],
             check=True, capture_output=True, text=True,
         )
         return float(out.stdout.strip().splitlines()[-1])
-    predictor = build(network, device, setting, size, graph)
-    image = torch.randn(predictor.input_shape, device=device)
-    predictor.logits(image)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    predictor.logits(image)
+    predictor = build(network, device, setting, size, graph)
+    weights = sum(p.numel() * p.element_size() for p in predictor.model.parameters())
+    image = torch.randn(predictor.input_shape, device=device)
+    for _ in range(2):
+        predictor.logits(image)
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (torch.cuda.max_memory_allocated() - base - weights - image.numel() * image.element_size()) / 2**20
 
 
 def _worker(network: str, setting: str, size: int) -> None:
@@ -99,6 +104,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     size = args.size or (128 if args.device == "cuda" else 64)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms (all variants)
     if size % 16:
         parser.error(f"--size must be a multiple of 16 (V-Net halves four times), got {size}")
     rows = []

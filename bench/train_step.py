@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     size = args.size or (128 if args.device == "cuda" else 32)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes, as the trainer (every variant)
     rows = []
     for fusion, fuse in FUSIONS.items():
         for engine in (False, True):

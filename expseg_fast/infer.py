@@ -63,7 +63,8 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Raw network output (N, C, D, H, W) for `image` of input_shape."""
+        """Raw network output (N, C, D, H, W) for `image` of input_shape. With a CUDA graph this is the
+        graph's output buffer, overwritten by the next call: clone it to keep it."""
         if tuple(image.shape) != self.input_shape:
             raise ValueError(f"image must have the predictor's shape {self.input_shape}, got {tuple(image.shape)}")
         image = image.to(self.device, torch.float32)

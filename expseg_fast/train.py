@@ -142,6 +142,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     device = distributed.device_for(device)
     main = rank == 0  # only the first process writes
     torch.use_deterministic_algorithms(config.deterministic)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic  # fixed shapes
     if not main:
         distributed.barrier()  # the first process builds the demo data and the cache
     pairs, label_map = dataset(config, out)  # scanned before anything of the run is written
