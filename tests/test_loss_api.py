@@ -22,7 +22,7 @@ from expseg_fast.losses import (
     linear_dice_loss,
     log_dice_loss,
 )
-from helpers import make_logits, make_target, needs_triton_cpu, oracle_loss
+from helpers import make_logits, make_target, needs_triton_cpu, oracle_loss, use_backend, with_triton_designs
 
 BACKENDS = available_backends("cpu")
 
@@ -129,9 +129,10 @@ def test_labels_outside_range_raise(backend, bad_label):
         exp_log_loss(logits, target, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_triton_designs(BACKENDS))
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_logits_raise_and_without_validation_give_nan(backend, value):
+    backend = use_backend(backend)
     logits, target = inputs()
     logits[0, 3, 1, 1, 1] = value
     with pytest.raises(ValueError, match="logits: 1 voxels hold NaN or Inf"):
@@ -142,8 +143,10 @@ def test_non_finite_logits_raise_and_without_validation_give_nan(backend, value)
         assert torch.isnan(log_dice_loss(logits, target, backend=backend, validate=False))
 
 
-@pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=needs_triton_cpu)])
+@pytest.mark.parametrize("backend", ["native", *(pytest.param(b, marks=needs_triton_cpu)
+                                                  for b in with_triton_designs(["triton"]))])
 def test_fused_backends_ignore_out_of_range_labels_without_validation(backend):
+    backend = use_backend(backend)
     logits, target = inputs()
     bad = target.clone()
     bad[0, 0, 0, 0] = 99
