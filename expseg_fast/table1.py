@@ -261,8 +261,7 @@ def write_results(result: dict, preset_name: str, preset: Preset, out: Path, wal
     """table1.md, table1.json and fig3.png under out (each written atomically)."""
     machine = {"platform": platform.platform(), "processor": _processor(), "cpus": os.cpu_count(),
                "torch": torch.__version__,
-               "device": torch.cuda.get_device_name() if preset.precision != "fp32" and torch.cuda.is_available()
-               else "cpu"}
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     run_seconds = sum(s["seconds"] for c in result["cases"].values() for s in c["splits"].values())
     meta = {"preset": preset_name, "settings": asdict(preset), "machine": machine,
             "training_seconds_total": run_seconds, "wall_seconds_this_invocation": wall_seconds,

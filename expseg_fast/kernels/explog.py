@@ -61,13 +61,34 @@ def _voxel_offset(v, H, W, s_d, s_h, s_w, FLAT: tl.constexpr):
 
 
 @triton.jit
-def _label_offsets(n, c, v, C: tl.constexpr, H, W, sn, sc, sd, sh, sw, FLAT: tl.constexpr, PACKED: tl.constexpr):
-    """Offsets (BLOCK_C, BLOCK_V) of labels c at voxels v of sample n. PACKED: channels-last with the
-    C labels of a voxel adjacent (label stride 1, voxel stride C), where the constexpr C lets the
-    compiler prove alignment and load a voxel's labels in vectors."""
+def _sample_offsets(n, v, C: tl.constexpr, H, W, sn, sd, sh, sw, FLAT: tl.constexpr, PACKED: tl.constexpr):
+    """Offsets (BLOCK_V,) of label 0 at voxels v of sample n (label c is c label strides further).
+    PACKED: channels-last with the C labels of a voxel adjacent (label stride 1, voxel stride C), where
+    the constexpr C lets the compiler prove alignment and load a voxel's labels in vectors."""
     if PACKED:
-        return n * sn + (v.to(tl.int64) * C)[None, :] + c[:, None]
-    return n * sn + c[:, None].to(tl.int64) * sc + _voxel_offset(v, H, W, sd, sh, sw, FLAT)[None, :]
+        offs = n * sn + v.to(tl.int64) * C
+    else:
+        offs = n * sn + _voxel_offset(v, H, W, sd, sh, sw, FLAT)
+    return offs
+
+
+@triton.jit
+def _label_offsets(n, c, v, C: tl.constexpr, H, W, sn, sc, sd, sh, sw, FLAT: tl.constexpr, PACKED: tl.constexpr):
+    """Offsets (BLOCK_C, BLOCK_V) of labels c at voxels v of sample n."""
+    if PACKED:
+        rows = c[:, None]
+    else:
+        rows = c[:, None].to(tl.int64) * sc
+    return rows + _sample_offsets(n, v, C, H, W, sn, sd, sh, sw, FLAT, PACKED)[None, :]
+
+
+@triton.jit
+def _load_labels(lab_ptr, n, v, in_v, C: tl.constexpr, H, W, stn, std, sth, stw, FLAT_T: tl.constexpr):
+    """(label clamped to [0, C) for indexing, valid) of voxels v."""
+    lab = tl.load(lab_ptr + n * stn + _voxel_offset(v, H, W, std, sth, stw, FLAT_T), mask=in_v, other=-1)
+    lab = lab.to(tl.int32)
+    valid = in_v & (lab >= 0) & (lab < C)
+    return tl.where(valid, lab, -1), valid
 
 
 @triton.jit
@@ -83,10 +104,7 @@ def _tile_softmax(z_ptr, lab_ptr, n, v, C: tl.constexpr, V, H, W,
     c = tl.arange(0, BLOCK_C)
     in_c = c < C
     in_v = v < V
-    lab = tl.load(lab_ptr + n * stn + _voxel_offset(v, H, W, std, sth, stw, FLAT_T), mask=in_v, other=-1)
-    lab = lab.to(tl.int32)
-    valid = in_v & (lab >= 0) & (lab < C)
-    lab = tl.where(valid, lab, 0)
+    lab, valid = _load_labels(lab_ptr, n, v, in_v, C, H, W, stn, std, sth, stw, FLAT_T)
     offs = _label_offsets(n, c, v, C, H, W, szn, szc, szd, szh, szw, FLAT_Z, PACKED_Z)
     mask = in_c[:, None] & in_v[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -250,14 +268,6 @@ def _grad_kernel(z_ptr, lab_ptr, g_ptr, coef_ptr, gout_ptr, C: tl.constexpr, V, 
 
 
 @triton.jit
-def _voxel_ptrs(base, n, v, H, W, sn, sd, sh, sw, FLAT: tl.constexpr, PACKED: tl.constexpr, C: tl.constexpr):
-    """Pointers (BLOCK_V,) to label 0 of voxels v of sample n (label c is c label strides further)."""
-    if PACKED:
-        return base + n * sn + v.to(tl.int64) * C
-    return base + n * sn + _voxel_offset(v, H, W, sd, sh, sw, FLAT)
-
-
-@triton.jit
 def _rows_softmax(zp, szc, lab, in_v, C: tl.constexpr):
     """Passes 1 and 2 over the rows at zp (label stride szc): max m, arg max, the label's logit, a
     non-finite flag, s1 = sum_{j != arg} e_j and r = sum_{j != l} e_j with e_j = exp(z_j - m)."""
@@ -286,15 +296,6 @@ def _rows_softmax(zp, szc, lab, in_v, C: tl.constexpr):
 
 
 @triton.jit
-def _load_labels(lab_ptr, n, v, in_v, C: tl.constexpr, H, W, stn, std, sth, stw, FLAT_T: tl.constexpr):
-    """(label clamped to [0, C) for indexing, valid) of voxels v."""
-    lab = tl.load(lab_ptr + n * stn + _voxel_offset(v, H, W, std, sth, stw, FLAT_T), mask=in_v, other=-1)
-    lab = lab.to(tl.int32)
-    valid = in_v & (lab >= 0) & (lab < C)
-    return tl.where(valid, lab, -1), valid
-
-
-@triton.jit
 def _stats_rows_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C: tl.constexpr, V, H, W, n_tiles,
                        szn, szc, szd, szh, szw, stn, std, sth, stw, gamma_cross,
                        NEED_CROSS: tl.constexpr, DETERMINISTIC: tl.constexpr,
@@ -315,7 +316,7 @@ def _stats_rows_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C: tl.constexpr, V, H,
         v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         in_v = v < V
         lab, valid = _load_labels(lab_ptr, n, v, in_v, C, H, W, stn, std, sth, stw, FLAT_T)
-        zp = _voxel_ptrs(z_ptr, n, v, H, W, szn, szd, szh, szw, FLAT_Z, PACKED_Z, C)
+        zp = z_ptr + _sample_offsets(n, v, C, H, W, szn, szd, szh, szw, FLAT_Z, PACKED_Z)
         m, arg, z_lab, nonfinite, s1, r = _rows_softmax(zp, szc, lab, in_v, C)
         vf = valid.to(tl.float32)
         pv = vf / (1.0 + s1)
@@ -352,7 +353,7 @@ def _grad_rows_kernel(z_ptr, lab_ptr, g_ptr, coef_ptr, gout_ptr, C: tl.constexpr
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     in_v = v < V
     lab, valid = _load_labels(lab_ptr, n, v, in_v, C, H, W, stn, std, sth, stw, FLAT_T)
-    zp = _voxel_ptrs(z_ptr, n, v, H, W, szn, szd, szh, szw, FLAT_Z, PACKED_Z, C)
+    zp = z_ptr + _sample_offsets(n, v, C, H, W, szn, szd, szh, szw, FLAT_Z, PACKED_Z)
     m, arg, z_lab, nonfinite, s1, r = _rows_softmax(zp, szc, lab, in_v, C)
     scale = tl.load(gout_ptr).to(tl.float32)
     coef = coef_ptr + n * 3 * C
@@ -382,7 +383,7 @@ def _grad_rows_kernel(z_ptr, lab_ptr, g_ptr, coef_ptr, gout_ptr, C: tl.constexpr
     tg_miss = tg * tl.where(t_pos, r * inv_s / safe_t, 1.0)
     tg_pos = tl.where(t_pos, tg, 0.0) / safe_t
     row = zp
-    gp = _voxel_ptrs(g_ptr, n, v, H, W, sgn, sgd, sgh, sgw, FLAT_G, PACKED_G, C)
+    gp = g_ptr + _sample_offsets(n, v, C, H, W, sgn, sgd, sgh, sgw, FLAT_G, PACKED_G)
     for c in tl.static_range(C):
         p = tl.exp(tl.load(row, mask=in_v, other=0.0).to(tl.float32) - m) * inv_s
         diff = tl.where(arg == c, 0.0, tl.load(coef + c) - tl.where(lab == c, tl.load(coef + C + c), 0.0) - g_star)
