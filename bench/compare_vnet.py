@@ -1,11 +1,15 @@
-"""Our network vs V-Net: parameters, forward latency per volume and peak memory, eager fp32 vs optimized.
+"""Our network vs V-Net: parameters, forward latency per volume, peak memory and bf16 agreement with fp32.
 
 python bench/compare_vnet.py [--device cpu|cuda] [--size N] [--repeats R] [--out DIR]
-Optimized = the Predictor with bf16 + channels-last + CUDA graph on a GPU; on the CPU, the fastest of
-fp32, fp32 channels-last and bf16 autocast, measured here per network. Peak memory: on CUDA the growth of
-max_memory_allocated from building the predictor through two calls, less the weights and the input
-(a CUDA graph's capture and private pool included); on the CPU the growth of the peak resident set over one forward,
-measured in a fresh process (Linux: /proc/self/clear_refs resets the peak). Prints one markdown table (and writes it with a JSON to DIR).
+Variants, same run, same weights: eager fp32 (the baseline), bf16 autocast, bf16 + channels-last, and
+on CUDA the Predictor (bf16 + channels-last + CUDA graph). Each reduced-precision variant's prediction
+is compared with fp32's on the same input (argmax agreement %, max softmax difference, relative L2 error
+of the logits): one cuDNN release computes bf16 conv3d wrongly (PyTorch issue 163539), so the fast path
+proves itself on the card it is timed on. Peak memory: on CUDA the growth of max_memory_allocated from
+building the predictor through two calls, less the weights and the input (a CUDA graph's capture and
+private pool included); on the CPU the growth of the peak resident set over one forward, measured in a
+fresh process (Linux: /proc/self/clear_refs resets the peak). Prints one markdown table (and writes it
+with a JSON to DIR).
 """
 
 from __future__ import annotations
@@ -24,24 +28,45 @@ from expseg_fast.infer import Predictor
 from expseg_fast.models import ExpLogNet, NetConfig, VNet, count_parameters
 
 NETWORKS = {"ours": lambda: ExpLogNet(NetConfig(num_labels=20)), "vnet": lambda: VNet(num_labels=20)}
-SETTINGS = {  # name -> (precision, channels_last)
-    "fp32": ("fp32", False),
-    "fp32-cl": ("fp32", True),
-    "bf16-cl": ("bf16", True),
+VARIANTS = {  # name -> (precision, channels_last, CUDA graph)
+    "eager fp32": ("fp32", False, False),
+    "bf16 autocast": ("bf16", False, False),
+    "bf16 + channels-last": ("bf16", True, False),
+    "Predictor (bf16 + channels-last + CUDA graph)": ("bf16", True, True),
 }
+BASELINE = "eager fp32"
 
 
-def build(network: str, device: str, setting: str, size: int, graph: bool) -> Predictor:
-    """The Predictor of a freshly seeded network for one (size^3) volume in one setting."""
+def variants_for(device: str) -> list[str]:
+    """The variants that exist on a device (a CUDA graph needs CUDA)."""
+    return [v for v, (_, _, graph) in VARIANTS.items() if device == "cuda" or not graph]
+
+
+def build(network: str, device: str, variant: str, size: int) -> Predictor:
+    """The Predictor of a freshly seeded network (the same weights for every variant) for one size^3 volume."""
     torch.manual_seed(0)
     model = NETWORKS[network]().to(device).eval()
-    precision, channels_last = SETTINGS[setting]
+    precision, channels_last, graph = VARIANTS[variant]
     shape = (1, 1, size, size, size)
     return Predictor(model, shape, precision=precision, channels_last=channels_last, cuda_graph=graph)
 
 
-def latency_ms(network: str, device: str, setting: str, size: int, repeats: int, graph: bool) -> float:
-    predictor = build(network, device, setting, size, graph)
+def agreement(network: str, device: str, variant: str, size: int) -> dict:
+    """How far a variant's prediction is from eager fp32's on the same input."""
+    image = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    outputs = {}
+    for name in (BASELINE, variant):
+        predictor = build(network, device, name, size)
+        logits = predictor.logits(image).float().clone()
+        outputs[name] = (logits, logits.argmax(1), torch.softmax(logits, 1))
+    (z0, a0, p0), (z1, a1, p1) = outputs[BASELINE], outputs[variant]
+    return {"argmax_agreement_pct": 100 * float((a0 == a1).float().mean()),
+            "max_prob_diff": float((p0 - p1).abs().max()),
+            "logits_rel_err": float((z1 - z0).norm() / z0.norm())}
+
+
+def latency_ms(network: str, device: str, variant: str, size: int, repeats: int) -> float:
+    predictor = build(network, device, variant, size)
     image = torch.randn(predictor.input_shape, device=device)
     times = []
     for i in range(repeats + 2):  # two warm-ups (graph capture, autotuning)
@@ -56,12 +81,12 @@ def latency_ms(network: str, device: str, setting: str, size: int, repeats: int,
     return statistics.median(times)
 
 
-def peak_mib(network: str, device: str, setting: str, size: int, graph: bool) -> float:
+def peak_mib(network: str, device: str, variant: str, size: int) -> float:
     """Peak memory of inference beyond the weights: on CUDA over building the predictor and two calls
     (so a CUDA graph's capture and private pool count), on the CPU over one forward."""
     if device == "cpu":  # the peak resident set only grows: measure in a fresh process
         out = subprocess.run(
-            [sys.executable, __file__, "--worker", network, setting, str(size)],
+            [sys.executable, __file__, "--worker", network, variant, str(size)],
             check=True, capture_output=True, text=True,
         )
         return float(out.stdout.strip().splitlines()[-1])
@@ -69,7 +94,7 @@ def peak_mib(network: str, device: str, setting: str, size: int, graph: bool) ->
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    predictor = build(network, device, setting, size, graph)
+    predictor = build(network, device, variant, size)
     weights = sum(p.numel() * p.element_size() for p in predictor.model.parameters())
     image = torch.randn(predictor.input_shape, device=device)
     for _ in range(2):
@@ -78,8 +103,8 @@ def peak_mib(network: str, device: str, setting: str, size: int, graph: bool) ->
     return (torch.cuda.max_memory_allocated() - base - weights - image.numel() * image.element_size()) / 2**20
 
 
-def _worker(network: str, setting: str, size: int) -> None:
-    predictor = build(network, "cpu", setting, size, graph=False)
+def _worker(network: str, variant: str, size: int) -> None:
+    predictor = build(network, "cpu", variant, size)
     image = torch.randn(predictor.input_shape)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to now
     before = _status_kib("VmRSS")
@@ -111,16 +136,13 @@ def main() -> None:
     rows = []
     for network in NETWORKS:
         params = count_parameters(NETWORKS[network]())
-        if args.device == "cuda":
-            variants = {"eager fp32": ("fp32", False), "bf16 + channels-last + CUDA graph": ("bf16-cl", True)}
-        else:
-            timed = {s: latency_ms(network, "cpu", s, size, args.repeats, False) for s in SETTINGS}
-            fastest = min(timed, key=timed.get)
-            variants = {"eager fp32": ("fp32", False), f"fastest CPU setting ({fastest})": (fastest, False)}
-        for label, (setting, graph) in variants.items():
-            ms = latency_ms(network, args.device, setting, size, args.repeats, graph)
-            mib = peak_mib(network, args.device, setting, size, graph)
-            rows.append({"network": network, "variant": label, "params": params, "ms": ms, "peak_MiB": mib})
+        for variant in variants_for(args.device):
+            row = {"network": network, "variant": variant, "params": params,
+                   "ms": latency_ms(network, args.device, variant, size, args.repeats),
+                   "peak_MiB": peak_mib(network, args.device, variant, size)}
+            if variant != BASELINE:
+                row.update(agreement(network, args.device, variant, size))
+            rows.append(row)
             print(rows[-1], flush=True)
     table = markdown(rows, args.device, size)
     print(table)
@@ -132,19 +154,28 @@ def main() -> None:
 
 def markdown(rows: list[dict], device: str, size: int) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    versions = f"torch {torch.__version__}"
+    if device == "cuda":
+        versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     lines = [
-        f"Forward per volume at {size}^3, batch 1, {name}, torch {torch.__version__}",
+        f"Forward per volume at {size}^3, batch 1, {name}, {versions}",
         "",
-        "| network | variant | parameters | ms (median) | peak MiB |",
-        "|---|---|---|---|---|",
+        "| network | variant | parameters | ms (median) | x faster than eager fp32 | peak MiB | argmax = fp32 % | "
+        "max softmax diff | logits rel err |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['network']} | {r['variant']} | {r['params'] / 1e6:.2f} M | {r['ms']:.1f} | {r['peak_MiB']:.0f} |" for r in rows]
-    ours = {r["variant"].split(" (")[0]: r for r in rows if r["network"] == "ours"}
-    vnet = {r["variant"].split(" (")[0]: r for r in rows if r["network"] == "vnet"}
+    base = {r["network"]: r for r in rows if r["variant"] == BASELINE}
+    for r in rows:
+        agree = (f"{r['argmax_agreement_pct']:.2f} | {r['max_prob_diff']:.1e} | {r['logits_rel_err']:.1e}"
+                 if "argmax_agreement_pct" in r else "- | - | -")
+        lines.append(f"| {r['network']} | {r['variant']} | {r['params'] / 1e6:.2f} M | {r['ms']:.2f} | "
+                     f"{base[r['network']]['ms'] / r['ms']:.2f} | {r['peak_MiB']:.0f} | {agree} |")
+    ours = {r["variant"]: r for r in rows if r["network"] == "ours"}
+    vnet = {r["variant"]: r for r in rows if r["network"] == "vnet"}
     lines.append("")
     for variant, r in ours.items():
         lines.append(f"- {variant}: V-Net / ours latency {vnet[variant]['ms'] / r['ms']:.2f}x")
-    lines.append(f"- parameters V-Net / ours: {rows[-1]['params'] / rows[0]['params']:.1f}x")
+    lines.append(f"- parameters V-Net / ours: {vnet[BASELINE]['params'] / ours[BASELINE]['params']:.1f}x")
     return "\n".join(lines) + "\n"
 
 

@@ -1,20 +1,24 @@
 """GPU benchmark of the loss: forward + backward at (1, 20, 128^3), every backend, same run, same card.
 
-python bench/gpu_loss.py --out DIR
+python bench/gpu_loss.py --out DIR [--smoke]
 Measures the device-to-device copy bandwidth (the DRAM ceiling), then for fp32 and bf16 logits in both
 layouts: median time (triton.testing.do_bench) and peak extra memory of forward + backward for the
 eager reference, torch.compile(reference) (bf16 only: compiles cost device time), the native CUDA op
 and the Triton kernels. First, per layout (bf16), the forward and backward phases alone: the native op
 and each Triton design x launch configuration (checked against the native op); the fastest per kernel
 is then used for the end-to-end rows. Writes gpu_loss.json and gpu_loss.md (card, driver, torch and
-Triton versions) to DIR.
+Triton versions) to DIR. --smoke runs the same code on the CPU (Triton interpreter, a tiny shape,
+wall-clock timing, no compile variant): the GPU suite's CI rehearsal, whose figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,15 +35,29 @@ SPEC = LossSpec()
 
 
 def environment() -> dict:
-    smi = subprocess.run(
+    smi = "cpu (smoke)" if DEVICE == "cpu" else subprocess.run(
         ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
     ).stdout.strip()
     return {"card": smi, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
 
 
+def wall_clock_ms(fn, **_) -> float:
+    """do_bench's stand-in on the CPU: one call, wall clock."""
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def smoke() -> None:
+    """Switches the module to the CPU rehearsal: interpreter, tiny shape, two configurations."""
+    global DEVICE, SHAPE, SWEEP, do_bench
+    DEVICE, SHAPE, do_bench = "cpu", (1, 5, 4, 5, 6), wall_clock_ms
+    SWEEP = {"tiles": ((64, 2),), "rows": ((128, 1),)}
+
+
 def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy."""
-    x = torch.randn(2**29, device="cuda")
+    """Bytes read + written per second by a 2 GiB device-to-device copy (2 MiB in the rehearsal)."""
+    x = torch.randn(2**29 if DEVICE == "cuda" else 2**19, device=DEVICE)
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)
@@ -73,6 +91,8 @@ def measure(variant: str, dtype: torch.dtype, channels_last: bool, rep: int = 20
         fn(logits, target, weights).backward()
 
     step()  # compile / load
+    if DEVICE == "cpu":  # the rehearsal: no device memory to measure
+        return {"ms": do_bench(step), "peak_extra_bytes": float("nan"), "grad": logits.grad.float()}
     torch.cuda.synchronize()
     ms = do_bench(step, warmup=25, rep=rep, return_mode="median")
     logits.grad = None
@@ -152,9 +172,14 @@ def best(rows: list[dict], error_key: str, tolerance: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="the CPU rehearsal (interpreter, tiny shape)")
     args = parser.parse_args()
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":  # Triton reads it at import: start again
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
+    if args.smoke:
+        smoke()
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     bandwidth = copy_bandwidth()
@@ -171,7 +196,8 @@ def main() -> None:
                 results["tuning"][key] = {**phases, "chosen": chosen}
                 chosen_by_layout[channels_last] = chosen
             triton_explog.TUNING.update(chosen_by_layout[channels_last])
-            variants = ["eager", "native", "triton"] + (["compile"] if dtype == torch.bfloat16 else [])
+            compile_too = dtype == torch.bfloat16 and DEVICE == "cuda"  # compiles cost time
+            variants = ["eager", "native", "triton"] + (["compile"] if compile_too else [])
             measured = {v: measure(v, dtype, channels_last) for v in variants}
             triton_explog.TUNING.update(stats=None, grad=None)
             ref = measured["eager"]["grad"]

@@ -1,47 +1,99 @@
 #!/usr/bin/env bash
-# The GPU suite: one device call (under 8 minutes) on a fresh GPU machine. Builds the CUDA extension,
-# runs the CUDA-marked tests, benchmarks the loss backends against the
-# eager reference and torch.compile in the same run, compares our network with V-Net (eager fp32 vs
-# bf16 + channels-last + CUDA graph), measures a training step's time and peak memory (eager fp32 vs the
-# engine, both deep-supervision settings, and under a 12 GB cap), and writes logs, JSON and markdown
-# tables to $OUT.
-# Usage (from the repository root): OUT=/some/dir bash bench/gpu_suite.sh
-# Pure-Python wheels missing on the machine may be carried in .whl/ (see bench/README.md).
+# The GPU suite: the engine measured on a fresh GPU machine, in few device calls (bench/README.md has the
+# plan for a 15-minute window). Builds the CUDA extension, then runs the chosen parts, each under its own
+# time limit so that one slow part cannot starve the others:
+#   tests      the CUDA-marked tests
+#   inference  bench/compare_vnet.py: ours vs V-Net, eager fp32 / bf16 / bf16 + channels-last / CUDA graph
+#   train_step bench/train_step.py: eager fp32 vs the engine, time and peak memory, the 12 GB cap
+#   loss       bench/gpu_loss.py: every loss backend and Triton design, bf16 and fp32, both layouts
+#   paper      the paper preset of Table 1 on split 0 (scripts/reproduce_table1.py), cases concurrently
+#              on the card, with the epoch profile (data / augment / step / validation / report seconds)
+# Usage (from the repository root):
+#   OUT=/some/dir bash bench/gpu_suite.sh [PART ...]        default: inference train_step loss paper
+#   OUT=/some/dir bash bench/gpu_suite.sh --smoke [PART ...] the CPU rehearsal that CI runs: the same
+#       scripts at tiny sizes, Triton under the interpreter, the tests only collected, Table 1's `smoke`
+#       preset (one epoch of two subjects at 32^3). Its figures mean nothing; it proves the calls work.
+# Environment: LIMIT_<PART> (seconds) overrides a part's limit; PAPER_CASES the Table 1 cases of the
+# paper part (default all seven; L_Exp(0.3) first); SUITE_TESTS the test selection of `tests`.
+# Everything lands in $OUT/suite.tar.gz (re-packed after every part, so a call stopped at its limit keeps
+# what it measured) and $OUT/summary.md, which is also printed last. The device returns at most 8 files.
+# Pure-Python wheels the GPU machine lacks travel in .whl/ (bench/fetch_wheels.sh fetches them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
+PARTS="${*:-inference train_step loss paper}"
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
+STAGE="$(mktemp -d)"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .whl ] && ! python3 -c "import mpmath, nibabel" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/card.txt"
 
-start=$(date +%s)
-if ! MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 EXPSEG_FAST_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
-  exit 1
-fi
-echo "build: $(( $(date +%s) - start )) s"
-
-# Each step has its own time limit (seconds), so one slow step cannot keep the later ones, and the
-# call, from running: the whole stays under 8 minutes after the build.
-step() {  # step NAME LIMIT COMMAND...: runs COMMAND with a time limit, logs to $OUT/NAME.log
+pack() {  # everything measured so far -> $OUT/suite.tar.gz and $OUT/summary.md
+  tar czf "$OUT/suite.tar.gz.tmp" -C "$STAGE" . && mv "$OUT/suite.tar.gz.tmp" "$OUT/suite.tar.gz"
+  cat "$STAGE/card.txt" "$STAGE"/*.md "$STAGE"/table1-*/table1.md "$STAGE/steps.txt" > "$OUT/summary.md" 2> /dev/null
+}
+step() {  # step NAME LIMIT COMMAND...: runs COMMAND under a time limit, logs to $STAGE/NAME.log
   local name=$1 limit=$2 begin rc
   shift 2
   begin=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$STAGE/$name.log" 2>&1
   rc=$?
-  tail -25 "$OUT/$name.log"
-  echo "== $name: $(( $(date +%s) - begin )) s, exit $rc$([ "$rc" = 124 ] && echo ' (time limit)')"
+  tail -15 "$STAGE/$name.log"
+  echo "== $name: $(( $(date +%s) - begin )) s, exit $rc$([ "$rc" = 124 ] && echo ' (time limit)')" | tee -a "$STAGE/steps.txt"
+  pack
   return "$rc"
 }
-# SUITE_TESTS narrows or widens the tests (default: the CUDA-marked ones; CI runs the others).
-step pytest 150 python3 -m pytest ${SUITE_TESTS:-tests bench -m cuda} -q -p no:cacheprovider --maxfail=20
-tests_rc=$?
-step compare_vnet 60 python3 bench/compare_vnet.py --device cuda --out "$OUT"
-step train_step 75 python3 bench/train_step.py --device cuda --out "$OUT"
-step gpu_loss 150 python3 bench/gpu_loss.py --out "$OUT"
-exit "$tests_rc"
+limit() {  # limit PART DEFAULT: the part's time limit in seconds
+  local var="LIMIT_${1^^}"
+  echo "${!var:-$2}"
+}
+
+if [ "$SMOKE" = 1 ]; then
+  DEVICE=cpu; PRESET=smoke
+  echo "cpu (smoke rehearsal: figures mean nothing)" > "$STAGE/card.txt"
+else
+  DEVICE=cuda; PRESET=paper
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$STAGE/card.txt"
+fi
+python3 -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN',
+torch.backends.cudnn.version(), 'triton', triton.__version__)" >> "$STAGE/card.txt"
+cat "$STAGE/card.txt"
+
+start=$(date +%s)
+if [ "$SMOKE" = 1 ]; then  # CI built the CPU extension; the rehearsal checks it loads
+  python3 -c "import expseg_fast._C" > "$STAGE/build.log" 2>&1
+else
+  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 EXPSEG_FAST_CUDA=1 python3 setup.py build_ext --inplace > "$STAGE/build.log" 2>&1
+fi || { tail -40 "$STAGE/build.log"; pack; exit 1; }
+echo "== build: $(( $(date +%s) - start )) s" | tee -a "$STAGE/steps.txt"
+
+rc=0
+for part in $PARTS; do
+  case "$part" in
+    tests)
+      if [ "$SMOKE" = 1 ]; then selection=(--collect-only); else selection=(--maxfail=20); fi
+      step tests "$(limit tests 150)" python3 -m pytest ${SUITE_TESTS:-tests bench} -m cuda -q -p no:cacheprovider \
+        "${selection[@]}" || rc=1 ;;
+    inference)
+      size=$([ "$SMOKE" = 1 ] && echo "--size 16 --repeats 1" || echo "--size 128")
+      step inference "$(limit inference 120)" python3 bench/compare_vnet.py --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
+    train_step)
+      size=$([ "$SMOKE" = 1 ] && echo "--size 32 --repeats 1" || echo "--size 128")  # 16^3: bench/NOTES.md
+      step train_step "$(limit train_step 150)" python3 bench/train_step.py --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
+    loss)
+      smoke=$([ "$SMOKE" = 1 ] && echo "--smoke")
+      step loss "$(limit loss 150)" python3 bench/gpu_loss.py $smoke --out "$STAGE" || rc=1 ;;
+    paper)
+      step paper "$(limit paper 330)" bash bench/paper_run.sh "$PRESET" "$(( $(limit paper 330) - 10 ))" "$STAGE" || rc=1 ;;
+    *)
+      echo "unknown part '$part' (tests, inference, train_step, loss, paper)"; rc=2 ;;
+  esac
+done
+pack
+echo "== total: $(( $(date +%s) - start )) s after the start of the build"
+cat "$OUT/summary.md"
+exit "$rc"

@@ -6,10 +6,6 @@ bf16 + channels-last + CUDA graph. The one-table comparison is bench/compare_vne
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -57,13 +53,3 @@ def test_forward_cuda(benchmark, network, setting):
     optimized = setting == "bf16-cl-graph"
     _bench(benchmark, network, "cuda", size, "bf16" if optimized else "fp32", optimized, graph=optimized)
 
-
-def test_compare_vnet_script_prints_the_table(benchmark):
-    """Smoke run of bench/compare_vnet.py on a tiny CPU size (not timed)."""
-    script = Path(__file__).parent / "compare_vnet.py"
-    out = subprocess.run(
-        [sys.executable, str(script), "--device", "cpu", "--size", "16", "--repeats", "1"],
-        check=True, capture_output=True, text=True, timeout=600,
-    ).stdout
-    assert "| ours | eager fp32 | 4.81 M |" in out and "parameters V-Net / ours: 13.5x" in out
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)

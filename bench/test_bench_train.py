@@ -12,7 +12,10 @@ from train_step import step_fn
 
 @pytest.mark.parametrize("engine", [False, True], ids=["eager-fp32-reference", "engine"])
 def test_train_step_cpu(benchmark, engine):
-    size = 16 if benchmark.disabled else 32
+    # 32^3 even as a smoke test: at 16^3 the bottom level is 2^3, where the CPU's bf16 conv3d weight
+    # gradient (oneDNN 3.12, torch 2.13, channels-last input with a contiguous output gradient) reads
+    # uninitialised memory: results differ between identical calls and are sometimes NaN (bench/NOTES.md)
+    size = 32
     benchmark.group = f"train-step-cpu-{size}^3"
     torch.manual_seed(0)
     model = ExpLogNet(NetConfig(num_labels=20))

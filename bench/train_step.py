@@ -4,12 +4,15 @@ python bench/train_step.py [--device cuda|cpu] [--size 128] [--out DIR]
 Variants, same run: the eager fp32 baseline with the reference loss, and the engine (bf16 autocast,
 channels-last, fused loss: the auto backend), each with the paper's deep supervision (levels 0-2) and
 with the 192-channel level fused too; on CUDA the engine is also run under a 12 GB cap
-(torch.cuda.set_per_process_memory_fraction) to show it fits a 12 GB card. Writes train_step.json/.md.
+(torch.cuda.set_per_process_memory_fraction) to show it fits a 12 GB card, and the largest cube edge
+that trains under that cap with all four levels fused is searched (steps of 16 from --size up to
+--max-size). Writes train_step.json/.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -21,6 +24,28 @@ from expseg_fast.losses import exp_log_loss
 from expseg_fast.models import ExpLogNet, NetConfig
 
 FUSIONS = {"paper (24, 48, 96)": (0, 1, 2), "full (24, 48, 96, 192)": (0, 1, 2, 3)}
+CAP_BYTES = 12 * 2**30  # a 12 GB card
+
+
+def largest_fitting(sizes, fits) -> int | None:
+    """The last of the increasing sizes for which fits(size) holds, stopping at the first that does not."""
+    found = None
+    for size in sizes:
+        if not fits(size):
+            break
+        found = size
+    return found
+
+
+def fits_under_cap(size: int, fuse: tuple[int, ...]) -> bool:
+    """Whether the engine's training step at size^3 runs under the 12 GB cap (CUDA)."""
+    try:
+        measure("cuda", size, fuse, True, repeats=1)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
 
 
 def step_fn(model, optimizer, image, target, engine: bool):
@@ -69,41 +94,73 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--size", type=int, default=None, help="cube edge (default 128 on CUDA, 32 on the CPU)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-size", type=int, default=256, help="largest edge tried under the 12 GB cap (CUDA)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     size = args.size or (128 if args.device == "cuda" else 32)
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes, as the trainer (every variant)
-    rows = []
+    rows: list[dict] = []
     for fusion, fuse in FUSIONS.items():
         for engine in (False, True):
             row = {"fusion": fusion, "variant": "engine (bf16, channels-last, fused loss)" if engine else "eager fp32, reference loss"}
             row.update(measure(args.device, size, fuse, engine, args.repeats))
             rows.append(row)
-            print(row, flush=True)
+            write(rows, args.device, size, args.out)
         if args.device == "cuda":  # the engine on an emulated 12 GB card
-            fraction = 12 * 2**30 / torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(fraction)
-            torch.cuda.empty_cache()
-            try:
+            with memory_cap():
                 row = {"fusion": fusion, "variant": "engine under a 12 GB cap"}
-                row.update(measure(args.device, size, fuse, True, args.repeats))
-            except torch.OutOfMemoryError:
-                row.update(ms=float("nan"), peak_GiB=float("inf"))
-            finally:
-                torch.cuda.set_per_process_memory_fraction(1.0)
+                try:
+                    row.update(measure(args.device, size, fuse, True, args.repeats))
+                except torch.OutOfMemoryError:
+                    row.update(ms=float("nan"), peak_GiB=float("inf"))
             rows.append(row)
-            print(row, flush=True)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+            write(rows, args.device, size, args.out)
+    if args.device == "cuda":  # last: a search stopped by the suite's time limit loses nothing else
+        full = FUSIONS["full (24, 48, 96, 192)"]
+        with memory_cap():
+            edge = largest_fitting(range(size, args.max_size + 1, 16), lambda e: fits_under_cap(e, full))
+        rows.append({"fusion": "full (24, 48, 96, 192)", "variant": "largest edge under a 12 GB cap", "edge": edge})
+        write(rows, args.device, size, args.out)
+    print(markdown(rows, args.device, size))
+
+
+@contextlib.contextmanager
+def memory_cap():
+    """The CUDA caching allocator limited to CAP_BYTES of this card."""
+    torch.cuda.set_per_process_memory_fraction(CAP_BYTES / torch.cuda.get_device_properties(0).total_memory)
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def markdown(rows: list[dict], device: str, size: int) -> str:
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    timed = [r for r in rows if "ms" in r]
     lines = [f"Training step at {size}^3, batch 1, {name}, torch {torch.__version__}", "",
              "| deep supervision | variant | ms (median) | peak GiB |", "|---|---|---|---|"]
-    lines += [f"| {r['fusion']} | {r['variant']} | {r['ms']:.1f} | {r['peak_GiB']:.2f} |" for r in rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "train_step.md").write_text(table)
-        (args.out / "train_step.json").write_text(json.dumps(rows, indent=2))
+    lines += [f"| {r['fusion']} | {r['variant']} | {r['ms']:.1f} | {r['peak_GiB']:.2f} |" for r in timed]
+    base = {r["fusion"]: r for r in timed if r["variant"].startswith("eager")}
+    lines.append("")
+    for r in rows:
+        if r["variant"].startswith("engine ("):
+            b = base[r["fusion"]]
+            lines.append(f"- {r['fusion']}: engine {b['ms'] / r['ms']:.2f}x faster than eager fp32"
+                         + (f", {b['peak_GiB'] / r['peak_GiB']:.2f}x less memory" if device == "cuda" else ""))
+        if "edge" in r:
+            lines.append(f"- largest cube edge (steps of 16) that trains under 12 GB with all four levels fused: {r['edge']}")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict], device: str, size: int, out: Path | None) -> None:
+    """Prints the newest row; writes the table and JSON so far (a run stopped at a time limit keeps them)."""
+    print(rows[-1], flush=True)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_step.md").write_text(markdown(rows, device, size))
+        (out / "train_step.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

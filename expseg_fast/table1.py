@@ -51,7 +51,8 @@ CASES = (
 
 @dataclass(frozen=True)
 class Preset:
-    """Training settings shared by every case. Widths: ours (paper 24) and V-Net (original 16)."""
+    """Training settings shared by every case. Widths: ours (paper 24) and V-Net (original 16);
+    subjects: use only the first N of the demo dataset (None: all 43)."""
 
     demo: str
     size: int
@@ -61,6 +62,7 @@ class Preset:
     splits: int
     precision: str
     channels_last: bool
+    subjects: int | None = None
 
 
 PRESETS = {
@@ -68,6 +70,8 @@ PRESETS = {
     "paper": Preset("paper", 128, 24, 16, 100, 5, "bf16", True),
     # this 2-core CPU in about 2.5 hours: 32^3 of the tight-field-of-view demo, both widths halved, 32 epochs
     "cpu": Preset("cpu", 32, 12, 8, 32, 5, "fp32", False),
+    # the GPU suite's CI rehearsal (bench/gpu_suite.sh --smoke): one epoch of two subjects; its figures mean nothing
+    "smoke": Preset("cpu", 32, 4, 4, 1, 5, "fp32", False, subjects=2),
 }
 
 # Paper Table 1(b): per case, (mean, std) % for labels 1..19, then the average.
@@ -107,6 +111,7 @@ def config_for(case: Case, split: int, preset: Preset, runs: Path) -> TrainConfi
         width=preset.width_vnet if case.model == "vnet" else preset.width_ours, loss=case.loss,
         gamma_dice=case.gamma, gamma_cross=case.gamma, w_dice=0.8, w_cross=0.2, epochs=preset.epochs,
         precision=preset.precision, channels_last=preset.channels_last, seed=0, splits=preset.splits, split=split,
+        limit_subjects=preset.subjects,
     )
 
 
@@ -162,17 +167,18 @@ def label_voxels(preset: Preset, runs: Path) -> list[float]:
     return totals
 
 
-def collect(preset: Preset, runs: Path, cases=CASES) -> dict:
-    """Every figure of the complete runs: per case, per split the last epoch's per-label Dice and the
-    curve; across splits per-label and average mean ± std (in %)."""
-    result = {"labels": list(CLASS_NAMES[1:]), "cases": {}}
+def collect(preset: Preset, runs: Path, cases=CASES, partial: bool = False) -> dict:
+    """Every figure of the complete runs (with partial, of every run with an epoch, its "epochs" saying
+    how far it got): per case, per split the last epoch's per-label Dice and the curve; across splits
+    per-label and average mean ± std (in %)."""
+    result = {"labels": list(CLASS_NAMES[1:]), "cases": {}, "epochs": preset.epochs}
     for case in cases:
         splits = {}
         for split in range(preset.splits):
             path = run_dir(runs, case, split)
-            if not is_complete(path, preset.epochs):
-                continue
             records = read_log(path)
+            if not (is_complete(path, preset.epochs) or partial and records):
+                continue
             last = records[-1]
             per_label = [100 * v for v in last["val_dice_per_label"]]
             splits[split] = {
@@ -181,6 +187,7 @@ def collect(preset: Preset, runs: Path, cases=CASES) -> dict:
                 "curve": [100 * _label_average(r["val_dice_per_label"]) for r in records],
                 "train_loss": [r["train_loss"] for r in records],
                 "seconds": sum(r["seconds"] for r in records),
+                "epochs": len(records),
             }
         per_label = [_mean_std([s["per_label"][i] for s in splits.values()]) for i in range(len(CLASS_NAMES) - 1)]
         result["cases"][case.key] = {
@@ -211,7 +218,9 @@ def markdown(result: dict, header: str) -> str:
         lines.append(f"| {i + 1}. {name} ({PAPER_SIZES[i]}) | {count} | " + " | ".join(cells) + " |")
     cells = [f"**{_cell(c['average'])}** / {_cell(c['paper']['average'])}" for c in cases]
     lines.append("| **average** | | " + " | ".join(cells) + " |")
-    lines.append("| splits complete | | " + " | ".join(str(len(c["splits"])) for c in cases) + " |")
+    lines.append("| splits | | " + " | ".join(str(len(c["splits"])) for c in cases) + " |")
+    lines.append("| epochs run, of " + str(result.get("epochs", "?")) + " | | "
+                 + " | ".join(",".join(str(s["epochs"]) for s in c["splits"].values()) or "–" for c in cases) + " |")
     ranking = sorted((k for k in keys if math.isfinite(result["cases"][k]["average"][0])),
                      key=lambda k: -result["cases"][k]["average"][0])
     paper_rank = sorted(keys, key=lambda k: -result["cases"][k]["paper"]["average"][0])

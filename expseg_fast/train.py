@@ -188,6 +188,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             _keep_log_before(out / "log.jsonl", start_epoch)
     elif main:
         (out / "log.jsonl").write_text("")
+    history = _read_log(out / "log.jsonl") if main else []
     if main:
         print(f"training {config.model} on {len(train_idx)} subjects, validating on {len(val_idx)}, {config.size}^3, "
               f"{config.epochs} epochs, {config.loss} loss, {config.precision} on {device} x {world}; output in {out}",
@@ -195,6 +196,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     record: dict = {}
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
+        clock = PhaseClock(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model.train()
@@ -208,7 +210,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 bar = "#" * (20 * done // len(shard))
                 print(f"\r  epoch {epoch + 1} [{bar:<20}] {done}/{len(shard)}  ETA {eta}", end="", file=sys.stderr)
             image, labels = data[train_idx[i]]
+            clock.lap("data")
             image, labels = augment(image, labels, aug_gen, AugmentConfig(probability=config.augment_probability))
+            clock.lap("augment")
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = net(image.contiguous(memory_format=memory_format))
@@ -217,6 +221,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(value.detach()))
+            clock.lap("step")
         if main and sys.stderr.isatty():
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
         model.eval()
@@ -230,23 +235,28 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                     pred_first = pred
         dice = [d.cpu() for d in distributed.gather(dice)]
         losses = distributed.gather(losses)
+        clock.lap("validation")
         per_label = torch.stack(dice)[:, 1:]  # without background, like the paper
         mean = float(per_label.nanmean())
         record = {
             "epoch": epoch,
             "train_loss": sum(losses) / len(losses),
+            "train_steps": len(shard),
             "val_dice_mean": mean,
             "val_dice_per_label": [float(x) for x in per_label.nanmean(0)],
             "val_dice_std_per_label": [float(x) for x in _nanstd(per_label)],
-            "seconds": time.perf_counter() - started,
             "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }
         best = max(best, mean)
         if not main:
             continue
+        history.append(record)
+        _write_reports(out, label_map.names, data[val_idx[0]], pred_first, history)
+        clock.lap("report")
+        record["phase_seconds"] = clock.seconds
+        record["seconds"] = time.perf_counter() - started
         with (out / "log.jsonl").open("a") as log:
             log.write(json.dumps(record) + "\n")
-        _write_reports(out, label_map.names, data[val_idx[0]], pred_first)
         eta = record["seconds"] * (config.epochs - epoch - 1)
         print(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  val Dice {mean:.3f}  "
               f"{record['seconds']:.1f} s  ETA {eta / 60:.1f} min", flush=True)
@@ -270,16 +280,38 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     return record
 
 
-def _write_reports(out: Path, names: tuple[str, ...], case, prediction: torch.Tensor) -> None:
-    """Refreshes dice_curve.png (Fig. 3), overlay.png (Fig. 4) and dice_table.md from the log."""
+def _write_reports(out: Path, names: tuple[str, ...], case, prediction: torch.Tensor, records: list[dict]) -> None:
+    """Refreshes dice_curve.png (Fig. 3), overlay.png (Fig. 4) and dice_table.md from the epoch records."""
     from expseg_fast import report
 
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     report.plot_dice_curve(records, out / "dice_curve.png")
     image, labels = case
     report.plot_overlay(image[0, 0].float().cpu().numpy(), labels[0].cpu().numpy(), prediction[0].cpu().numpy(),
                         out / "overlay.png", len(names))
     write_atomic(out / "dice_table.md", lambda tmp: Path(tmp).write_text(report.label_table(records[-1], names)), ".md")
+
+
+def _read_log(path: Path) -> list[dict]:
+    """The epoch records of log.jsonl."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class PhaseClock:
+    """Wall-clock seconds per phase of an epoch (data, augment, step, validation, report); on CUDA each
+    lap waits for the queued kernels so that device time lands in the phase that launched it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> float:
+        """Adds the time since the previous lap to `phase`; returns it."""
+        self.sync()
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
+        return elapsed
 
 
 def _keep_log_before(path: Path, epoch: int) -> None:

@@ -2,7 +2,10 @@
 
 Runs every missing (case, split) under --runs (resuming interrupted ones, skipping complete ones), then
 writes table1.md, table1.json and fig3.png to --results. Presets: `cpu` (32^3, widths 12/8, 32 epochs,
-5 splits: about 2.5 hours on 2 cores) and `paper` (128^3, widths 24/16, 100 epochs, bf16, for a GPU).
+5 splits: about 2.5 hours on 2 cores), `paper` (128^3, widths 24/16, 100 epochs, bf16, for a GPU) and
+`smoke` (one epoch of two subjects: the GPU suite's CI rehearsal). Several processes may train different
+cases of the same --runs at once (the GPU suite does): --prepare-only builds the data and the cache first,
+--train-only leaves the results to one final --collect-only.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="+", choices=[c.key for c in table1.CASES], help="only these cases")
     p.add_argument("--splits", type=int, nargs="+", help="only these split indices")
     p.add_argument("--collect-only", action="store_true", help="write the results from the runs so far, train nothing")
+    p.add_argument("--train-only", action="store_true", help="train, write no results")
+    p.add_argument("--prepare-only", action="store_true", help="build the demo dataset and the cache, train nothing")
+    p.add_argument("--partial", action="store_true", help="results include incomplete runs (each says its epochs)")
     a = p.parse_args(argv)
     preset = table1.PRESETS[a.preset]
     if a.splits and not all(0 <= s < preset.splits for s in a.splits):
@@ -33,6 +39,9 @@ def main(argv=None) -> None:
     results = Path(a.results or f"results/table1-{a.preset}")
     cases = [c for c in table1.CASES if not a.cases or c.key in a.cases]
     started = time.perf_counter()
+    if a.prepare_only:
+        table1.label_voxels(preset, runs)
+        return
     if not a.collect_only:
         print(f"[table1] preset {a.preset}: {preset}; {len(cases)} cases; runs in {runs}, results in {results}",
               flush=True)
@@ -40,7 +49,9 @@ def main(argv=None) -> None:
             table1.run_all(preset, runs, cases, a.splits)
         except ValueError as error:
             sys.exit(f"error: {error}")
-    result = table1.collect(preset, runs)
+        if a.train_only:
+            return
+    result = table1.collect(preset, runs, partial=a.partial)
     result["label_voxels"] = table1.label_voxels(preset, runs)
     table1.write_results(result, a.preset, preset, results, None if a.collect_only else time.perf_counter() - started)
     print(f"[table1] results: {results / 'table1.md'}, {results / 'table1.json'}, {results / 'fig3.png'}", flush=True)
