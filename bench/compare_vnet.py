@@ -5,9 +5,8 @@ Variants, same run, same weights: eager fp32 (the baseline), bf16 autocast, bf16
 on CUDA the Predictor (bf16 + channels-last + CUDA graph). Each reduced-precision variant's prediction
 is compared with fp32's on the same input (argmax agreement %, max softmax difference, relative L2 error
 of the logits): one cuDNN release computes bf16 conv3d wrongly (PyTorch issue 163539), so the fast path
-proves itself on the card it is timed on. Peak memory: on CUDA the growth of max_memory_allocated from
-building the predictor through two calls, less the weights and the input (a CUDA graph's capture and
-private pool included); on the CPU the growth of the peak resident set over one forward, measured in a
+proves itself on the card it is timed on. Peak memory: on CUDA the growth of max_memory_allocated over
+the first two calls of a built predictor (a CUDA graph's capture and private pool included); on the CPU the growth of the peak resident set over one forward, measured in a
 fresh process (Linux: /proc/self/clear_refs resets the peak). Prints one markdown table (and writes it
 with a JSON to DIR).
 """
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from cpu_memory import reset_peak_kib, status_kib
 from expseg_fast.infer import Predictor
 from expseg_fast.models import ExpLogNet, NetConfig, VNet, count_parameters
 
@@ -82,41 +82,32 @@ def latency_ms(network: str, device: str, variant: str, size: int, repeats: int)
 
 
 def peak_mib(network: str, device: str, variant: str, size: int) -> float:
-    """Peak memory of inference beyond the weights: on CUDA over building the predictor and two calls
-    (so a CUDA graph's capture and private pool count), on the CPU over one forward."""
+    """Peak memory of inference beyond the weights and the input: on CUDA over two calls (so a CUDA
+    graph's capture and private pool count), on the CPU over one forward."""
     if device == "cpu":  # the peak resident set only grows: measure in a fresh process
         out = subprocess.run(
             [sys.executable, __file__, "--worker", network, variant, str(size)],
             check=True, capture_output=True, text=True,
         )
         return float(out.stdout.strip().splitlines()[-1])
+    predictor = build(network, device, variant, size)  # its own copy of the weights, allocated before the count
+    image = torch.randn(predictor.input_shape, device=device)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    predictor = build(network, device, variant, size)
-    weights = sum(p.numel() * p.element_size() for p in predictor.model.parameters())
-    image = torch.randn(predictor.input_shape, device=device)
-    for _ in range(2):
+    for _ in range(2):  # the first call captures the CUDA graph
         predictor.logits(image)
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base - weights - image.numel() * image.element_size()) / 2**20
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _worker(network: str, variant: str, size: int) -> None:
     predictor = build(network, "cpu", variant, size)
     image = torch.randn(predictor.input_shape)
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to now
-    before = _status_kib("VmRSS")
+    before = reset_peak_kib()
     predictor.logits(image)
-    print((_status_kib("VmHWM") - before) / 1024.0)
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    print((status_kib("VmHWM") - before) / 1024.0)
 
 
 def main() -> None:

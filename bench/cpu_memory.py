@@ -1,16 +1,17 @@
 """Peak extra host memory of one loss forward + backward, measured in a fresh process.
 
 Usage: python bench/cpu_memory.py BACKEND N C SIZE [DTYPE]
-Prints the peak resident-set growth (MiB) over the inputs alone: the child allocates the inputs,
-records ru_maxrss, runs forward + backward once, and reports the new ru_maxrss minus the old.
+Prints the peak resident-set growth (MiB) over the inputs alone: the child allocates the inputs, runs
+a small call first (kernels, threads), resets the kernel's peak resident set (Linux /proc/self/clear_refs),
+runs forward + backward once, and reports the new peak (VmHWM) minus the resident set before (VmRSS).
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
+from pathlib import Path
 
 
 def measure(backend: str, n: int, c: int, size: int, dtype: str = "float32") -> float:
@@ -34,10 +35,23 @@ def _child(backend: str, n: int, c: int, size: int, dtype: str) -> None:
     target = torch.randint(0, c, (n, size, size, size))
     small = torch.randn(1, c, 4, 4, 4).requires_grad_(True)  # load kernels, start threads
     exp_log_loss(small, target[:, :4, :4, :4], backend=backend).backward()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak_kib()
     exp_log_loss(logits, target, backend=backend).backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_extra_mib": (after - before) / 1024.0}))
+    print(json.dumps({"peak_extra_mib": (status_kib("VmHWM") - before) / 1024.0}))
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_kib() -> int:
+    """Resets the peak resident set (VmHWM) to the current one and returns that, in KiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_kib("VmRSS")
 
 
 if __name__ == "__main__":

@@ -255,15 +255,15 @@ void forward_chunks(const scalar_t* z, const label_t* lab_in, const Geometry& g,
   });
 }
 
-// Gradient of a tile (voxel_grad of explog_math.h, vectorised over the tile); buf holds
+// Gradient of a tile (voxel_grad of explog_math.h, vectorised over the tile: the same cross_factors,
+// logit_grad spelled out, the softmax from tile_softmax); buf holds
 // exp(z - m) on entry and the gradient (C, kTile) on return.
 template <typename acc_t>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void tile_grad(
     acc_t* __restrict__ buf, int C, const int* __restrict__ lab, const int* __restrict__ arg,
     const acc_t* __restrict__ S, const acc_t* __restrict__ R, const acc_t* __restrict__ t,
     const acc_t* __restrict__ a, const acc_t* __restrict__ b, const acc_t* __restrict__ kappa, acc_t gamma_cross) {
-  // Per voxel: cross part kappa t^gamma times (1 - p_l) / t for the label (-> 1 as t -> 0) and
-  // times p_j / t for the others (-> 0), dividing by t only where t > 0.
+  // Per voxel: the cross part's factors (cross_factors of explog_math.h).
   acc_t inv_S[kTile], g_star[kTile], gbar[kTile] = {}, tg_miss[kTile], tg_pos[kTile], safe_t[kTile];
   acc_t tp[kTile];
 #pragma omp simd
@@ -272,11 +272,10 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void tile_grad(
     inv_S[k] = acc_t(1) / S[k];
     const int l = lab[k];
     g_star[k] = a[arg[k]] - (arg[k] == l ? b[l] : acc_t(0));
-    const acc_t tg = kappa[l] * tp[k];
-    const bool t_pos = t[k] > acc_t(0);
-    tg_miss[k] = tg * (t_pos ? R[k] * inv_S[k] / t[k] : acc_t(1));
-    tg_pos[k] = t_pos ? tg : acc_t(0);
-    safe_t[k] = t_pos ? t[k] : acc_t(1);
+    const CrossFactors<acc_t> cross = cross_factors(kappa[l] * tp[k], R[k] * inv_S[k], t[k]);
+    tg_miss[k] = cross.label;
+    tg_pos[k] = cross.other;
+    safe_t[k] = cross.safe_t;
   }
   for (int c = 0; c < C; ++c) {
     acc_t* __restrict__ e = buf + c * kTile;
@@ -298,7 +297,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void tile_grad(
       const acc_t lf = acc_t(c == lab[k]), af = acc_t(c == arg[k]);
       const acc_t gc = ac - bc * lf;
       const acc_t dice = p * ((gc - g_star[k]) * (acc_t(1) - af) - gbar[k]);
-      // A select, not a mask factor: p_l / t overflows for the label of a confident voxel.
+      // logit_grad of explog_math.h, spelled out: called here, GCC contracts the sum into FMAs
+      // differently and the gradient moves by an ulp, which Table 1's exact re-runs would notice.
       e[k] = dice + (c == lab[k] ? -tg_miss[k] : tg_pos[k] * (p / safe_t[k]));
     }
   }

@@ -1,4 +1,11 @@
-// Math of the exponential logarithmic loss shared by the CPU (.cpp) and CUDA (.cu) kernels.
+// Math of the exponential logarithmic loss for the CPU (.cpp) and CUDA (.cu) kernels.
+//
+// Shared by both: the statistics layout, the per-(sample, label) Dice term, loss and backward
+// coefficients, and the cross part's per-voxel factors (cross_factors). The per-logit gradient
+// (logit_grad) is called by CUDA and spelled out in the CPU's tile loop (called there, GCC contracts
+// it into FMAs differently: an ulp of difference). The softmax has two forms: one voxel per CUDA
+// thread here (voxel_softmax, voxel_grad), and tiles of 64 voxels with vectorisable exp/log/pow in
+// explog_loss.cpp (GCC vectorises loops over voxels only, and not through libm calls).
 //
 // Notation (DESIGN.md section 2): logits z (N, C, D, H, W), label l(x), p = softmax over C,
 // V = D*H*W voxels per sample. Per (sample n, label i) the forward pass gathers, in float64:
@@ -32,7 +39,8 @@ constexpr int kStatCols = 4;
 
 // Floor applied to u = -ln Dice_i in the gradient coefficient gamma * u^(gamma - 1) only (the loss
 // value itself is exact): it keeps the coefficient below gamma * 1e30, finite in float32, while
-// the logit gradient (about gamma * u^gamma) is exact for u >= 1e-30. See losses/spec.py.
+// the logit gradient (about gamma * u^gamma) is exact for u >= 1e-30. Same value as GRAD_FLOOR in
+// expseg_fast/numerics.py; DESIGN.md section 3.
 constexpr double kGradFloor = 1e-30;
 
 struct LossParams {
@@ -110,6 +118,33 @@ EXPSEG_HD VoxelSoftmax<acc_t> voxel_softmax(const scalar_t* z, int64_t cs, int C
   return {m, acc_t(1) + S1, R, (m - zl) + xlog1p(S1), arg, finite};
 }
 
+// The cross part's per-voxel factors. The gradient of kappa t^gamma with respect to z_j is
+// kappa t^gamma (p_j - [j == l]) / t: for the label, kappa t^gamma times (1 - p_l) / t (-> 1 as
+// t -> 0); for the others, times p_j / t (-> 0: the voxel's other probabilities vanish with t).
+// t can be subnormal, so the callers divide by it rather than multiply by 1 / t, which would
+// overflow; where t = 0 the limits are used. tg = kappa t^gamma, miss = 1 - p_l.
+template <typename acc_t>
+struct CrossFactors {
+  acc_t label;   // what the label's logit loses: tg (1 - p_l) / t
+  acc_t other;   // tg where t > 0, else 0: another logit j gains other * p_j / safe_t
+  acc_t safe_t;  // t where t > 0, else 1
+};
+
+template <typename acc_t>
+EXPSEG_HD CrossFactors<acc_t> cross_factors(acc_t tg, acc_t miss, acc_t t) {
+  const bool t_pos = t > acc_t(0);
+  return {tg * (t_pos ? miss / t : acc_t(1)), t_pos ? tg : acc_t(0), t_pos ? t : acc_t(1)};
+}
+
+// dL/dz_j of one voxel from its probability p_j: the Dice part through the softmax pivoted on the
+// arg max k* (dg = g_j - g_k*, 0 for k* itself; gbar = sum_{k != k*} p_k (g_k - g_k*)), plus the
+// cross part (a select, not a mask factor: p_l / t overflows for the label of a confident voxel).
+template <typename acc_t>
+EXPSEG_HD acc_t logit_grad(acc_t p, acc_t dg, acc_t gbar, bool is_label, acc_t cross_label, acc_t cross_other,
+                           acc_t safe_t) {
+  return p * (dg - gbar) + (is_label ? -cross_label : cross_other * (p / safe_t));
+}
+
 // Gradient of the loss with respect to the C logits of one voxel, written to g[j * gs].
 // a, b: per-label Dice coefficients (dL/dp_i = a_i - b_i [l == i]), already scaled by the
 // loss weight, 1 / (N C) and the incoming gradient; kappa: w_cross * w_l * gamma_cross / (N V)
@@ -131,20 +166,13 @@ EXPSEG_HD void voxel_grad(const scalar_t* z, int64_t cs, scalar_t* g, int64_t gs
     const acc_t gk = acc_t(a[k]) - (k == label ? bl : acc_t(0));
     gbar += xexp(static_cast<acc_t>(z[k * cs]) - s.m) * inv_S * (gk - g_star);
   }
-  // Cross part: kappa * t^gamma * (p_j - [j == l]) / t, with p_j / t -> 0 and (1 - p_l) / t -> 1
-  // as t -> 0 (the voxel's other probabilities vanish with t). t can be subnormal, so divide by it
-  // rather than multiplying by 1 / t, which would overflow.
   const acc_t tg = kappa != acc_t(0) ? kappa * xpow(s.t, gamma_cross) : acc_t(0);
-  const bool t_pos = s.t > acc_t(0);
+  const CrossFactors<acc_t> cross = cross_factors(tg, miss, s.t);
   for (int j = 0; j < C; ++j) {
     const acc_t pj = xexp(static_cast<acc_t>(z[j * cs]) - s.m) * inv_S;
     const acc_t gj = acc_t(a[j]) - (j == label ? bl : acc_t(0));
-    acc_t d = pj * ((j == s.arg ? acc_t(0) : gj - g_star) - gbar);
-    if (j == label) {
-      d -= tg * (t_pos ? miss / s.t : acc_t(1));
-    } else if (t_pos) {
-      d += tg * (pj / s.t);
-    }
+    const acc_t d = logit_grad(pj, j == s.arg ? acc_t(0) : gj - g_star, gbar, j == label, cross.label, cross.other,
+                               cross.safe_t);
     g[j * gs] = static_cast<scalar_t>(d);
   }
 }

@@ -2,11 +2,14 @@
 
 Eval mode, the chosen precision (autocast; normalisation statistics stay float32), channels-last. On
 CUDA the forward is captured in a CUDA graph on first use (static input and output buffers, warm-up on
-a side stream) and replayed afterwards; on the CPU it runs eagerly.
+a side stream) and replayed afterwards; on the CPU it runs eagerly. The predictor works on its own copy
+of the model: the caller's model keeps its mode, memory format and weights, and later changes to it
+do not reach the predictor (build a new one).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -32,7 +35,7 @@ class Predictor:
             raise ValueError(f"precision must be one of {tuple(_DTYPES)}, got {precision!r}")
         if len(input_shape) != 5:
             raise ValueError(f"input_shape must be (N, C, D, H, W), got {tuple(input_shape)}")
-        self.model = model.eval()
+        self.model = copy.deepcopy(model).eval()
         self.device = next(model.parameters()).device
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dtype = _DTYPES[precision]

@@ -10,15 +10,17 @@ import torch
 from expseg_fast.data import load_volume, plan, apply_image, write_prediction
 from expseg_fast.data.dataset import NIFTI_SUFFIXES
 from expseg_fast.infer import Predictor
-from expseg_fast.train import TrainConfig, build_model, load_checkpoint
+from expseg_fast.checkpoint import checkpoint_config, load_checkpoint
+from expseg_fast.config import TrainConfig
+from expseg_fast.models import build_model
 
 
 def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig, list[str]]:
     """The trained network of a checkpoint (loaded with weights_only=True), its config and class names."""
     state = load_checkpoint(checkpoint)
-    config = TrainConfig(**json.loads(state["config"]))
+    config = checkpoint_config(state, checkpoint)
     names = list(state["class_names"])
-    model = build_model(config, len(names))
+    model = build_model(config.model, len(names), config.width, config.fuse_levels)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config, names
 

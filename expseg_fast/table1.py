@@ -1,9 +1,9 @@
 """The paper's Table 1(b) and Fig. 3 experiment: seven (network, loss) cases x k random 70/30 splits.
 
-Each (case, split) is one `train()` run in RUNS/<case>-split<k>/, resumed when interrupted and skipped
-when its log holds every epoch, so the experiment continues across sessions. `collect` reads the logs;
+This module describes the runs and reads them: each (case, split) is one training run in
+RUNS/<case>-split<k>/ (expseg_fast/table1_run.py runs the missing ones); `collect` reads their logs;
 `write_results` writes table1.md (ours beside the paper's numbers), table1.json (every figure) and
-fig3.png (validation Dice vs epoch, mean over splits).
+fig3.png (validation Dice vs epoch, mean over splits). It does not import the trainer.
 
 Statistics as the paper: per split, the hard Dice of each validation image, averaged over the images
 (per label) at the LAST epoch; then mean ± std over the splits. The average is over the 19 labels.
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from expseg_fast.atomic import write_atomic
-from expseg_fast.data.demo import CLASS_NAMES, PAPER_SIZES
+from expseg_fast.config import Table1Settings, TrainConfig
 from expseg_fast.data import preprocess_pair
-from expseg_fast.train import TrainConfig, dataset, train
+from expseg_fast.data.demo import CLASS_NAMES, PAPER_SIZES
+from expseg_fast.data.source import open_dataset
 
 
 @dataclass(frozen=True)
@@ -48,31 +49,6 @@ CASES = (
     Case("vnet_exp_g0.3", "V-Net, L_Exp(γ=0.3)", "vnet", "exp", 0.3),
 )
 
-
-@dataclass(frozen=True)
-class Preset:
-    """Training settings shared by every case. Widths: ours (paper 24) and V-Net (original 16);
-    subjects: use only the first N of the demo dataset (None: all 43)."""
-
-    demo: str
-    size: int
-    width_ours: int
-    width_vnet: int
-    epochs: int
-    splits: int
-    precision: str
-    channels_last: bool
-    subjects: int | None = None
-
-
-PRESETS = {
-    # the paper's setting (a GPU): 128^3, full widths, 100 epochs, five splits
-    "paper": Preset("paper", 128, 24, 16, 100, 5, "bf16", True),
-    # this 2-core CPU in about 2.5 hours: 32^3 of the tight-field-of-view demo, both widths halved, 32 epochs
-    "cpu": Preset("cpu", 32, 12, 8, 32, 5, "fp32", False),
-    # the GPU suite's CI rehearsal (bench/gpu_suite.sh --smoke): one epoch of two subjects; its figures mean nothing
-    "smoke": Preset("cpu", 32, 4, 4, 1, 5, "fp32", False, subjects=2),
-}
 
 # Paper Table 1(b): per case, (mean, std) % for labels 1..19, then the average.
 PAPER = {
@@ -105,7 +81,7 @@ def run_dir(runs: Path, case: Case, split: int) -> Path:
     return runs / f"{case.key}-split{split}"
 
 
-def config_for(case: Case, split: int, preset: Preset, runs: Path) -> TrainConfig:
+def config_for(case: Case, split: int, preset: Table1Settings, runs: Path) -> TrainConfig:
     return TrainConfig(
         out=str(run_dir(runs, case, split)), demo_preset=preset.demo, size=preset.size, model=case.model,
         width=preset.width_vnet if case.model == "vnet" else preset.width_ours, loss=case.loss,
@@ -127,19 +103,6 @@ def is_complete(path: Path, epochs: int) -> bool:
     return len(records) == epochs and records[-1]["epoch"] == epochs - 1
 
 
-def run_all(preset: Preset, runs: Path, cases=CASES, splits: range | None = None) -> None:
-    """Runs every missing (case, split), split by split so that an interrupted experiment has whole splits."""
-    for split in splits if splits is not None else range(preset.splits):
-        for case in cases:
-            path = run_dir(runs, case, split)
-            if is_complete(path, preset.epochs):
-                print(f"[table1] {case.key} split {split}: complete, skipped", flush=True)
-                continue
-            print(f"[table1] {case.key} split {split}: {'resuming' if (path / 'last.pt').exists() else 'starting'}",
-                  flush=True)
-            train(config_for(case, split, preset, runs), resume=True)
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample std (n - 1, 0 for one value) of the finite values; NaN when none."""
     finite = [v for v in values if math.isfinite(v)]
@@ -155,10 +118,10 @@ def _label_average(per_label: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def label_voxels(preset: Preset, runs: Path) -> list[float]:
+def label_voxels(preset: Table1Settings, runs: Path) -> list[float]:
     """Mean voxel count of labels 1..19 per subject at the preset's training size (from the runs' cache)."""
     config = config_for(CASES[0], 0, preset, runs)
-    pairs, label_map = dataset(config, Path(config.out))
+    pairs, label_map = open_dataset(None, None, config.demo_settings(), config.demo_preset, runs, config.limit_subjects)
     totals = [0.0] * (len(CLASS_NAMES) - 1)
     for pair in pairs:
         labels = torch.from_numpy(preprocess_pair(pair, label_map, preset.size, runs / "cache").labels.astype("int64"))
@@ -167,7 +130,7 @@ def label_voxels(preset: Preset, runs: Path) -> list[float]:
     return totals
 
 
-def collect(preset: Preset, runs: Path, cases=CASES, partial: bool = False) -> dict:
+def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = False) -> dict:
     """Every figure of the complete runs (with partial, of every run with an epoch, its "epochs" saying
     how far it got): per case, per split the last epoch's per-label Dice and the curve; across splits
     per-label and average mean ± std (in %)."""
@@ -266,7 +229,7 @@ def _processor() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_results(result: dict, preset_name: str, preset: Preset, out: Path, wall_seconds: float | None) -> None:
+def write_results(result: dict, preset_name: str, preset: Table1Settings, out: Path, wall_seconds: float | None) -> None:
     """table1.md, table1.json and fig3.png under out (each written atomically)."""
     machine = {"platform": platform.platform(), "processor": _processor(), "cpus": os.cpu_count(),
                "torch": torch.__version__,

@@ -1,85 +1,35 @@
-"""The trainer: the paper's training strategy (section 2.3) on one device, resumable.
+"""The trainer: the paper's training strategy (section 2.3), resumable, on one device or several.
 
-Configuration lives in TrainConfig; `train(config)` runs it. Per epoch: NAdam steps over the shuffled
+`train(config)` runs a TrainConfig (expseg_fast/config.py). Per epoch: NAdam steps over the shuffled
 training split with batch size 1 and the rigid augmentation on the device, then the validation hard
-Dice per label (on the device), one JSON line in log.jsonl, the plots (dice_curve.png, overlay.png)
-and dice_table.md refreshed, and the `last` and `best` checkpoints, written atomically. Every random draw comes from torch generators whose states are checkpointed, so
-a resumed run continues exactly (bitwise in deterministic mode on the CPU).
+Dice per label (on the device), one JSON line in log.jsonl (with the seconds spent in each phase), the
+plots (dice_curve.png, overlay.png) and dice_table.md refreshed, and the `last` and `best` checkpoints
+(expseg_fast/checkpoint.py), written atomically. Every random draw comes from torch generators whose
+states are checkpointed, so a resumed run continues exactly (bitwise in deterministic mode on the
+CPU). Under torchrun each process trains on its shard of every epoch (DistributedDataParallel),
+validation is gathered, and only the first process writes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from expseg_fast import distributed
 from expseg_fast.atomic import write_atomic
-from expseg_fast.data import AugmentConfig, LabelMap, augment, find_pairs, preprocess_pair, random_splits, validate
-from expseg_fast.data import demo
-from expseg_fast.losses import LossSpec, label_counts, label_weights, loss as loss_fn
-from expseg_fast.models import ExpLogNet, NetConfig, VNet
+from expseg_fast.checkpoint import load_checkpoint, save_checkpoint
+from expseg_fast.config import TrainConfig
+from expseg_fast.data import AugmentConfig, augment, preprocess_pair, random_splits
+from expseg_fast.data.source import open_dataset
+from expseg_fast.losses import label_counts, label_weights, loss as loss_fn
+from expseg_fast.metrics import hard_dice, nanstd
+from expseg_fast.models import build_model
 
-LOSSES = {  # name -> LossSpec factory from (gamma_dice, gamma_cross, w_dice, w_cross)
-    "exp": lambda gd, gc, wd, wc: LossSpec(wd, wc, gd, gc),
-    "log_dice": lambda gd, gc, wd, wc: LossSpec(1.0, 0.0, gd, 1.0),
-    "linear_dice": lambda gd, gc, wd, wc: LossSpec(1.0, 0.0, 1.0, 1.0, True),
-    "cross": lambda gd, gc, wd, wc: LossSpec(0.0, 1.0, 1.0, gc),
-}
-
-
-@dataclass
-class TrainConfig:
-    out: str = "runs/demo"
-    data: str | None = None  # dataset folder or list; None: the synthetic demo dataset
-    label_map: str | None = None
-    demo_preset: str = "cpu"
-    size: int = 48
-    model: str = "ours"  # ours | vnet
-    width: int = 12
-    fuse_levels: tuple[int, ...] = (0, 1, 2)
-    loss: str = "exp"
-    gamma_dice: float = 0.3
-    gamma_cross: float = 0.3
-    w_dice: float = 0.8
-    w_cross: float = 0.2
-    epochs: int = 12
-    lr: float = 1e-3
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (with a grad scaler)
-    channels_last: bool = False
-    augment_probability: float = 0.8
-    seed: int = 0
-    splits: int = 5
-    split: int = 0
-    device: str = "auto"
-    deterministic: bool = False
-    limit_subjects: int | None = None  # use only the first N subjects (tests, quick looks)
-    extra: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        problems = []
-        if self.model not in ("ours", "vnet"):
-            problems.append(f"model must be 'ours' or 'vnet', got {self.model!r}")
-        if self.loss not in LOSSES:
-            problems.append(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.size < 16 or self.size % 16:
-            problems.append(f"size must be a multiple of 16 (>= 16), got {self.size}")
-        elif self.model == "vnet" and self.size < 32:  # its 1-voxel bottom level cannot batch-normalise a batch of 1
-            problems.append(f"size must be >= 32 for V-Net (4 halvings), got {self.size}")
-        if self.epochs < 1 or self.lr <= 0 or self.width < 1:
-            problems.append("epochs >= 1, lr > 0 and width >= 1 required")
-        if not 0 <= self.split < self.splits:
-            problems.append(f"split must be in [0, {self.splits}), got {self.split}")
-        if problems:
-            raise ValueError("; ".join(problems))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -90,51 +40,22 @@ def _device(config: TrainConfig) -> torch.device:
 
 def dataset(config: TrainConfig, out: Path):
     """(pairs, label map) of a run writing to out: its data, or the demo dataset built once beside out."""
-    if config.data is None:
-        settings = demo.PRESETS[config.demo_preset]
-        if config.limit_subjects:  # build only what is used
-            settings = dataclasses.replace(settings, subjects=max(2, config.limit_subjects))
-        root = demo.build(out.parent / f"demo-data-{config.demo_preset}-{settings.subjects}", settings)
-        label_map = LabelMap.from_json(root / "label_map.json")
-        pairs = find_pairs(root)
-    else:
-        pairs = find_pairs(config.data)
-        label_map = LabelMap.from_json(config.label_map) if config.label_map else None
-        if label_map is None:
-            raise ValueError("--label-map is required with --data (it names the classes)")
-    if config.limit_subjects:
-        pairs = pairs[: config.limit_subjects]
-    validate(pairs, label_map)  # every problem at once, before anything is written
-    return pairs, label_map
-
-
-def build_model(config: TrainConfig, num_labels: int) -> torch.nn.Module:
-    """The network a TrainConfig describes, with num_labels outputs."""
-    if config.model == "vnet":
-        return VNet(num_labels=num_labels, width=config.width)
-    return ExpLogNet(NetConfig(num_labels=num_labels, width=config.width, fuse_levels=tuple(config.fuse_levels)))
-
-
-def hard_dice(pred: torch.Tensor, target: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """Per-label hard Dice (C,) of two label volumes; NaN where a label is absent from both."""
-    p = torch.nn.functional.one_hot(pred.reshape(-1), num_labels).sum(0).double()
-    g = torch.nn.functional.one_hot(target.reshape(-1), num_labels).sum(0).double()
-    match = pred.reshape(-1) == target.reshape(-1)
-    inter = torch.bincount(target.reshape(-1)[match], minlength=num_labels).double()
-    denominator = p + g
-    return torch.where(denominator > 0, 2 * inter / denominator.clamp_min(1), torch.full_like(inter, math.nan))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Loads a checkpoint with weights_only=True: one carrying arbitrary pickled objects is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: not a loadable expseg_fast checkpoint (refused: {error})") from error
+    return open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset, out.parent,
+                        config.limit_subjects)
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
-    """Runs (or, with resume, continues) the training; returns the last epoch's record."""
+    """Runs (or, with resume, continues) the training; returns the last epoch's record. The process's
+    deterministic-algorithms and cuDNN-autotuning settings are restored on return."""
+    deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        return _train(config, resume)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _train(config: TrainConfig, resume: bool) -> dict:
     config.check()
     out = Path(config.out)
     device = _device(config)
@@ -160,16 +81,16 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         distributed.barrier()
     counts = label_counts([torch.from_numpy(samples[i].labels) for i in train_idx], num_labels)
     weights = label_weights(counts.clamp_min(1)).to(device)  # labels absent from the split get the largest weight
-    spec = LOSSES[config.loss](config.gamma_dice, config.gamma_cross, config.w_dice, config.w_cross)
+    spec = config.loss_spec()
 
     torch.manual_seed(config.seed)
-    model = build_model(config, num_labels).to(device)
+    model = build_model(config.model, num_labels, config.width, config.fuse_levels).to(device)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+    dtype = DTYPES[config.precision]
     aug_gen = torch.Generator().manual_seed(config.seed + 1 + rank)
     order_gen = torch.Generator().manual_seed(config.seed + 2)
     start_epoch, best = 0, -1.0
@@ -244,7 +165,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             "train_steps": len(shard),
             "val_dice_mean": mean,
             "val_dice_per_label": [float(x) for x in per_label.nanmean(0)],
-            "val_dice_std_per_label": [float(x) for x in _nanstd(per_label)],
+            "val_dice_std_per_label": [float(x) for x in nanstd(per_label)],
             "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }
         best = max(best, mean)
@@ -263,13 +184,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "best": best, "aug_rng": aug_gen.get_state(), "order_rng": order_gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "config": json.dumps(asdict(config)), "class_names": list(label_map.names),
+            "torch_rng": torch.get_rng_state(), "config": config.to_json(), "class_names": list(label_map.names),
         }
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        write_atomic(out / "last.pt", lambda tmp: torch.save(state, tmp), ".pt")
+        save_checkpoint(out / "last.pt", state)
         if mean >= best:
-            write_atomic(out / "best.pt", lambda tmp: torch.save(state, tmp), ".pt")
+            save_checkpoint(out / "best.pt", state)
     distributed.teardown()
     if not main:
         return record
@@ -320,8 +241,3 @@ def _keep_log_before(path: Path, epoch: int) -> None:
     kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < epoch]
     if len(kept) != len(lines):
         write_atomic(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)), ".jsonl")
-
-
-def _nanstd(x: torch.Tensor) -> torch.Tensor:
-    mean = x.nanmean(0, keepdim=True)
-    return ((x - mean) ** 2).nanmean(0).sqrt()

@@ -10,17 +10,18 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from expseg_fast.config import PRESETS
 from expseg_fast.data import demo
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(demo.PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--subjects", type=int, default=None, help="number of subjects (default 43)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default data/demo-PRESET)")
     args = parser.parse_args()
-    settings = demo.PRESETS[args.preset]
+    settings = PRESETS[args.preset].demo
     if args.subjects is not None:
         if args.subjects < 2:
             parser.error("--subjects must be >= 2")

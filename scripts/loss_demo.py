@@ -1,4 +1,4 @@
-"""One-line demo of the exp-log loss until the trainer exists: loss and gradient on random logits.
+"""A quick look at the exp-log loss: value, gradient norm and time per available backend on random logits.
 
 python scripts/loss_demo.py [--size 32] [--labels 20]
 """

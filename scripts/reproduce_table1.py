@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from expseg_fast import table1
+from expseg_fast import table1, table1_run
+from expseg_fast.config import PRESETS
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(table1.PRESETS), default="paper" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper" if torch.cuda.is_available() else "cpu")
     p.add_argument("--runs", help="folder of the runs (default: runs/table1-PRESET)")
     p.add_argument("--results", help="folder of the results (default: results/table1-PRESET)")
     p.add_argument("--cases", nargs="+", choices=[c.key for c in table1.CASES], help="only these cases")
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--prepare-only", action="store_true", help="build the demo dataset and the cache, train nothing")
     p.add_argument("--partial", action="store_true", help="results include incomplete runs (each says its epochs)")
     a = p.parse_args(argv)
-    preset = table1.PRESETS[a.preset]
+    preset = PRESETS[a.preset].table1
     if a.splits and not all(0 <= s < preset.splits for s in a.splits):
         p.error(f"--splits: indices must be in [0, {preset.splits})")
     runs = Path(a.runs or f"runs/table1-{a.preset}")
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
         print(f"[table1] preset {a.preset}: {preset}; {len(cases)} cases; runs in {runs}, results in {results}",
               flush=True)
         try:
-            table1.run_all(preset, runs, cases, a.splits)
+            table1_run.run_all(preset, runs, cases, a.splits)
         except ValueError as error:
             sys.exit(f"error: {error}")
         if a.train_only:

@@ -8,12 +8,12 @@ import torch
 from expseg_fast.losses import LossSpec, available_backends
 
 SPECS = {
-    "linear_dice": LossSpec(1.0, 0.0, 1.0, 1.0, True),
-    "log_dice": LossSpec(1.0, 0.0, 1.0, 1.0),
-    "cross": LossSpec(0.0, 1.0, 1.0, 1.0),
-    "exp_g1": LossSpec(0.8, 0.2, 1.0, 1.0),
-    "exp_g2": LossSpec(0.8, 0.2, 2.0, 2.0),
-    "exp_g03": LossSpec(0.8, 0.2, 0.3, 0.3),
+    "linear_dice": LossSpec.linear(),
+    "log_dice": LossSpec.log_dice(1.0),
+    "cross": LossSpec.cross(1.0),
+    "exp_g1": LossSpec.exp_log(gamma_dice=1.0, gamma_cross=1.0),
+    "exp_g2": LossSpec.exp_log(gamma_dice=2.0, gamma_cross=2.0),
+    "exp_g03": LossSpec.exp_log(gamma_dice=0.3, gamma_cross=0.3),
 }
 
 

@@ -46,6 +46,6 @@ def test_label_sizes_follow_table_1a(tmp_path):
     _, sizes, _ = demo.label_table(labels)
     paper = np.array(demo.PAPER_SIZES)
     assert set(np.unique(labels[0])) == set(range(20))  # every structure present
-    # percentage points: the atlas itself is 2.3 off for cerebral white matter (DESIGN.md section 4)
+    # percentage points: the atlas itself is 2.3 off for cerebral white matter (DESIGN.md section 5)
     assert np.abs(sizes - paper).max() < 4.0
     assert (np.abs(sizes - paper) < 0.2).sum() >= 13

@@ -40,6 +40,17 @@ def test_predictor_bf16_agrees_with_fp32():
     assert (labels == expected).float().mean() >= 0.97  # bf16 flips near-ties only
 
 
+def test_predictor_leaves_the_callers_model_as_it_was():
+    model = trained_like_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    predictor = Predictor(model, (1, 1, 16, 16, 16), precision="bf16", channels_last=True)
+    predictor(torch.randn(1, 1, 16, 16, 16))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.is_contiguous() for p in model.parameters())  # not converted to channels-last
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not predictor.model.training
+
+
 def test_predictor_rejects_other_shapes_and_precisions():
     model = trained_like_model()
     predictor = Predictor(model, (1, 1, 16, 16, 16), precision="fp32")

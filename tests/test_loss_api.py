@@ -21,6 +21,7 @@ from expseg_fast.losses import (
     label_weights,
     linear_dice_loss,
     log_dice_loss,
+    loss,
 )
 from helpers import make_logits, make_target, needs_triton_cpu, oracle_loss, use_backend, with_triton_designs
 
@@ -37,9 +38,12 @@ def test_named_losses_and_modules_match_the_oracle(backend):
     weights = label_weights(label_counts([target], 5))
     cases = [
         (exp_log_loss(logits, target, weights, backend=backend), ExpLogLoss(weights, backend=backend), LossSpec()),
-        (linear_dice_loss(logits, target, backend=backend), LinearDiceLoss(backend=backend), LossSpec(1, 0, 1, 1, True)),
-        (log_dice_loss(logits, target, gamma=0.5, backend=backend), LogDiceLoss(0.5, backend=backend), LossSpec(1, 0, 0.5, 1)),
-        (cross_loss(logits, target, weights, gamma=2.0, backend=backend), CrossLoss(weights, 2.0, backend=backend), LossSpec(0, 1, 1, 2)),
+        (linear_dice_loss(logits, target, backend=backend), LinearDiceLoss(backend=backend),
+         LossSpec(w_dice=1, w_cross=0, gamma_dice=1, gamma_cross=1, linear_dice=True)),
+        (log_dice_loss(logits, target, gamma=0.5, backend=backend), LogDiceLoss(0.5, backend=backend),
+         LossSpec(w_dice=1, w_cross=0, gamma_dice=0.5, gamma_cross=1)),
+        (cross_loss(logits, target, weights, gamma=2.0, backend=backend), CrossLoss(weights, 2.0, backend=backend),
+         LossSpec(w_dice=0, w_cross=1, gamma_dice=1, gamma_cross=2)),
     ]
     for value, module, spec in cases:
         expected = float(oracle_loss(logits, target, weights if spec.w_cross else None, spec))
@@ -189,3 +193,19 @@ def test_fused_loss_under_torch_compile_without_graph_breaks(backend):
     compiled(z1, target).backward()
     exp_log_loss(z2, target, backend=backend).backward()
     assert torch.allclose(z1.grad, z2.grad)
+
+
+def test_auto_takes_only_deterministic_backends_in_deterministic_mode():
+    from expseg_fast.losses.api import preference
+
+    assert preference("cuda", False)[0] == "native"
+    assert "native" not in preference("cuda", True) and preference("cuda", True)[0] == "triton"
+    assert preference("cpu", True)[0] == "native"  # the CPU op reduces in a fixed order (thread-count tests)
+    logits, target = inputs()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert available_backends("cpu")[0] == "native"
+        values = [loss(logits, target, None, LossSpec(), "auto") for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(values[0], values[1])

@@ -53,7 +53,7 @@ def test_cuda_saturated_logits(backend, gamma, dtype):
 
     target = make_target((2, 6, 4, 5, 3), 5)
     logits = saturated_logits(target, 6, 100.0, 0.3, dtype)
-    spec = LossSpec(0.8, 0.2, gamma, gamma)
+    spec = LossSpec.exp_log(gamma_dice=gamma, gamma_cross=gamma)
     weights = torch.rand(6) + 0.5
     value, grad = loss_and_grad(lambda z: loss(z, target.cuda(), weights.cuda(), spec, backend), logits.cuda())
     assert torch.isfinite(value) and torch.isfinite(grad).all()
@@ -118,3 +118,18 @@ def test_triton_cuda_opcheck_and_compile():
     compiled(z1, target).backward()
     loss(z2, target, None, LossSpec(), "triton").backward()
     assert torch.allclose(z1.grad.float(), z2.grad.float())
+
+
+def test_deterministic_mode_native_refuses_and_auto_takes_triton():
+    logits = make_logits((2, 5, 9, 8, 7)).cuda()
+    target = make_target((2, 5, 9, 8, 7), 5).cuda()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            loss(logits, target, None, LossSpec(), "native")
+        assert available_backends("cuda")[0] == "triton"
+        runs = [loss_and_grad(lambda z: loss(z, target, None, LossSpec(), "auto"), logits) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for value, grad in runs[1:]:
+        assert torch.equal(value, runs[0][0]) and torch.equal(grad, runs[0][1])

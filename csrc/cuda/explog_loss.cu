@@ -2,7 +2,9 @@
 //
 // Forward: a thread per voxel (grid-stride, blockIdx.y = sample). Each block sums its voxels'
 // statistics in shared memory (float32; the false-positive mass Q through warp reductions, one
-// shuffle tree per label), then adds them to the float64 statistics with one atomic per value.
+// shuffle tree per label), then adds them to the float64 statistics with one atomic per value: the
+// order of those additions varies, so under torch.use_deterministic_algorithms(True) the op raises
+// PyTorch's non-determinism alert (the Triton backend reduces in a fixed order then).
 // A one-block kernel turns the statistics into the loss without leaving the device.
 // Backward: a one-block kernel computes the per-(sample, label) coefficients (scaled by the
 // incoming gradient read on the device), then a thread per voxel recomputes the softmax and writes
@@ -158,6 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> explog_forward_cuda(
     double w_cross, double gamma_dice, double gamma_cross, bool linear_dice, double eps) {
   const Geometry g = make_geometry(logits, target);
   check_weights(weights, g, logits);
+  // The blocks' float32 partials reach the float64 statistics through atomics, in no fixed order.
+  at::globalContext().alertNotDeterministic(
+      "expseg_fast::explog_forward on CUDA (atomic accumulation); backend 'triton' is deterministic then");
   const c10::cuda::CUDAGuard guard(logits.device());
   const LossParams p = make_params(w_dice, w_cross, gamma_dice, gamma_cross, linear_dice, eps);
   auto stats = at::zeros({g.N, g.C, kStatCols}, logits.options().dtype(at::kDouble));

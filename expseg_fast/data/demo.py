@@ -6,7 +6,7 @@ aligned MNI T1 template deformed together by a random smooth non-rigid field, wi
 contrast (gamma) and noise, all deterministic from a seed. The result is honest about being synthetic:
 a provenance file says so.
 
-Labels follow the paper's 19 structures + background (DESIGN.md section 4).
+Labels follow the paper's 19 structures + background (DESIGN.md section 5).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ CLASS_NAMES = (
 # Paper Table 1(a): relative sizes (%) of labels 1..19 without background.
 PAPER_SIZES = (50.24, 0.09, 0.15, 1.46, 0.39, 0.19, 0.26, 0.07, 0.21, 0.54, 8.19, 2.06, 31.23, 0.58, 0.09, 2.11, 0.25, 0.73, 1.19)
 PAPER_BACKGROUND = 93.5
-# Neuromorphometrics atlas ids -> class (DESIGN.md section 4); other ids are background.
+# Neuromorphometrics atlas ids -> class (DESIGN.md section 5); other ids are background.
 ATLAS_IDS = {
     2: (4,), 3: (11,), 4: (35,), 5: (71,), 6: (72,), 7: (73,), 8: (23, 30), 9: (31, 32), 10: (36, 37),
     11: (38, 39), 12: (40, 41), 13: (44, 45), 14: (47, 48), 15: (49, 50), 16: (51, 52), 17: (55, 56),
@@ -55,14 +55,6 @@ class DemoSettings:
     bias: float = 0.25
     gamma_range: tuple[float, float] = (0.8, 1.25)
     noise: float = 0.03
-
-
-PRESETS = {
-    # the paper's setting: train at 128^3 in a field of view where background is about 93.5 %
-    "paper": DemoSettings(spacing_mm=2.0, field_of_view_mm=290.0),
-    # CPU-friendly: coarse voxels, a tight field of view (train at 48^3 or 64^3)
-    "cpu": DemoSettings(spacing_mm=3.0, field_of_view_mm=None),
-}
 
 
 def atlas_files() -> tuple[Path, Path]:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from expseg_fast.losses.spec import GRAD_FLOOR
+from expseg_fast.numerics import GRAD_FLOOR
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_LABELS = 256
@@ -62,9 +62,11 @@ def _voxel_offset(v, H, W, s_d, s_h, s_w, FLAT: tl.constexpr):
 
 @triton.jit
 def _sample_offsets(n, v, C: tl.constexpr, H, W, sn, sd, sh, sw, FLAT: tl.constexpr, PACKED: tl.constexpr):
-    """Offsets (BLOCK_V,) of label 0 at voxels v of sample n (label c is c label strides further).
+    """Offsets (BLOCK_V,) int64 of label 0 at voxels v of sample n (label c is c label strides further).
     PACKED: channels-last with the C labels of a voxel adjacent (label stride 1, voxel stride C), where
-    the constexpr C lets the compiler prove alignment and load a voxel's labels in vectors."""
+    the constexpr C lets the compiler prove alignment and load a voxel's labels in vectors. In int64:
+    n * sn alone passes 2^31 for N * C * V >= 2^31 (8 samples x 20 labels x 256^3)."""
+    n = n.to(tl.int64)
     if PACKED:
         offs = n * sn + v.to(tl.int64) * C
     else:
@@ -84,8 +86,8 @@ def _label_offsets(n, c, v, C: tl.constexpr, H, W, sn, sc, sd, sh, sw, FLAT: tl.
 
 @triton.jit
 def _load_labels(lab_ptr, n, v, in_v, C: tl.constexpr, H, W, stn, std, sth, stw, FLAT_T: tl.constexpr):
-    """(label clamped to [0, C) for indexing, valid) of voxels v."""
-    lab = tl.load(lab_ptr + n * stn + _voxel_offset(v, H, W, std, sth, stw, FLAT_T), mask=in_v, other=-1)
+    """(label clamped to [0, C) for indexing, valid) of voxels v (offsets in int64)."""
+    lab = tl.load(lab_ptr + n.to(tl.int64) * stn + _voxel_offset(v, H, W, std, sth, stw, FLAT_T), mask=in_v, other=-1)
     lab = lab.to(tl.int32)
     valid = in_v & (lab >= 0) & (lab < C)
     return tl.where(valid, lab, -1), valid
@@ -446,8 +448,17 @@ def _programs_per_sample(device: torch.device, n_samples: int) -> int:
     return max(1, 4 * sms // max(1, n_samples))
 
 
+# Voxel indices within a sample are int32 in the kernels (element offsets are int64): D * H * W must
+# stay below this bound; the native op has no such bound.
+MAX_VOXELS = 2**31 - 2**16
+
+
 def _geometry(logits: torch.Tensor, target: torch.Tensor) -> dict:
     spatial = tuple(logits.shape[2:])
+    voxels = logits.shape[2] * logits.shape[3] * logits.shape[4]
+    if voxels > MAX_VOXELS:
+        raise ValueError(f"logits: {voxels} voxels per sample (D * H * W) exceed the Triton kernels' bound of "
+                         f"{MAX_VOXELS}; use backend='native'")
     return dict(
         C=logits.shape[1],
         V=logits.shape[2] * logits.shape[3] * logits.shape[4],

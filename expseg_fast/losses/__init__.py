@@ -12,8 +12,9 @@ from expseg_fast.losses.api import (
     log_dice_loss,
     loss,
 )
-from expseg_fast.losses.spec import GRAD_FLOOR, LossSpec
+from expseg_fast.losses.spec import LossSpec
 from expseg_fast.losses.weights import label_counts, label_weights
+from expseg_fast.numerics import GRAD_FLOOR
 
 __all__ = [
     "GRAD_FLOOR",

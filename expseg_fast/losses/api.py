@@ -25,8 +25,17 @@ from expseg_fast.losses.spec import LossSpec
 Backend = Literal["auto", "reference", "native", "triton"]
 BACKENDS = ("reference", "native", "triton")
 # Fastest first, per device type, as measured (bench/NOTES.md): on an H100 the native CUDA op beats
-# the Triton kernels in both layouts so far; Triton on the CPU is the interpreter: last.
+# the Triton kernels in both layouts so far; Triton on the CPU is the interpreter: last. Under
+# torch.use_deterministic_algorithms(True) the native CUDA op refuses to run (its statistics are
+# accumulated atomically), so "auto" takes Triton, whose reduction order is then fixed.
 _PREFERENCE = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference", "triton")}
+_DETERMINISTIC_PREFERENCE = {"cuda": ("triton", "reference"), "cpu": _PREFERENCE["cpu"]}
+
+
+def preference(device_type: str, deterministic: bool) -> tuple[str, ...]:
+    """The backends "auto" considers on a device type, fastest first."""
+    table = _DETERMINISTIC_PREFERENCE if deterministic else _PREFERENCE
+    return table.get(device_type, ("reference",))
 
 
 def _available(name: str, device: torch.device) -> bool:
@@ -38,9 +47,9 @@ def _available(name: str, device: torch.device) -> bool:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on this device, fastest first."""
+    """Backends that can run on this device, fastest first (deterministic ones only, in deterministic mode)."""
     device = torch.device(device)
-    order = _PREFERENCE.get(device.type, ("reference",))
+    order = preference(device.type, torch.are_deterministic_algorithms_enabled())
     return [name for name in order if _available(name, device)]
 
 
@@ -151,7 +160,7 @@ def exp_log_loss(
     validate: bool = True,
 ) -> torch.Tensor:
     """L_Exp = w_dice * L_Dice(gamma_dice) + w_cross * L_Cross(gamma_cross); paper's best by default."""
-    spec = LossSpec(w_dice, w_cross, gamma_dice, gamma_cross, False, eps)
+    spec = LossSpec.exp_log(w_dice, w_cross, gamma_dice, gamma_cross, eps)
     return loss(logits, target, weights, spec, backend, validate)
 
 
@@ -159,7 +168,7 @@ def linear_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0, backend: Backend = "auto", validate: bool = True
 ) -> torch.Tensor:
     """Mean over (sample, label) of 1 - Dice_i."""
-    return loss(logits, target, None, LossSpec(1.0, 0.0, 1.0, 1.0, True, eps), backend, validate)
+    return loss(logits, target, None, LossSpec.linear(eps), backend, validate)
 
 
 def log_dice_loss(
@@ -172,7 +181,7 @@ def log_dice_loss(
     validate: bool = True,
 ) -> torch.Tensor:
     """L_Dice(gamma): mean over (sample, label) of (-ln Dice_i)^gamma (gamma 1: logarithmic Dice)."""
-    return loss(logits, target, None, LossSpec(1.0, 0.0, gamma, 1.0, False, eps), backend, validate)
+    return loss(logits, target, None, LossSpec.log_dice(gamma, eps), backend, validate)
 
 
 def cross_loss(
@@ -185,7 +194,7 @@ def cross_loss(
     validate: bool = True,
 ) -> torch.Tensor:
     """L_Cross(gamma): mean over voxels of w_l * (-ln p_l)^gamma (gamma 1: weighted cross-entropy)."""
-    return loss(logits, target, weights, LossSpec(0.0, 1.0, 1.0, gamma, False, 1.0), backend, validate)
+    return loss(logits, target, weights, LossSpec.cross(gamma), backend, validate)
 
 
 class _LossModule(nn.Module):
@@ -218,21 +227,21 @@ class ExpLogLoss(_LossModule):
         backend: Backend = "auto",
         validate: bool = True,
     ) -> None:
-        super().__init__(LossSpec(w_dice, w_cross, gamma_dice, gamma_cross, False, eps), weights, backend, validate)
+        super().__init__(LossSpec.exp_log(w_dice, w_cross, gamma_dice, gamma_cross, eps), weights, backend, validate)
 
 
 class LinearDiceLoss(_LossModule):
     """Mean over (sample, label) of 1 - Dice_i."""
 
     def __init__(self, eps: float = 1.0, backend: Backend = "auto", validate: bool = True) -> None:
-        super().__init__(LossSpec(1.0, 0.0, 1.0, 1.0, True, eps), None, backend, validate)
+        super().__init__(LossSpec.linear(eps), None, backend, validate)
 
 
 class LogDiceLoss(_LossModule):
     """L_Dice(gamma) = mean over (sample, label) of (-ln Dice_i)^gamma."""
 
     def __init__(self, gamma: float = 1.0, eps: float = 1.0, backend: Backend = "auto", validate: bool = True) -> None:
-        super().__init__(LossSpec(1.0, 0.0, gamma, 1.0, False, eps), None, backend, validate)
+        super().__init__(LossSpec.log_dice(gamma, eps), None, backend, validate)
 
 
 class CrossLoss(_LossModule):
@@ -241,4 +250,4 @@ class CrossLoss(_LossModule):
     def __init__(
         self, weights: torch.Tensor | None = None, gamma: float = 1.0, backend: Backend = "auto", validate: bool = True
     ) -> None:
-        super().__init__(LossSpec(0.0, 1.0, 1.0, gamma, False, 1.0), weights, backend, validate)
+        super().__init__(LossSpec.cross(gamma), weights, backend, validate)

@@ -1,7 +1,9 @@
 """The native op expseg_fast::explog_forward/backward (csrc/): loading, fake kernels, autograd.
 
-One forward pass gathers per-(sample, label) statistics (N, C, 4) in float64; the backward pass
-recomputes the softmax and writes d loss / d logits once. Nothing of size C*V is saved.
+One forward pass gathers the per-(sample, label) statistics (N, C, 4), stored in float64 (on the CPU
+summed from float64 chunk partials in a fixed order; on CUDA from float32 block partials through
+float64 atomics, in no fixed order); the backward pass recomputes the softmax and writes
+d loss / d logits once. Nothing of size C*V is saved.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from expseg_fast.losses.spec import GRAD_FLOOR, LossSpec
+from expseg_fast.losses.spec import LossSpec
+from expseg_fast.numerics import GRAD_FLOOR
 
 
 class _PowFlooredGrad(torch.autograd.Function):

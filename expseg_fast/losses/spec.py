@@ -1,17 +1,9 @@
-"""The loss family as one set of parameters (DESIGN.md section 2, paper eqs. 1-3)."""
+"""The loss family as one set of parameters (DESIGN.md section 2, paper eqs. 1-3), with a named
+constructor for each loss of the paper's Table 1."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-# Floor on u = -ln Dice_i inside the gradient coefficient
-# gamma * u^(gamma - 1), which is infinite at u = 0 for gamma < 1. The loss value is exact. The
-# logit gradient itself stays bounded as u -> 0 (about gamma * u^gamma), so the floor only has to
-# keep the coefficient finite: held at gamma * 1e-30^(gamma - 1) <= gamma * 1e30, every product with
-# the vanishing probabilities stays finite in float32, and the gradient differs from the exact one
-# only where u < 1e-30, by at most about gamma * 1e-30^gamma. Same value as expseg::kGradFloor in
-# csrc/explog_math.h.
-GRAD_FLOOR = 1e-30
 
 
 @dataclass(frozen=True)
@@ -40,6 +32,27 @@ class LossSpec:
             value = getattr(self, name)
             if not 0.0 < value < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+    @classmethod
+    def exp_log(cls, w_dice: float = 0.8, w_cross: float = 0.2, gamma_dice: float = 0.3, gamma_cross: float = 0.3,
+                eps: float = 1.0) -> "LossSpec":
+        """L_Exp = w_dice * L_Dice(gamma_dice) + w_cross * L_Cross(gamma_cross); the paper's best by default."""
+        return cls(w_dice, w_cross, gamma_dice, gamma_cross, False, eps)
+
+    @classmethod
+    def linear(cls, eps: float = 1.0) -> "LossSpec":
+        """The linear Dice loss: mean over (sample, label) of 1 - Dice_i."""
+        return cls(1.0, 0.0, 1.0, 1.0, True, eps)
+
+    @classmethod
+    def log_dice(cls, gamma: float = 1.0, eps: float = 1.0) -> "LossSpec":
+        """L_Dice(gamma) = mean over (sample, label) of (-ln Dice_i)^gamma."""
+        return cls(1.0, 0.0, gamma, 1.0, False, eps)
+
+    @classmethod
+    def cross(cls, gamma: float = 1.0) -> "LossSpec":
+        """L_Cross(gamma) = mean over voxels of w_l * (-ln p_l)^gamma (no Dice term, so no eps)."""
+        return cls(0.0, 1.0, 1.0, gamma, False, 1.0)
 
     def op_args(self) -> tuple[float, float, float, float, bool, float]:
         """Arguments in the order of the native and Triton ops."""

@@ -1,4 +1,4 @@
-"""The paper's network (Wong et al. 2018, section 2.1, Fig. 1; DESIGN.md section 3).
+"""The paper's network (Wong et al. 2018, section 2.1, Fig. 1; DESIGN.md section 4).
 
 Blocks of k x (3x3x3 conv, BN, ReLU) plus a 1x1x1 convolution skip, the two branches added; max
 pooling between encoder levels, channels doubling; trilinear upsampling in the decoder, encoder

@@ -1,0 +1,148 @@
+"""Every default in one place: the presets (`cpu`, `paper`, and the GPU suite's `smoke`) and the
+training configuration whose defaults they set.
+
+A preset names, for one kind of machine, the synthetic demo data it builds, the main command's training
+(scripts/train.py) and the Table 1 experiment's settings (scripts/reproduce_table1.py). TrainConfig's
+defaults are the `cpu` preset's; `TrainConfig.for_preset(name)` gives another's. The command-line
+defaults of the scripts come from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+
+from expseg_fast.data.demo import DemoSettings
+from expseg_fast.losses import LossSpec
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+MODELS = ("ours", "vnet")
+
+
+@dataclass(frozen=True)
+class Table1Settings:
+    """Table 1's settings shared by every case. demo: the preset whose demo data the runs use; widths:
+    ours (paper 24) and V-Net (original 16); subjects: only the first N of the demo dataset (None: all)."""
+
+    demo: str
+    size: int
+    width_ours: int
+    width_vnet: int
+    epochs: int
+    splits: int
+    precision: str
+    channels_last: bool
+    subjects: int | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """demo: the synthetic demo data; size, width, epochs, precision, channels_last: the main command's
+    training; table1: the Table 1 experiment."""
+
+    demo: DemoSettings
+    size: int
+    width: int
+    epochs: int
+    precision: str
+    channels_last: bool
+    table1: Table1Settings
+
+
+_CPU_DEMO = DemoSettings(spacing_mm=3.0, field_of_view_mm=None)  # coarse voxels, a tight field of view
+PRESETS = {
+    # a 2-core CPU: the main command in about 12 minutes (48^3), Table 1 in about 2.5 hours (32^3, widths halved)
+    "cpu": Preset(_CPU_DEMO, 48, 12, 12, "fp32", False, Table1Settings("cpu", 32, 12, 8, 32, 5, "fp32", False)),
+    # the paper's setting on a GPU: 128^3 in a field of view where background is about 93.5 %
+    "paper": Preset(DemoSettings(spacing_mm=2.0, field_of_view_mm=290.0), 128, 24, 100, "bf16", True,
+                    Table1Settings("paper", 128, 24, 16, 100, 5, "bf16", True)),
+    # the GPU suite's CI rehearsal (bench/gpu_suite.sh --smoke): one epoch of two subjects; figures mean nothing
+    "smoke": Preset(_CPU_DEMO, 32, 4, 1, "fp32", False, Table1Settings("cpu", 32, 4, 4, 1, 5, "fp32", False, 2)),
+}
+_DEFAULT = PRESETS["cpu"]
+
+LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice, w_cross)
+    "exp": lambda gd, gc, wd, wc: LossSpec.exp_log(wd, wc, gd, gc),
+    "log_dice": lambda gd, gc, wd, wc: LossSpec.log_dice(gd),
+    "linear_dice": lambda gd, gc, wd, wc: LossSpec.linear(),
+    "cross": lambda gd, gc, wd, wc: LossSpec.cross(gc),
+}
+
+
+@dataclass
+class TrainConfig:
+    """One training run: what the trainer reads, what a checkpoint stores (as JSON)."""
+
+    out: str = "runs/demo"
+    data: str | None = None  # dataset folder or list; None: the synthetic demo dataset
+    label_map: str | None = None
+    demo_preset: str = "cpu"
+    size: int = _DEFAULT.size
+    model: str = "ours"  # ours | vnet
+    width: int = _DEFAULT.width
+    fuse_levels: tuple[int, ...] = (0, 1, 2)
+    loss: str = "exp"
+    gamma_dice: float = 0.3
+    gamma_cross: float = 0.3
+    w_dice: float = 0.8
+    w_cross: float = 0.2
+    epochs: int = _DEFAULT.epochs
+    lr: float = 1e-3
+    precision: str = _DEFAULT.precision  # fp32 | bf16 | fp16 (with a grad scaler)
+    channels_last: bool = _DEFAULT.channels_last
+    augment_probability: float = 0.8
+    seed: int = 0
+    splits: int = 5
+    split: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    limit_subjects: int | None = None  # use only the first N subjects (tests, quick looks)
+
+    @classmethod
+    def for_preset(cls, name: str, **overrides) -> "TrainConfig":
+        """The main command's configuration on a preset's machine, with overrides."""
+        p = PRESETS[name]
+        values = dict(demo_preset=name, size=p.size, width=p.width, epochs=p.epochs, precision=p.precision,
+                      channels_last=p.channels_last)
+        return cls(**{**values, **overrides})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        """The configuration a checkpoint stored; keys of older versions that no longer exist are ignored."""
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        config.fuse_levels = tuple(config.fuse_levels)
+        return config
+
+    def loss_spec(self) -> LossSpec:
+        return LOSSES[self.loss](self.gamma_dice, self.gamma_cross, self.w_dice, self.w_cross)
+
+    def demo_settings(self) -> DemoSettings:
+        return PRESETS[self.demo_preset].demo
+
+    def check(self) -> None:
+        """Raises ValueError naming every setting that is out of range."""
+        problems = []
+        if self.model not in MODELS:
+            problems.append(f"model must be 'ours' or 'vnet', got {self.model!r}")
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.demo_preset not in PRESETS:
+            problems.append(f"demo_preset must be one of {sorted(PRESETS)}, got {self.demo_preset!r}")
+        if self.size < 16 or self.size % 16:
+            problems.append(f"size must be a multiple of 16 (>= 16), got {self.size}")
+        elif self.model == "vnet" and self.size < 32:  # its 1-voxel bottom level cannot batch-normalise a batch of 1
+            problems.append(f"size must be >= 32 for V-Net (4 halvings), got {self.size}")
+        if self.epochs < 1 or self.lr <= 0 or self.width < 1:
+            problems.append("epochs >= 1, lr > 0 and width >= 1 required")
+        if not 0 <= self.split < self.splits:
+            problems.append(f"split must be in [0, {self.splits}), got {self.split}")
+        if problems:
+            raise ValueError("; ".join(problems))
