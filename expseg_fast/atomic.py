@@ -1,23 +1,66 @@
 """Atomic file writes: a temporary file in the destination's folder, then a rename, so a crash never
-leaves a truncated file (checkpoint, NIfTI, cache entry) where a complete one is expected."""
+leaves a truncated file (checkpoint, NIfTI, cache entry) where a complete one is expected. A full disk
+is reported as such, naming the file, and leaves the previous file in place."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+TEMP_PREFIX = ".tmp-"  # temporary files; one left behind by a killed write can be removed
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(OSError):
+    """The device ran out of space while writing a file; the message names the file."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.ENOSPC, f"no space left on device while writing {path}")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_no_space(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _NO_SPACE
+
 
 def write_atomic(path: str | Path, write: Callable[[str], None], suffix: str = "") -> None:
-    """Calls write(temporary_path), then renames the temporary file to path."""
+    """Calls write(temporary_path), then renames the temporary file to path. NoSpaceError when the
+    disk is full (the previous file at path is untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_no_space(error) and not isinstance(error, NoSpaceError):
+            raise NoSpaceError(path) from error
         raise
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Plain file write (its own function: the fault-injection tests replace it)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """write_atomic of a bytes object (plain file writes: a full disk surfaces as ENOSPC)."""
+    write_atomic(path, lambda tmp: _write_file(tmp, data), "".join(Path(path).suffixes))
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Removes the temporary files that killed writes left in folder; returns them. Only safe while no
+    other process writes there (the trainer holds its folder's lock)."""
+    removed = [p for p in folder.glob(TEMP_PREFIX + "*") if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed

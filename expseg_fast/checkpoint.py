@@ -2,26 +2,41 @@
 
 A checkpoint is a dict of tensors and plain values (loaded with weights_only=True, so one carrying
 arbitrary pickled objects is refused): the model's, optimizer's and grad scaler's state dicts, the
-epoch it ends and the best validation Dice so far, every random generator's state (exact resume),
-the run's TrainConfig as JSON and the class names.
+epoch it ends, the best validation Dice so far and the epoch that reached it, every random
+generator's state (exact resume), the run's TrainConfig as JSON and the class names. It is serialised
+in memory and then written atomically with plain file writes, so a full disk is reported as such
+(NoSpaceError naming the file) and the previous checkpoint stays.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
-from expseg_fast.atomic import write_atomic
+from expseg_fast.atomic import write_bytes_atomic
 from expseg_fast.config import TrainConfig
 
 # What every checkpoint holds (cuda_rng only when trained on CUDA).
 KEYS = ("model", "optimizer", "scaler", "epoch", "best", "aug_rng", "order_rng", "torch_rng", "config", "class_names")
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Writes state to path atomically (a crash leaves the previous file)."""
-    write_atomic(path, lambda tmp: torch.save(state, tmp), ".pt")
+def to_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: Path, state: dict | bytes) -> None:
+    """Writes a state (or its to_bytes) to path atomically (a crash or a full disk leaves the previous file)."""
+    write_bytes_atomic(path, state if isinstance(state, bytes) else to_bytes(state))
+
+
+def non_finite_weights(model_state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or Inf."""
+    return [name for name, t in model_state.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def load_checkpoint(path: Path) -> dict:

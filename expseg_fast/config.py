@@ -70,6 +70,9 @@ LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice,
 }
 
 
+RESUME_MAY_CHANGE = ("epochs", "device", "deterministic")  # settings a resumed run may take from the command line
+
+
 @dataclass
 class TrainConfig:
     """One training run: what the trainer reads, what a checkpoint stores (as JSON)."""
@@ -118,6 +121,18 @@ class TrainConfig:
         config = cls(**{k: v for k, v in values.items() if k in known})
         config.fuse_levels = tuple(config.fuse_levels)
         return config
+
+    def resume_differences(self, saved: "TrainConfig") -> tuple[list[str], list[str]]:
+        """(changes a resumed run refuses, changes it applies) between the run's saved configuration and
+        this one, each "name=value (the run has saved)". The output folder may move; more epochs, another
+        device or deterministic mode change no result already written."""
+        refused, applied = [], []
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(saved, f.name)
+            if f.name == "out" or mine == theirs:
+                continue
+            (applied if f.name in RESUME_MAY_CHANGE else refused).append(f"{f.name}={mine!r} (the run has {theirs!r})")
+        return refused, applied
 
     def loss_spec(self) -> LossSpec:
         return LOSSES[self.loss](self.gamma_dice, self.gamma_cross, self.w_dice, self.w_cross)

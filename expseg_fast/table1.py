@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from expseg_fast import runlog
 from expseg_fast.atomic import write_atomic
 from expseg_fast.config import Table1Settings, TrainConfig
 from expseg_fast.data import preprocess_pair
@@ -92,10 +93,8 @@ def config_for(case: Case, split: int, preset: Table1Settings, runs: Path) -> Tr
 
 
 def read_log(path: Path) -> list[dict]:
-    """The epoch records of a run (empty when it has not started)."""
-    if not (path / "log.jsonl").exists():
-        return []
-    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines() if line.strip()]
+    """The epoch records of the run in folder path (empty when it has not started)."""
+    return runlog.read_log(path / "log.jsonl", warn=False)
 
 
 def is_complete(path: Path, epochs: int) -> bool:

@@ -18,6 +18,6 @@ def run_all(preset: Table1Settings, runs: Path, cases=CASES, splits: range | Non
             if is_complete(path, preset.epochs):
                 print(f"[table1] {case.key} split {split}: complete, skipped", flush=True)
                 continue
-            print(f"[table1] {case.key} split {split}: {'resuming' if (path / 'last.pt').exists() else 'starting'}",
-                  flush=True)
-            train(config_for(case, split, preset, runs), resume=True)
+            resume = (path / "last.pt").exists()
+            print(f"[table1] {case.key} split {split}: {'resuming' if resume else 'starting'}", flush=True)
+            train(config_for(case, split, preset, runs), resume=resume)

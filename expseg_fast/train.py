@@ -12,7 +12,6 @@ validation is gathered, and only the first process writes.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,13 +20,16 @@ import torch
 
 from expseg_fast import distributed
 from expseg_fast.atomic import write_atomic
-from expseg_fast.checkpoint import load_checkpoint, save_checkpoint
+from expseg_fast.atomic import NoSpaceError
+from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finite_weights, save_checkpoint, to_bytes
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import AugmentConfig, augment, preprocess_pair, random_splits
 from expseg_fast.data.source import open_dataset
 from expseg_fast.losses import label_counts, label_weights, loss as loss_fn
 from expseg_fast.metrics import hard_dice, nanstd
 from expseg_fast.models import build_model
+from expseg_fast.run_folder import RunError, RunFolder
+from expseg_fast.runlog import append_record, read_log, rewrite_log
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,21 +43,23 @@ def _device(config: TrainConfig) -> torch.device:
 def dataset(config: TrainConfig, out: Path):
     """(pairs, label map) of a run writing to out: its data, or the demo dataset built once beside out."""
     return open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset, out.parent,
-                        config.limit_subjects)
+                        config.limit_subjects, config.size)
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
     """Runs (or, with resume, continues) the training; returns the last epoch's record. The process's
     deterministic-algorithms and cuDNN-autotuning settings are restored on return."""
     deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    folder = RunFolder(Path(config.out))
     try:
-        return _train(config, resume)
+        return _train(config, resume, folder)
     finally:
+        folder.close()
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _train(config: TrainConfig, resume: bool) -> dict:
+def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     config.check()
     out = Path(config.out)
     device = _device(config)
@@ -68,7 +72,7 @@ def _train(config: TrainConfig, resume: bool) -> dict:
         distributed.barrier()  # the first process builds the demo data and the cache
     pairs, label_map = dataset(config, out)  # scanned before anything of the run is written
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        folder.open(resume)  # locked; a new run never replaces one, resume needs a checkpoint
     num_labels = len(label_map.names)
     train_idx, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
     cache = out.parent / "cache"
@@ -93,9 +97,10 @@ def _train(config: TrainConfig, resume: bool) -> dict:
     dtype = DTYPES[config.precision]
     aug_gen = torch.Generator().manual_seed(config.seed + 1 + rank)
     order_gen = torch.Generator().manual_seed(config.seed + 2)
-    start_epoch, best = 0, -1.0
-    if resume and (out / "last.pt").exists():
+    start_epoch, best, best_epoch = 0, -1.0, -1
+    if resume:
         state = load_checkpoint(out / "last.pt")
+        _check_resume(config, state, out / "last.pt", main)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -105,11 +110,13 @@ def _train(config: TrainConfig, resume: bool) -> dict:
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        best_epoch = int(state.get("best_epoch", -1))
         if main:  # a kill between the log line and the checkpoint left a record the run will redo
             _keep_log_before(out / "log.jsonl", start_epoch)
+            _repair_best(out, state)
     elif main:
         (out / "log.jsonl").write_text("")
-    history = _read_log(out / "log.jsonl") if main else []
+    history = read_log(out / "log.jsonl") if main else []
     if main:
         print(f"training {config.model} on {len(train_idx)} subjects, validating on {len(val_idx)}, {config.size}^3, "
               f"{config.epochs} epochs, {config.loss} loss, {config.precision} on {device} x {world}; output in {out}",
@@ -139,6 +146,8 @@ def _train(config: TrainConfig, resume: bool) -> dict:
                 logits = net(image.contiguous(memory_format=memory_format))
             value = loss_fn(logits, labels, weights, spec, validate=False)
             scaler.scale(value).backward()
+            if not scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients itself
+                _stop_if_diverged(value, model, epoch, step, out)
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(value.detach()))
@@ -172,25 +181,36 @@ def _train(config: TrainConfig, resume: bool) -> dict:
         if not main:
             continue
         history.append(record)
-        _write_reports(out, label_map.names, data[val_idx[0]], pred_first, history)
-        clock.lap("report")
-        record["phase_seconds"] = clock.seconds
-        record["seconds"] = time.perf_counter() - started
-        with (out / "log.jsonl").open("a") as log:
-            log.write(json.dumps(record) + "\n")
+        bad = non_finite_weights(model.state_dict())
+        if bad:  # fp16 runs reach here when the scaler could not keep the weights finite
+            raise RunError(f"epoch {epoch + 1}: the weights became non-finite ({bad[0]}, ...); nothing of this "
+                           f"epoch was saved, {out / 'last.pt'} holds the last finite one; try a lower --lr")
+        try:
+            _write_reports(out, label_map.names, data[val_idx[0]], pred_first, history)
+            clock.lap("report")
+            record["phase_seconds"] = clock.seconds
+            record["seconds"] = time.perf_counter() - started
+            append_record(out / "log.jsonl", record)
+            if mean >= best:
+                best_epoch = epoch
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "best": best, "best_epoch": best_epoch, "aug_rng": aug_gen.get_state(),
+                "order_rng": order_gen.get_state(), "torch_rng": torch.get_rng_state(), "config": config.to_json(),
+                "class_names": list(label_map.names),
+            }
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state()
+            blob = to_bytes(state)
+            save_checkpoint(out / "last.pt", blob)  # first: a kill before best.pt is repaired on resume
+            if best_epoch == epoch:
+                save_checkpoint(out / "best.pt", blob)
+        except NoSpaceError as error:
+            raise RunError(f"{error}; the previous checkpoint is intact ({out / 'last.pt'}): free some space "
+                           f"and continue with --resume") from error
         eta = record["seconds"] * (config.epochs - epoch - 1)
         print(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  val Dice {mean:.3f}  "
               f"{record['seconds']:.1f} s  ETA {eta / 60:.1f} min", flush=True)
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "best": best, "aug_rng": aug_gen.get_state(), "order_rng": order_gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "config": config.to_json(), "class_names": list(label_map.names),
-        }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        save_checkpoint(out / "last.pt", state)
-        if mean >= best:
-            save_checkpoint(out / "best.pt", state)
     distributed.teardown()
     if not main:
         return record
@@ -212,9 +232,37 @@ def _write_reports(out: Path, names: tuple[str, ...], case, prediction: torch.Te
     write_atomic(out / "dice_table.md", lambda tmp: Path(tmp).write_text(report.label_table(records[-1], names)), ".md")
 
 
-def _read_log(path: Path) -> list[dict]:
-    """The epoch records of log.jsonl."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _check_resume(config: TrainConfig, state: dict, path: Path, main: bool) -> None:
+    """A resumed run keeps its configuration: ValueError naming every setting that differs, except those
+    it may take (RESUME_MAY_CHANGE), which are applied with a message."""
+    refused, applied = config.resume_differences(checkpoint_config(state, path))
+    if refused:
+        raise ValueError(f"{path}: a resumed run keeps the configuration it was trained with, and this one "
+                         f"differs: {'; '.join(refused)}; resume with the run's settings, or start a new --out")
+    if applied and main:
+        print(f"resuming {path.parent} with {'; '.join(applied)}", flush=True)
+
+
+def _repair_best(out: Path, last: dict) -> None:
+    """A kill between writing last.pt and best.pt leaves best.pt one improvement behind: copy last.pt."""
+    best_epoch, epoch = int(last.get("best_epoch", -1)), int(last["epoch"])
+    if best_epoch != epoch:
+        return
+    best = out / "best.pt"
+    if best.exists() and int(load_checkpoint(best)["epoch"]) == epoch:
+        return
+    save_checkpoint(best, (out / "last.pt").read_bytes())
+    print(f"{best}: brought up to date with {out / 'last.pt'} (epoch {epoch + 1}, the best so far)", flush=True)
+
+
+def _stop_if_diverged(value: torch.Tensor, model: torch.nn.Module, epoch: int, step: int, out: Path) -> None:
+    """RunError when the loss or the gradients are not finite, before the optimizer step can spoil the weights."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    finite = torch.isfinite(value.detach()) & torch.isfinite(norm)
+    if not bool(finite):
+        what = "the loss" if not bool(torch.isfinite(value.detach())) else "the gradients"
+        raise RunError(f"epoch {epoch + 1}, step {step}: {what} became non-finite ({float(value):.4g}): the run "
+                       f"diverged; {out / 'last.pt'} holds the last finite epoch; try a lower --lr")
 
 
 class PhaseClock:
@@ -236,8 +284,8 @@ class PhaseClock:
 
 
 def _keep_log_before(path: Path, epoch: int) -> None:
-    """Drops the records of epochs >= epoch from the log (atomically)."""
+    """Drops the records of epochs >= epoch (and a torn last line) from the log, atomically."""
     lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < epoch]
+    kept = [r for r in read_log(path) if r["epoch"] < epoch]
     if len(kept) != len(lines):
-        write_atomic(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)), ".jsonl")
+        rewrite_log(path, kept)

@@ -19,6 +19,7 @@ import torch
 
 from expseg_fast import table1, table1_run
 from expseg_fast.config import PRESETS
+from expseg_fast.run_folder import RunError
 
 
 def main(argv=None) -> None:
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
               flush=True)
         try:
             table1_run.run_all(preset, runs, cases, a.splits)
-        except ValueError as error:
+        except (ValueError, RunError) as error:
             sys.exit(f"error: {error}")
         if a.train_only:
             return

@@ -1,6 +1,8 @@
 """Segment NIfTI files with a trained checkpoint: labels written in each input's original space.
 
-python scripts/segment.py CHECKPOINT INPUT(.nii[.gz] or folder) OUTPUT_FOLDER [--device cpu|cuda]
+python scripts/segment.py CHECKPOINT INPUT(.nii[.gz] or folder) OUTPUT_FOLDER [--device cpu|cuda] [--overwrite]
+Every good input is segmented; the bad ones are listed at the end, one line each, and the exit status is
+then 1. Outputs keep the input names; an existing one is replaced only with --overwrite, an input never.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ def main() -> None:
     parser.add_argument("inputs", help="a .nii/.nii.gz file or a folder of them")
     parser.add_argument("out", help="output folder (label files keep the input names)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     args = parser.parse_args()
     try:
-        segment(args.checkpoint, args.inputs, args.out, args.device)
-    except (ValueError, FileNotFoundError) as error:
+        segment(args.checkpoint, args.inputs, args.out, args.device, args.overwrite)
+    except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
 
 

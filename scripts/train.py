@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+from expseg_fast.checkpoint import checkpoint_config, load_checkpoint
 from expseg_fast.config import LOSSES, MODELS, PRECISIONS, TrainConfig
+from expseg_fast.run_folder import RunError
 from expseg_fast.train import train
 
 
 def parse(argv=None) -> tuple[TrainConfig, bool]:
     d = TrainConfig.for_preset("paper" if torch.cuda.is_available() else "cpu")  # every default, from the preset
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data", help="dataset folder (imagesTr/, labelsTr/) or .json/.csv list; default: the demo dataset")
     p.add_argument("--label-map", help="JSON label map (required with --data)")
     p.add_argument("--out", default=d.out, help="output folder")
@@ -38,8 +41,12 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--split", type=int, default=d.split, help=f"which of the {d.splits} random 70/30 splits")
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--limit-subjects", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt with the run's own configuration (only --epochs, --deterministic "
+                        "may change; another differing option is an error)")
     a = p.parse_args(argv)
+    if a.resume:
+        return _resumed(p, a, argv if argv is not None else sys.argv[1:]), True
     config = TrainConfig.for_preset(
         d.demo_preset, out=a.out, data=a.data, label_map=a.label_map, size=a.size, model=a.model, width=a.width,
         loss=a.loss, gamma_dice=a.gamma_dice, gamma_cross=a.gamma_cross, w_dice=a.w_dice, w_cross=a.w_cross,
@@ -53,9 +60,27 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     return config, a.resume
 
 
+def _resumed(p: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str]) -> TrainConfig:
+    """The configuration saved in OUT/last.pt with the options given on this command line over it (the
+    trainer refuses those a resumed run may not change, naming them)."""
+    last = Path(a.out) / "last.pt"
+    if not last.exists():
+        p.error(f"--resume: {last} not found, so there is nothing to resume; check --out, or start a new run")
+    try:
+        config = checkpoint_config(load_checkpoint(last), last)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    for action in p._actions:
+        if set(action.option_strings) & given and action.dest not in ("resume", "help"):
+            setattr(config, action.dest, getattr(a, action.dest))
+    config.out = a.out
+    return config
+
+
 if __name__ == "__main__":
     cfg, resume = parse()
     try:
         train(cfg, resume=resume)
-    except ValueError as error:  # bad data or checkpoint: a clear message, no traceback
+    except (ValueError, RunError) as error:  # bad data, checkpoint or folder, divergence, full disk: no traceback
         sys.exit(f"error: {error}")

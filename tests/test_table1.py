@@ -93,11 +93,12 @@ def test_written_table_json_and_plot_agree(tmp_path):
 def test_run_all_skips_complete_runs_and_resumes_the_rest_split_by_split(tmp_path, monkeypatch):
     preset = dataclasses.replace(PRESETS["cpu"].table1, epochs=2, splits=2)
     fake_logs(tmp_path, preset, np.random.default_rng(), {("linear_dice", 1): False, ("vnet_exp_g0.3", 0): False})
+    (table1.run_dir(tmp_path, TWO[1], 0) / "last.pt").touch()  # interrupted after a checkpoint: resumed
     calls = []
     monkeypatch.setattr(table1_run, "train", lambda config, resume: calls.append((config.out, config.split, resume)))
     table1_run.run_all(preset, tmp_path, TWO)
     assert calls == [(str(table1.run_dir(tmp_path, TWO[1], 0)), 0, True),
-                     (str(table1.run_dir(tmp_path, TWO[0], 1)), 1, True)]
+                     (str(table1.run_dir(tmp_path, TWO[0], 1)), 1, False)]  # no checkpoint yet: started anew
 
 
 def test_case_configs_follow_the_paper():

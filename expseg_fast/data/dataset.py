@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from expseg_fast.data.nifti import VolumeError, load_volume
+from expseg_fast.data.preprocess import resampling_problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -55,9 +56,11 @@ class LabelMap:
             lookup: dict[int, int] = {}
             for index, c in enumerate(classes):
                 for source in c["ids"]:
-                    if int(source) in lookup:
+                    if isinstance(source, bool) or not isinstance(source, int):
+                        raise ValueError(f"class {c['name']!r}: id {source!r} is not an integer")
+                    if source in lookup:
                         raise ValueError(f"source id {source} is listed for two classes")
-                    lookup[int(source)] = index
+                    lookup[source] = index
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path}: not a label map ({error}); expected "
                              '{"classes": [{"name": ..., "ids": [...]}, ...]}') from error
@@ -85,8 +88,10 @@ def _stem(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
-def find_pairs(source: str | Path) -> list[Pair]:
-    """Image/label pairs of a dataset folder or list file; missing partners raise DatasetError."""
+def find_pairs(source: str | Path, problems: list[str] | None = None) -> list[Pair]:
+    """Image/label pairs of a dataset folder or list file. Files without their partner raise
+    DatasetError, or, when a `problems` list is given, are reported there and left out (so that one
+    scan can name every problem of the dataset)."""
     source = Path(source)
     if source.is_dir():
         images_dir, labels_dir = source / "imagesTr", source / "labelsTr"
@@ -94,17 +99,19 @@ def find_pairs(source: str | Path) -> list[Pair]:
             raise DatasetError([f"{source}: expected the folders imagesTr/ and labelsTr/"])
         images = {_stem(p): p for p in sorted(images_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
         labels = {_stem(p): p for p in sorted(labels_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
-        problems = [f"{images[k]}: no label file in {labels_dir}" for k in sorted(images.keys() - labels.keys())]
-        problems += [f"{labels[k]}: no image file in {images_dir}" for k in sorted(labels.keys() - images.keys())]
-        if problems:
-            raise DatasetError(problems)
-        pairs = [Pair(images[k], labels[k]) for k in sorted(images)]
+        unpaired = [f"{images[k]}: no label file in {labels_dir}" for k in sorted(images.keys() - labels.keys())]
+        unpaired += [f"{labels[k]}: no image file in {images_dir}" for k in sorted(labels.keys() - images.keys())]
+        if unpaired and problems is None:
+            raise DatasetError(unpaired)
+        if unpaired:
+            problems += unpaired
+        pairs = [Pair(images[k], labels[k]) for k in sorted(images.keys() & labels.keys())]
     elif source.suffix in (".json", ".csv") and source.is_file():
         pairs = _read_list(source)
     else:
         raise DatasetError([f"{source}: not a dataset folder (imagesTr/, labelsTr/) or a .json / .csv list"])
     if not pairs:
-        raise DatasetError([f"{source}: no image/label pairs found"])
+        raise DatasetError((problems or []) + [f"{source}: no image/label pairs found"])
     return pairs
 
 
@@ -120,9 +127,10 @@ def _read_list(path: Path) -> list[Pair]:
         raise DatasetError([f"{path}: cannot read the image/label list ({error})"]) from error
 
 
-def scan(pairs: list[Pair], label_map: LabelMap) -> list[str]:
-    """Every problem of every pair (reads all files), one message each naming the file."""
-    problems: list[str] = []
+def scan(pairs: list[Pair], label_map: LabelMap, size: int | None = None) -> list[str]:
+    """Every problem of every pair (reads all files), one message each naming the file. With size, also
+    the volumes that resampling to size^3 would lose (resampling_problem)."""
+    problems = _duplicates(pairs)
     for pair in pairs:
         try:
             image = load_volume(pair.image)
@@ -152,11 +160,28 @@ def scan(pairs: list[Pair], label_map: LabelMap) -> list[str]:
                 problems.append(f"{pair.label}: shape {label.data.shape} differs from its image's {image.data.shape}")
             elif not np.allclose(image.affine, label.affine, atol=1e-3 * float(image.spacing.min())):
                 problems.append(f"{pair.label}: affine differs from its image's ({pair.image})")
+        if image is not None and size is not None:
+            problem = resampling_problem(pair.image, image.data.shape, image.affine, size)
+            if problem:
+                problems.append(problem)
     return problems
 
 
-def validate(pairs: list[Pair], label_map: LabelMap) -> None:
-    """Raise DatasetError listing all problems at once; nothing should be written before this passes."""
-    problems = scan(pairs, label_map)
+def _duplicates(pairs: list[Pair]) -> list[str]:
+    """A file listed in two pairs (one subject could land in training and validation at once)."""
+    problems, seen = [], {}
+    for index, pair in enumerate(pairs):
+        for path in (pair.image, pair.label):
+            key = Path(path).resolve()
+            if key in seen and seen[key] != index:
+                problems.append(f"{path}: listed more than once in the dataset (pairs {seen[key] + 1} and {index + 1})")
+            seen.setdefault(key, index)
+    return problems
+
+
+def validate(pairs: list[Pair], label_map: LabelMap, size: int | None = None, problems: list[str] | None = None) -> None:
+    """Raise DatasetError listing all problems at once (the given ones, e.g. from find_pairs, first);
+    nothing should be written before this passes."""
+    problems = list(problems or []) + scan(pairs, label_map, size)
     if problems:
         raise DatasetError(problems)

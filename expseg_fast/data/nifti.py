@@ -36,6 +36,10 @@ def load_volume(path: str | Path, dtype=np.float32) -> Volume:
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types for broken files
         raise VolumeError(f"{path}: unreadable or truncated NIfTI file ({type(error).__name__}: {error})") from error
+    if data.dtype.names is not None:  # RGB(A) NIfTI: a structured dtype of colour channels
+        raise VolumeError(f"{path}: a colour (RGB) image; expected one intensity per voxel")
+    if np.iscomplexobj(data):
+        raise VolumeError(f"{path}: complex-valued voxels; expected real intensities")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

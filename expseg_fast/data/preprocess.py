@@ -90,6 +90,24 @@ def plan(shape: tuple[int, int, int], affine: np.ndarray, size: int) -> Resampli
     return Resampling(shape, np.asarray(affine, dtype=np.float64), (size, size, size), matrix, offset)
 
 
+def thinnest_axis_voxels(shape: tuple[int, int, int], affine: np.ndarray, size: int) -> float:
+    """How many target voxels the original field of view spans along its thinnest axis, once the
+    volume is padded to a cube and resized to size^3: below 1, the resampling keeps (almost) nothing of
+    the volume (a single slice, or a strongly anisotropic or elongated field of view)."""
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    mm = np.array(shape, dtype=np.float64) * spacing  # field of view along each voxel axis
+    return float(mm.min() / mm.max() * size)
+
+
+def resampling_problem(path, shape: tuple[int, int, int], affine: np.ndarray, size: int) -> str | None:
+    """One line naming the file when resampling it to size^3 would leave nothing usable, else None."""
+    thinnest = thinnest_axis_voxels(shape, affine, size)
+    if thinnest < 1.0:
+        return (f"{path}: its field of view resampled to {size}^3 is {thinnest:.2f} voxels thin along its "
+                f"shortest axis (shape {tuple(int(n) for n in shape)}): the volume would be lost")
+    return None
+
+
 def _map(shape: tuple[int, int, int], matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Coordinates (3, *shape) = matrix @ voxel + offset for every voxel of a grid of that shape."""
     grid = np.indices(shape, dtype=np.float64).reshape(3, -1)
