@@ -70,7 +70,7 @@ LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice,
 }
 
 
-RESUME_MAY_CHANGE = ("epochs", "device", "deterministic")  # settings a resumed run may take from the command line
+RESUME_MAY_CHANGE = ("epochs", "device", "deterministic", "loader_workers")  # settings a resumed run may take from the command line
 
 
 @dataclass
@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "auto"
     deterministic: bool = False
     limit_subjects: int | None = None  # use only the first N subjects (tests, quick looks)
+    loader_workers: int = 2  # background processes reading the subjects from the cache (0: the trainer's own)
 
     @classmethod
     def for_preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -155,8 +156,8 @@ class TrainConfig:
             problems.append(f"size must be a multiple of 16 (>= 16), got {self.size}")
         elif self.model == "vnet" and self.size < 32:  # its 1-voxel bottom level cannot batch-normalise a batch of 1
             problems.append(f"size must be >= 32 for V-Net (4 halvings), got {self.size}")
-        if self.epochs < 1 or self.lr <= 0 or self.width < 1:
-            problems.append("epochs >= 1, lr > 0 and width >= 1 required")
+        if self.epochs < 1 or self.lr <= 0 or self.width < 1 or self.loader_workers < 0:
+            problems.append("epochs >= 1, lr > 0, width >= 1 and loader_workers >= 0 required")
         if not 0 <= self.split < self.splits:
             problems.append(f"split must be in [0, {self.splits}), got {self.split}")
         if problems:

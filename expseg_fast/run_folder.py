@@ -17,6 +17,20 @@ from expseg_fast.atomic import remove_temporaries
 from expseg_fast.runlog import read_log
 
 
+_HELD: set[int] = set()  # lock file descriptors held by this process
+
+
+def _close_held_in_child() -> None:
+    """A forked child (a data-loader or preprocessing worker) must not keep the lock alive after its
+    parent is killed: it closes its copies of the lock's descriptors."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class RunError(RuntimeError):
     """A run that cannot start or go on; the message says why and what to do."""
 
@@ -59,10 +73,12 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        _HELD.add(fd)
 
     def close(self) -> None:
         """Releases the lock."""
         if self._lock_fd is not None:
+            _HELD.discard(self._lock_fd)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None

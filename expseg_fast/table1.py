@@ -123,7 +123,7 @@ def label_voxels(preset: Table1Settings, runs: Path) -> list[float]:
     pairs, label_map = open_dataset(None, None, config.demo_settings(), config.demo_preset, runs, config.limit_subjects)
     totals = [0.0] * (len(CLASS_NAMES) - 1)
     for pair in pairs:
-        labels = torch.from_numpy(preprocess_pair(pair, label_map, preset.size, runs / "cache").labels.astype("int64"))
+        labels = torch.from_numpy(preprocess_pair(pair, label_map, preset.size, runs / "cache", mmap=True).labels.astype("int64"))
         counts = torch.bincount(labels.reshape(-1), minlength=len(CLASS_NAMES))[1:]
         totals = [t + float(c) / len(pairs) for t, c in zip(totals, counts)]
     return totals

@@ -23,7 +23,8 @@ from expseg_fast.atomic import write_atomic
 from expseg_fast.atomic import NoSpaceError
 from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finite_weights, save_checkpoint, to_bytes
 from expseg_fast.config import TrainConfig
-from expseg_fast.data import AugmentConfig, augment, preprocess_pair, random_splits
+from expseg_fast.data import AugmentConfig, augment, random_splits
+from expseg_fast.data.loader import CachedSubjects, OrderSampler, prepare, subject_loader
 from expseg_fast.data.source import open_dataset
 from expseg_fast.losses import label_counts, label_weights, loss as loss_fn
 from expseg_fast.metrics import hard_dice, nanstd
@@ -75,15 +76,19 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
         folder.open(resume)  # locked; a new run never replaces one, resume needs a checkpoint
     num_labels = len(label_map.names)
     train_idx, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
-    cache = out.parent / "cache"
-    samples = [preprocess_pair(p, label_map, config.size, cache) for p in pairs]
-    to_tensor = lambda s: (  # noqa: E731
-        torch.from_numpy(s.image)[None, None].to(device), torch.from_numpy(s.labels.astype("int64"))[None].to(device)
-    )
-    data = [to_tensor(s) for s in samples]
+    # the preprocessed cache is the source: each step's subject is read from disk (memory-mapped) by
+    # background workers; labels stay uint8 from disk to the loss
+    entries = prepare(pairs, label_map, config.size, out.parent / "cache", report=main)
     if main:
         distributed.barrier()
-    counts = label_counts([torch.from_numpy(samples[i].labels) for i in train_idx], num_labels)
+    subjects = CachedSubjects(entries)
+    sampler = OrderSampler()
+    loader = subject_loader(subjects, sampler, config.loader_workers, pin=device.type == "cuda")
+
+    def on_device(image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return image[None].to(device, non_blocking=True), labels[None].to(device, non_blocking=True)
+
+    counts = sum(label_counts([subjects[i][1]], num_labels) for i in train_idx)  # one subject in memory at a time
     weights = label_weights(counts.clamp_min(1)).to(device)  # labels absent from the split get the largest weight
     spec = config.loss_spec()
 
@@ -131,13 +136,14 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
         losses = []
         order = torch.randperm(len(train_idx), generator=order_gen).tolist()
         shard = order[rank::world][: len(order) // world]  # equal shards: every process steps alike
-        for step, i in enumerate(shard, start=1):
+        sampler.order = [train_idx[i] for i in shard]
+        for step, (image, labels) in enumerate(loader, start=1):
             if main and sys.stderr.isatty():  # a progress bar with ETA on a terminal
                 done = step - 1
                 eta = f"{(time.perf_counter() - started) / done * (len(shard) - done):.0f} s" if done else "?"
                 bar = "#" * (20 * done // len(shard))
                 print(f"\r  epoch {epoch + 1} [{bar:<20}] {done}/{len(shard)}  ETA {eta}", end="", file=sys.stderr)
-            image, labels = data[train_idx[i]]
+            image, labels = on_device(image, labels)
             clock.lap("data")
             image, labels = augment(image, labels, aug_gen, AugmentConfig(probability=config.augment_probability))
             clock.lap("augment")
@@ -158,7 +164,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
         dice = []
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             for j in val_idx[rank::world]:
-                image, labels = data[j]
+                image, labels = on_device(*subjects[j])
                 pred = model(image.contiguous(memory_format=memory_format)).argmax(1)
                 dice.append(hard_dice(pred, labels, num_labels))
                 if j == val_idx[0]:
@@ -186,7 +192,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
             raise RunError(f"epoch {epoch + 1}: the weights became non-finite ({bad[0]}, ...); nothing of this "
                            f"epoch was saved, {out / 'last.pt'} holds the last finite one; try a lower --lr")
         try:
-            _write_reports(out, label_map.names, data[val_idx[0]], pred_first, history)
+            _write_reports(out, label_map.names, on_device(*subjects[val_idx[0]]), pred_first, history)
             clock.lap("report")
             record["phase_seconds"] = clock.seconds
             record["seconds"] = time.perf_counter() - started

@@ -189,7 +189,7 @@ def test_preprocessed_pairs_are_cached_by_content_and_settings(tmp_path, monkeyp
     pair = Pair(tmp_path / "ds" / "imagesTr" / "a_0000.nii.gz", tmp_path / "ds" / "labelsTr" / "a.nii.gz")
     label_map = LabelMap.identity(7)
     first = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/image.npy"))) == 1
     calls = []
     monkeypatch.setattr(cache, "apply_image", lambda *a: calls.append(1) or np.zeros((32, 32, 32), np.float32))
     again = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
@@ -199,7 +199,10 @@ def test_preprocessed_pairs_are_cached_by_content_and_settings(tmp_path, monkeyp
     assert calls
     save_volume(pair.label, np.zeros_like(labels), affine)  # other content: rebuilt
     cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    assert len(list((tmp_path / "cache").glob("*/image.npy"))) == 3
+    mapped = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache", mmap=True)  # read in place
+    loaded = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
+    assert isinstance(mapped.image, np.memmap) and np.array_equal(mapped.labels, loaded.labels)
     back = invert_labels(first.labels, first.resampling)
     assert (back == labels).mean() > 0.97
 

@@ -1,27 +1,38 @@
-"""Preprocessed volumes cached on disk, keyed by the source files' content and the settings."""
+"""Preprocessed volumes cached on disk, keyed by the source files' content and the settings.
+
+Each entry is a folder CACHE/KEY/ holding image.npy (S, S, S) float32, labels.npy (S, S, S) uint8 (the
+class indices; int16 above 256 classes) and resampling.json (how to map a prediction back onto the
+original grid). The arrays are plain .npy files, so training reads them memory-mapped, one subject at a
+time, and never holds the dataset in memory. An entry appears whole or not at all (written in a
+temporary folder, then renamed), so an interrupted preparation resumes where it stopped.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from expseg_fast.atomic import write_atomic
+from expseg_fast.atomic import TEMP_PREFIX
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.nifti import load_volume
 from expseg_fast.data.preprocess import Resampling, apply_image, apply_labels, plan
 
 # Bump when the preprocessing's output changes for the same inputs and settings.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
+ENTRY_FILES = ("image.npy", "labels.npy", "resampling.json")
 
 
 @dataclass
 class Preprocessed:
     """image (S, S, S) float32 normalised, labels (S, S, S) class indices, and the resampling that
-    maps a prediction back onto the original grid (invert_labels)."""
+    maps a prediction back onto the original grid (invert_labels). Arrays may be memory-mapped."""
 
     image: np.ndarray
     labels: np.ndarray
@@ -39,19 +50,48 @@ def _digest(pair: Pair, label_map: LabelMap, size: int) -> str:
     return h.hexdigest()
 
 
-def preprocess_pair(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path | None = None) -> Preprocessed:
-    """The preprocessed pair, from the cache when its key (file contents + settings) is there."""
-    path = None
+def entry_path(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path) -> Path:
+    """The cache folder of a pair's preprocessing (it may not exist yet)."""
+    return Path(cache_dir) / _digest(pair, label_map, size)
+
+
+def read_entry(entry: Path, mmap: bool = True) -> Preprocessed:
+    """A cache entry; its arrays memory-mapped (read-only) unless mmap is False."""
+    mode = "r" if mmap else None
+    r = Resampling.from_dict(json.loads((entry / "resampling.json").read_text()))
+    return Preprocessed(np.load(entry / "image.npy", mmap_mode=mode), np.load(entry / "labels.npy", mmap_mode=mode), r)
+
+
+def _write_entry(entry: Path, result: Preprocessed) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=entry.parent))
+    try:
+        np.save(tmp / "image.npy", np.ascontiguousarray(result.image, dtype=np.float32))
+        np.save(tmp / "labels.npy", np.ascontiguousarray(result.labels))
+        (tmp / "resampling.json").write_text(json.dumps(result.resampling.to_dict()))
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another process wrote the same entry first: keep theirs
+            if not all((entry / name).exists() for name in ENTRY_FILES):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def preprocess_pair(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path | None = None,
+                    mmap: bool = False) -> Preprocessed:
+    """The preprocessed pair, from the cache when its key (file contents + settings) is there (and
+    written there otherwise); mmap: return the cached arrays memory-mapped."""
+    entry = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{_digest(pair, label_map, size)}.npz"
-        if path.exists():
-            with np.load(path, allow_pickle=False) as stored:
-                r = Resampling.from_dict(json.loads(str(stored["resampling"])))
-                return Preprocessed(stored["image"], stored["labels"], r)
+        entry = entry_path(pair, label_map, size, cache_dir)
+        if all((entry / name).exists() for name in ENTRY_FILES):
+            return read_entry(entry, mmap)
     image, label = load_volume(pair.image), load_volume(pair.label, dtype=np.int64)
     r = plan(image.data.shape, image.affine, size)
     result = Preprocessed(apply_image(image.data, r), apply_labels(label_map.apply(label.data), r), r)
-    if path is not None:
-        write_atomic(path, lambda tmp: np.savez(tmp, image=result.image, labels=result.labels,
-                                                 resampling=json.dumps(r.to_dict())), ".npz")
+    if entry is not None:
+        _write_entry(entry, result)
+        if mmap:
+            return read_entry(entry, mmap)
     return result

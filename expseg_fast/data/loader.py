@@ -1,0 +1,121 @@
+"""Training data streamed from the preprocessed cache (expseg_fast/data/cache.py).
+
+`prepare` preprocesses the subjects that the cache lacks, in parallel processes, with a progress line
+and a summary (subjects, spacing and field-of-view ranges, label voxel counts); an interrupted
+preparation resumes from the entries already written. `CachedSubjects` reads one subject at a time
+from its memory-mapped arrays, and `subject_loader` delivers a given order of subjects through
+background workers (pinned memory on CUDA, for non-blocking copies), so the trainer's memory does not
+grow with the number of subjects.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from expseg_fast.data.cache import ENTRY_FILES, entry_path, preprocess_pair, read_entry
+from expseg_fast.data.dataset import LabelMap, Pair
+
+PARALLEL_FROM = 4  # fewer subjects to prepare than this: in this process (starting workers costs seconds)
+
+
+def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, workers: int | None = None,
+            report: bool = True) -> list[Path]:
+    """The cache entries of the pairs (in their order), preprocessing those missing with `workers`
+    processes (default: the CPU count, at most 8)."""
+    entries = [entry_path(p, label_map, size, cache_dir) for p in pairs]
+    pending = [i for i, e in enumerate(entries) if not all((e / name).exists() for name in ENTRY_FILES)]
+    workers = min(workers or min(8, os.cpu_count() or 1), len(pending))
+    progress = _Progress(len(pending), report and sys.stderr.isatty())
+    if workers > 1 and len(pending) >= PARALLEL_FROM:
+        # forked (on Linux), like DataLoader workers: a spawned worker would re-run a caller's unguarded
+        # script; the children run only numpy, scipy and nibabel, no torch threads
+        with ProcessPoolExecutor(workers) as pool:
+            for future in as_completed(pool.submit(preprocess_pair, pairs[i], label_map, size, cache_dir)
+                                       for i in pending):
+                future.result()
+                progress.step()
+    else:
+        for i in pending:
+            preprocess_pair(pairs[i], label_map, size, cache_dir)
+            progress.step()
+    progress.done()
+    if report:
+        print(summary(entries, label_map), flush=True)
+    return entries
+
+
+def summary(entries: list[Path], label_map: LabelMap) -> str:
+    """Subjects, the ranges of voxel spacing and field of view of the originals, label voxel counts."""
+    spacings, fovs = [], []
+    counts = np.zeros(len(label_map.names), dtype=np.int64)
+    for entry in entries:
+        sample = read_entry(entry)
+        spacing = np.linalg.norm(sample.resampling.source_affine[:3, :3], axis=0)
+        spacings.append(spacing)
+        fovs.append(spacing * np.array(sample.resampling.source_shape))
+        counts += np.bincount(np.asarray(sample.labels).reshape(-1), minlength=len(counts))[: len(counts)]
+    spacings, fovs = np.array(spacings), np.array(fovs)
+    labels = ", ".join(f"{name} {count}" for name, count in zip(label_map.names, counts))
+    return (f"prepared {len(entries)} subjects: spacing {spacings.min():.2f}-{spacings.max():.2f} mm, field of view "
+            f"{fovs.min():.0f}-{fovs.max():.0f} mm; label voxels at the training size: {labels}")
+
+
+class _Progress:
+    def __init__(self, total: int, show: bool) -> None:
+        self.total, self.count, self.show = total, 0, show and total > 0
+
+    def step(self) -> None:
+        self.count += 1
+        if self.show:
+            print(f"\r  preprocessing {self.count}/{self.total}", end="", file=sys.stderr)
+
+    def done(self) -> None:
+        if self.show:
+            print(file=sys.stderr)
+
+
+class CachedSubjects(torch.utils.data.Dataset):
+    """Subject i of the cache entries: (image (1, S, S, S) float32, labels (S, S, S) uint8), read from
+    the memory-mapped arrays when asked for (nothing is held between calls)."""
+
+    def __init__(self, entries: list[Path]) -> None:
+        self.entries = list(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = read_entry(self.entries[index])
+        return torch.from_numpy(np.array(sample.image))[None], torch.from_numpy(np.array(sample.labels))
+
+
+class OrderSampler(torch.utils.data.Sampler):
+    """Yields the subject indices set for the coming epoch (`order`), so the trainer's seeded order
+    decides what the workers load."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.order))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def subject_loader(subjects: CachedSubjects, sampler: OrderSampler, workers: int, pin: bool) -> torch.utils.data.DataLoader:
+    """One subject per item (batch size 1), prefetched by `workers` background processes (0: in this one).
+    Its own generator: iterating draws the workers' seeds from it, never from the global torch RNG that
+    the model's noise and dropout use (so the loader leaves training results unchanged)."""
+    return torch.utils.data.DataLoader(
+        subjects, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=pin,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),
+    )
