@@ -102,6 +102,7 @@ class TrainConfig:
     deterministic: bool = False
     limit_subjects: int | None = None  # use only the first N subjects (tests, quick looks)
     loader_workers: int = 2  # background processes reading the subjects from the cache (0: the trainer's own)
+    in_channels: int = 1  # image channels per case; the trainer sets it from the data
 
     @classmethod
     def for_preset(cls, name: str, **overrides) -> "TrainConfig":

@@ -1,7 +1,9 @@
 """Segment NIfTI files with a trained checkpoint; outputs land in each input's ORIGINAL space.
 
-Every input is checked on its own (readable, one real intensity per voxel, finite, a field of view
-that survives the resampling) and segmented if good; the bad ones are reported together at the end
+Inputs follow the checkpoint's channel count: one file per case for single-channel models (the output
+keeps the input's name), and nnU-Net's NAME_0000, NAME_0001, ... files per case otherwise (the output
+is NAME). Every case is checked on its own (readable, one real intensity per voxel, finite, channels
+on one grid, a field of view that survives the resampling) and segmented if good; the bad ones are reported together at the end
 (SegmentationError), so one broken file never keeps the others from being written. Nothing is written
 over an input, and an existing output is replaced only with overwrite=True.
 """
@@ -18,7 +20,7 @@ from expseg_fast.atomic import NoSpaceError, write_atomic
 from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finite_weights
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import VolumeError, apply_image, load_volume, plan, write_prediction
-from expseg_fast.data.dataset import NIFTI_SUFFIXES
+from expseg_fast.data.dataset import NIFTI_SUFFIXES, group_channels
 from expseg_fast.data.preprocess import resampling_problem
 from expseg_fast.infer import Predictor
 from expseg_fast.models import build_model
@@ -29,7 +31,7 @@ class SegmentationError(ValueError):
 
     def __init__(self, problems: list[str], written: list[Path]) -> None:
         self.problems, self.written = problems, written
-        super().__init__(f"{len(problems)} of {len(problems) + len(written)} input(s) not segmented:\n"
+        super().__init__(f"{len(problems)} problem(s); {len(written)} output(s) written:\n"
                          + "\n".join(f"  {p}" for p in problems))
 
 
@@ -41,7 +43,7 @@ def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module,
     if bad:
         raise ValueError(f"{checkpoint}: holds non-finite weights ({bad[0]}, ...): a diverged run; not used")
     names = list(state["class_names"])
-    model = build_model(config.model, len(names), config.width, config.fuse_levels)
+    model = build_model(config.model, len(names), config.width, config.fuse_levels, config.in_channels)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config, names
 
@@ -65,17 +67,37 @@ def check_output_folder(out_dir: Path, inputs: Path) -> None:
                          f"(they keep the input names): choose another output folder")
 
 
-def _image(path: Path, size: int) -> tuple[np.ndarray, object]:
-    """The preprocessed image of one input and its resampling; VolumeError naming the file if unusable."""
-    volume = load_volume(path)
-    nonfinite = int((~np.isfinite(volume.data)).sum())
-    if nonfinite:
-        raise VolumeError(f"{path}: {nonfinite} voxels are NaN or Inf")
-    problem = resampling_problem(path, volume.data.shape, volume.affine, size)
+def _image(paths: tuple[Path, ...], size: int) -> tuple[np.ndarray, object]:
+    """The preprocessed image (K, S, S, S) of one case's channel files and its resampling; VolumeError
+    naming the file if one is unusable."""
+    channels = []
+    for path in paths:
+        volume = load_volume(path)
+        nonfinite = int((~np.isfinite(volume.data)).sum())
+        if nonfinite:
+            raise VolumeError(f"{path}: {nonfinite} voxels are NaN or Inf")
+        if channels and (volume.data.shape != channels[0].data.shape
+                         or not np.allclose(volume.affine, channels[0].affine, atol=1e-3 * float(volume.spacing.min()))):
+            raise VolumeError(f"{path}: shape or affine differs from channel 0 ({paths[0]})")
+        channels.append(volume)
+    first = channels[0]
+    problem = resampling_problem(paths[0], first.data.shape, first.affine, size)
     if problem:
         raise VolumeError(problem)
-    r = plan(volume.data.shape, volume.affine, size)
-    return apply_image(volume.data, r), r
+    r = plan(first.data.shape, first.affine, size)
+    return np.stack([apply_image(c.data, r) for c in channels]), r
+
+
+def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tuple[str, tuple[Path, ...]]]:
+    """(output file name, channel files) per case: each file for one channel, else nnU-Net's grouping
+    (a case without exactly in_channels channels is reported in problems)."""
+    if in_channels == 1:
+        return [(f.name, (f,)) for f in files]
+    grouped = []
+    for case, paths in group_channels(files, problems, expected=in_channels).items():
+        suffix = ".nii.gz" if paths[0].name.endswith(".nii.gz") else ".nii"
+        grouped.append((case + suffix, paths))
+    return grouped
 
 
 def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
@@ -88,13 +110,14 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
     files = input_files(inputs)
     check_output_folder(out_dir, inputs)
     precision = config.precision if dev.type == "cuda" else "fp32"
-    predictor = Predictor(model, (1, 1, config.size, config.size, config.size), precision=precision,
+    predictor = Predictor(model, (1, config.in_channels, config.size, config.size, config.size), precision=precision,
                           channels_last=config.channels_last)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {f.resolve() for f in files}
     written, problems = [], []
-    for index, path in enumerate(files, start=1):
-        target = out_dir / path.name
+    todo = cases(files, config.in_channels, problems)
+    for index, (name, paths) in enumerate(todo, start=1):
+        target = out_dir / name
         if target.resolve() in sources:
             problems.append(f"{target}: is an input; not written over")
             continue
@@ -102,14 +125,14 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             problems.append(f"{target}: exists; not replaced (use --overwrite to replace outputs)")
             continue
         try:
-            image, r = _image(path, config.size)
-            labels = predictor(torch.from_numpy(image)[None, None])[0].cpu().numpy()
+            image, r = _image(paths, config.size)
+            labels = predictor(torch.from_numpy(image)[None])[0].cpu().numpy()
             write_prediction(target, labels, r)
         except (VolumeError, OSError) as error:
             problems.append(str(error) if isinstance(error, (VolumeError, NoSpaceError)) else f"{target}: {error}")
             continue
         written.append(target)
-        print(f"[{index}/{len(files)}] {path.name} -> {target}", flush=True)
+        print(f"[{index}/{len(todo)}] {paths[0].name} -> {target}", flush=True)
     names_file = out_dir / "class_names.json"
     text = json.dumps(names, indent=1)
     if not names_file.exists() or overwrite or names_file.read_text() == text:

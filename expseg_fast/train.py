@@ -12,6 +12,7 @@ validation is gathered, and only the first process writes.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     pairs, label_map = dataset(config, out)  # scanned before anything of the run is written
     if main:
         folder.open(resume)  # locked; a new run never replaces one, resume needs a checkpoint
+    config = dataclasses.replace(config, in_channels=len(pairs[0].images))  # a property of the data
     num_labels = len(label_map.names)
     train_idx, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
     # the preprocessed cache is the source: each step's subject is read from disk (memory-mapped) by
@@ -93,7 +95,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     spec = config.loss_spec()
 
     torch.manual_seed(config.seed)
-    model = build_model(config.model, num_labels, config.width, config.fuse_levels).to(device)
+    model = build_model(config.model, num_labels, config.width, config.fuse_levels, config.in_channels).to(device)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

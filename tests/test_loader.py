@@ -85,3 +85,44 @@ def test_trainer_memory_does_not_grow_with_the_number_of_subjects(tmp_path):
     # the trainer that held every subject in memory peaked 185 MiB higher with 16 subjects than with 4
     # (780 vs 965 MiB on the 2-core development machine); streaming, both peak alike (run to run: +-30 MiB)
     assert many - few < 60, (few, many)
+
+
+def write_two_channel_case(root: Path, name: str, rng: np.random.Generator, label: bool = True) -> None:
+    labels = np.zeros((16, 16, 16), np.uint8)
+    labels[4:12, 4:12, 4:12] = 1
+    for channel in range(2):
+        image = labels * (1.0 + channel) + rng.normal(scale=0.3, size=labels.shape)
+        save_volume(root / "imagesTr" / f"{name}_{channel:04d}.nii.gz", image.astype(np.float32), np.eye(4))
+    if label:
+        save_volume(root / "labelsTr" / f"{name}.nii.gz", labels, np.eye(4))
+
+
+def test_multi_channel_cases_from_the_scan_to_segment(tmp_path):
+    from expseg_fast.checkpoint import checkpoint_config, load_checkpoint
+    from expseg_fast.config import TrainConfig
+    from expseg_fast.data import find_pairs
+    from expseg_fast.data.nifti import load_volume
+    from expseg_fast.infer_files import SegmentationError, segment
+    from expseg_fast.train import train
+
+    rng = np.random.default_rng(4)
+    data = tmp_path / "data"
+    for i in range(4):
+        write_two_channel_case(data, f"case{i}", rng)
+    (data / "label_map.json").write_text('{"classes": [{"name": "bg", "ids": [0]}, {"name": "cube", "ids": [1]}]}')
+    pairs = find_pairs(data)
+    assert [len(p.images) for p in pairs] == [2] * 4 and pairs[0].more_channels[0].name == "case0_0001.nii.gz"
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), data=str(data), label_map=str(data / "label_map.json"), size=16, width=4, epochs=1,
+                      loader_workers=0))
+    assert checkpoint_config(load_checkpoint(out / "best.pt"), out / "best.pt").in_channels == 2
+    scans = tmp_path / "scans"
+    for i in range(2):
+        write_two_channel_case(scans, f"new{i}", rng, label=False)
+    (scans / "imagesTr" / "new1_0001.nii.gz").unlink()  # a case missing a channel
+    with pytest.raises(SegmentationError) as caught:
+        segment(out / "best.pt", scans / "imagesTr", tmp_path / "pred")
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert "case new1 has 1 channel(s); the model takes 2" in caught.value.problems[0]
+    written = load_volume(tmp_path / "pred" / "new0.nii.gz")
+    assert written.data.shape == (16, 16, 16)

@@ -1,7 +1,8 @@
 """Preprocessed volumes cached on disk, keyed by the source files' content and the settings.
 
-Each entry is a folder CACHE/KEY/ holding image.npy (S, S, S) float32, labels.npy (S, S, S) uint8 (the
-class indices; int16 above 256 classes) and resampling.json (how to map a prediction back onto the
+Each entry is a folder CACHE/KEY/ holding image.npy (S, S, S) float32 ((K, S, S, S) for K > 1
+channels, each normalised on its own), labels.npy (S, S, S) uint8 (the class indices; int16 above 256
+classes) and resampling.json (how to map a prediction back onto the
 original grid). The arrays are plain .npy files, so training reads them memory-mapped, one subject at a
 time, and never holds the dataset in memory. An entry appears whole or not at all (written in a
 temporary folder, then renamed), so an interrupted preparation resumes where it stopped.
@@ -31,7 +32,7 @@ ENTRY_FILES = ("image.npy", "labels.npy", "resampling.json")
 
 @dataclass
 class Preprocessed:
-    """image (S, S, S) float32 normalised, labels (S, S, S) class indices, and the resampling that
+    """image (S, S, S) float32 normalised ((K, S, S, S) for K channels), labels (S, S, S) class indices, and the resampling that
     maps a prediction back onto the original grid (invert_labels). Arrays may be memory-mapped."""
 
     image: np.ndarray
@@ -41,7 +42,7 @@ class Preprocessed:
 
 def _digest(pair: Pair, label_map: LabelMap, size: int) -> str:
     h = hashlib.sha256()
-    for path in (pair.image, pair.label):
+    for path in (*pair.images, pair.label):
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
@@ -89,7 +90,9 @@ def preprocess_pair(pair: Pair, label_map: LabelMap, size: int, cache_dir: str |
             return read_entry(entry, mmap)
     image, label = load_volume(pair.image), load_volume(pair.label, dtype=np.int64)
     r = plan(image.data.shape, image.affine, size)
-    result = Preprocessed(apply_image(image.data, r), apply_labels(label_map.apply(label.data), r), r)
+    channels = [apply_image(image.data, r)] + [apply_image(load_volume(path).data, r) for path in pair.more_channels]
+    result = Preprocessed(channels[0] if len(channels) == 1 else np.stack(channels),
+                          apply_labels(label_map.apply(label.data), r), r)
     if entry is not None:
         _write_entry(entry, result)
         if mmap:

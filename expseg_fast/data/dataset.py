@@ -1,8 +1,10 @@
 """Datasets of image/label NIfTI pairs: discovery, label maps, and a scan that reports every problem.
 
-A dataset is a folder in the imagesTr/ + labelsTr/ convention (matched by name; an image may carry
-the nnU-Net channel suffix _0000), or a JSON list [{"image": ..., "label": ...}, ...] or a CSV with
-columns image,label (paths relative to the list's folder).
+A dataset is a folder in the imagesTr/ + labelsTr/ convention (matched by name; images carry
+nnU-Net's channel suffix: CASE_0000, CASE_0001, ... are the channels of one case, a file without the
+suffix a single-channel case), or a JSON list [{"image": ... or [channel files], "label": ...}, ...]
+or a CSV with columns image,label (paths relative to the list's folder). Every case of a dataset has
+the same number of channels.
 """
 
 from __future__ import annotations
@@ -30,8 +32,16 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
+    """A case: its image (channel 0), its label map, and its further channels (1, 2, ...)."""
+
     image: Path
     label: Path
+    more_channels: tuple[Path, ...] = ()
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """Every channel's file, in channel order."""
+        return (self.image, *self.more_channels)
 
 
 @dataclass(frozen=True)
@@ -80,12 +90,52 @@ class LabelMap:
         return classes[inverse].reshape(labels.shape).astype(dtype)
 
 
-def _stem(path: Path) -> str:
+def plain_name(path: Path) -> str:
+    """The file name without its NIfTI suffix."""
     name = path.name
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name[:-5] if name.endswith("_0000") else name
+            return name[: -len(suffix)]
+    return name
+
+
+def case_and_channel(path: Path, known: set[str] = frozenset()) -> tuple[str, int]:
+    """(case name, channel index) of an image file: NAME_0001.nii.gz -> ("NAME", 1). A name in `known`
+    (a label file's name), or one without a channel suffix, is a single-channel case of that name."""
+    name = plain_name(path)
+    if name not in known and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        return name[:-5], int(name[-4:])
+    return name, 0
+
+
+def group_channels(paths: list[Path], problems: list[str], known: set[str] = frozenset(),
+                   expected: int | None = None) -> dict[str, tuple[Path, ...]]:
+    """{case: channel files in order} of image files; a case whose channels are not 0..K-1, or whose K
+    differs from `expected` (default: the most common count), is reported in problems and left out.
+    known: case_and_channel's."""
+    cases: dict[str, dict[int, Path]] = {}
+    for path in paths:
+        case, channel = case_and_channel(path, known)
+        if channel in cases.setdefault(case, {}):
+            problems.append(f"{path}: a second file for channel {channel} of case {case}")
+            continue
+        cases[case][channel] = path
+    grouped = {}
+    for case, channels in sorted(cases.items()):
+        if sorted(channels) != list(range(len(channels))):
+            found = ", ".join(f"{c:04d}" for c in sorted(channels))
+            problems.append(f"{channels[min(channels)]}: case {case} has channels {found}; expected 0000 to "
+                            f"{len(channels) - 1:04d} without gaps")
+            continue
+        grouped[case] = tuple(channels[c] for c in range(len(channels)))
+    counts = [len(v) for v in grouped.values()]
+    if counts and (len(set(counts)) > 1 or expected is not None):
+        usual = expected if expected is not None else max(set(counts), key=counts.count)
+        for case in [c for c, v in grouped.items() if len(v) != usual]:
+            problems.append(f"{grouped[case][0]}: case {case} has {len(grouped[case])} channel(s); "
+                            f"{'the model takes' if expected is not None else 'the others have'} {usual}")
+            del grouped[case]
+    return grouped
 
 
 def find_pairs(source: str | Path, problems: list[str] | None = None) -> list[Pair]:
@@ -97,15 +147,17 @@ def find_pairs(source: str | Path, problems: list[str] | None = None) -> list[Pa
         images_dir, labels_dir = source / "imagesTr", source / "labelsTr"
         if not images_dir.is_dir() or not labels_dir.is_dir():
             raise DatasetError([f"{source}: expected the folders imagesTr/ and labelsTr/"])
-        images = {_stem(p): p for p in sorted(images_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
-        labels = {_stem(p): p for p in sorted(labels_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
-        unpaired = [f"{images[k]}: no label file in {labels_dir}" for k in sorted(images.keys() - labels.keys())]
+        found: list[str] = []
+        labels = {plain_name(p): p for p in sorted(labels_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
+        images = group_channels([p for p in sorted(images_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)], found,
+                                set(labels))
+        unpaired = found + [f"{images[k][0]}: no label file in {labels_dir}" for k in sorted(images.keys() - labels.keys())]
         unpaired += [f"{labels[k]}: no image file in {images_dir}" for k in sorted(labels.keys() - images.keys())]
         if unpaired and problems is None:
             raise DatasetError(unpaired)
         if unpaired:
             problems += unpaired
-        pairs = [Pair(images[k], labels[k]) for k in sorted(images.keys() & labels.keys())]
+        pairs = [Pair(images[k][0], labels[k], images[k][1:]) for k in sorted(images.keys() & labels.keys())]
     elif source.suffix in (".json", ".csv") and source.is_file():
         pairs = _read_list(source)
     else:
@@ -122,7 +174,12 @@ def _read_list(path: Path) -> list[Pair]:
         else:
             with path.open(newline="") as handle:
                 rows = list(csv.DictReader(handle))
-        return [Pair(path.parent / row["image"], path.parent / row["label"]) for row in rows]
+        pairs = []
+        for row in rows:
+            images = [row["image"]] if isinstance(row["image"], str) else list(row["image"])
+            channels = tuple(path.parent / image for image in images)
+            pairs.append(Pair(channels[0], path.parent / row["label"], channels[1:]))
+        return pairs
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DatasetError([f"{path}: cannot read the image/label list ({error})"]) from error
 
@@ -131,19 +188,29 @@ def scan(pairs: list[Pair], label_map: LabelMap, size: int | None = None) -> lis
     """Every problem of every pair (reads all files), one message each naming the file. With size, also
     the volumes that resampling to size^3 would lose (resampling_problem)."""
     problems = _duplicates(pairs)
+    channel_counts = {len(pair.images) for pair in pairs}
+    if len(channel_counts) > 1:
+        problems.append(f"the cases have different numbers of channels: {sorted(channel_counts)}")
     for pair in pairs:
-        try:
-            image = load_volume(pair.image)
-        except VolumeError as error:
-            problems.append(str(error))
-            image = None
+        image = None
+        for index, path in enumerate(pair.images):
+            try:
+                channel = load_volume(path)
+            except VolumeError as error:
+                problems.append(str(error))
+                continue
+            if not np.isfinite(channel.data).all():
+                problems.append(f"{path}: {int((~np.isfinite(channel.data)).sum())} voxels are NaN or Inf")
+            if index == 0:
+                image = channel
+            elif image is not None and (channel.data.shape != image.data.shape
+                                        or not np.allclose(channel.affine, image.affine, atol=1e-3 * float(image.spacing.min()))):
+                problems.append(f"{path}: shape or affine differs from channel 0 ({pair.image})")
         try:
             label = load_volume(pair.label, dtype=np.float64)
         except VolumeError as error:
             problems.append(str(error))
             label = None
-        if image is not None and not np.isfinite(image.data).all():
-            problems.append(f"{pair.image}: {int((~np.isfinite(image.data)).sum())} voxels are NaN or Inf")
         if label is not None:
             values = label.data
             if not np.isfinite(values).all() or (values != np.round(values)).any():
@@ -171,7 +238,7 @@ def _duplicates(pairs: list[Pair]) -> list[str]:
     """A file listed in two pairs (one subject could land in training and validation at once)."""
     problems, seen = [], {}
     for index, pair in enumerate(pairs):
-        for path in (pair.image, pair.label):
+        for path in (*pair.images, pair.label):
             key = Path(path).resolve()
             if key in seen and seen[key] != index:
                 problems.append(f"{path}: listed more than once in the dataset (pairs {seen[key] + 1} and {index + 1})")

@@ -82,8 +82,8 @@ class _Progress:
 
 
 class CachedSubjects(torch.utils.data.Dataset):
-    """Subject i of the cache entries: (image (1, S, S, S) float32, labels (S, S, S) uint8), read from
-    the memory-mapped arrays when asked for (nothing is held between calls)."""
+    """Subject i of the cache entries: (image (K, S, S, S) float32 for K channels, labels (S, S, S)
+    uint8), read from the memory-mapped arrays when asked for (nothing is held between calls)."""
 
     def __init__(self, entries: list[Path]) -> None:
         self.entries = list(entries)
@@ -93,7 +93,8 @@ class CachedSubjects(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = read_entry(self.entries[index])
-        return torch.from_numpy(np.array(sample.image))[None], torch.from_numpy(np.array(sample.labels))
+        image = torch.from_numpy(np.array(sample.image))
+        return (image[None] if image.dim() == 3 else image), torch.from_numpy(np.array(sample.labels))
 
 
 class OrderSampler(torch.utils.data.Sampler):
