@@ -17,6 +17,7 @@ from expseg_fast.data.demo import DemoSettings
 from expseg_fast.losses import LossSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PREPROCESSINGS = ("fit", "spacing")
 MODELS = ("ours", "vnet")
 
 
@@ -103,6 +104,8 @@ class TrainConfig:
     limit_subjects: int | None = None  # use only the first N subjects (tests, quick looks)
     loader_workers: int = 2  # background processes reading the subjects from the cache (0: the trainer's own)
     in_channels: int = 1  # image channels per case; the trainer sets it from the data
+    preprocessing: str = "fit"  # fit: the paper's (pad to a cube, resize); spacing: voxels of spacing_mm, cropped
+    spacing_mm: float = 1.0  # the voxel size of the `spacing` preprocessing
 
     @classmethod
     def for_preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -136,6 +139,10 @@ class TrainConfig:
             (applied if f.name in RESUME_MAY_CHANGE else refused).append(f"{f.name}={mine!r} (the run has {theirs!r})")
         return refused, applied
 
+    def spacing(self) -> float | None:
+        """The voxel size of the `spacing` preprocessing, None for `fit`."""
+        return self.spacing_mm if self.preprocessing == "spacing" else None
+
     def loss_spec(self) -> LossSpec:
         return LOSSES[self.loss](self.gamma_dice, self.gamma_cross, self.w_dice, self.w_cross)
 
@@ -151,6 +158,10 @@ class TrainConfig:
             problems.append(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.preprocessing not in PREPROCESSINGS:
+            problems.append(f"preprocessing must be 'fit' or 'spacing', got {self.preprocessing!r}")
+        if not self.spacing_mm > 0:
+            problems.append(f"spacing_mm must be > 0, got {self.spacing_mm}")
         if self.demo_preset not in PRESETS:
             problems.append(f"demo_preset must be one of {sorted(PRESETS)}, got {self.demo_preset!r}")
         if self.size < 16 or self.size % 16:

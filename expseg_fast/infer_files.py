@@ -1,5 +1,8 @@
 """Segment NIfTI files with a trained checkpoint; outputs land in each input's ORIGINAL space.
 
+The checkpoint's preprocessing is applied: `fit` (the paper's: the whole volume padded to a cube and
+resized to the training edge) or `spacing` (voxels of the training spacing; a volume larger than the
+training cube is segmented whole by sliding windows, nothing outside the cube dropped).
 Inputs follow the checkpoint's channel count: one file per case for single-channel models (the output
 keeps the input's name), and nnU-Net's NAME_0000, NAME_0001, ... files per case otherwise (the output
 is NAME). Every case is checked on its own (readable, one real intensity per voxel, finite, channels
@@ -11,6 +14,7 @@ over an input, and an existing output is replaced only with overwrite=True.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +25,13 @@ from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finit
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import VolumeError, apply_image, load_volume, plan, write_prediction
 from expseg_fast.data.dataset import NIFTI_SUFFIXES, group_channels
-from expseg_fast.data.preprocess import resampling_problem
+from expseg_fast.data.facts import VolumeFacts, out_of_range
+from expseg_fast.data.preprocess import plan_spacing_whole, resampling_problem
 from expseg_fast.infer import Predictor
 from expseg_fast.models import build_model
+from expseg_fast.sliding_window import sliding_window_labels
+
+WINDOW_BATCH = {"cuda": 4, "cpu": 1}  # windows per predictor call in sliding-window inference
 
 
 class SegmentationError(ValueError):
@@ -37,6 +45,12 @@ class SegmentationError(ValueError):
 
 def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig, list[str]]:
     """The trained network of a checkpoint (loaded with weights_only=True), its config and class names."""
+    model, config, names, _ = _load(checkpoint, device)
+    return model, config, names
+
+
+def _load(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig, list[str], dict | None]:
+    """load_model's, and the range of the training data (None for checkpoints older than that)."""
     state = load_checkpoint(checkpoint)
     config = checkpoint_config(state, checkpoint)
     bad = non_finite_weights(state["model"])
@@ -45,7 +59,8 @@ def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module,
     names = list(state["class_names"])
     model = build_model(config.model, len(names), config.width, config.fuse_levels, config.in_channels)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), config, names
+    seen = json.loads(state["data_range"]) if "data_range" in state else None
+    return model.to(device).eval(), config, names, seen
 
 
 def input_files(inputs: Path) -> list[Path]:
@@ -67,9 +82,10 @@ def check_output_folder(out_dir: Path, inputs: Path) -> None:
                          f"(they keep the input names): choose another output folder")
 
 
-def _image(paths: tuple[Path, ...], size: int) -> tuple[np.ndarray, object]:
-    """The preprocessed image (K, S, S, S) of one case's channel files and its resampling; VolumeError
-    naming the file if one is unusable."""
+def _image(paths: tuple[Path, ...], config: TrainConfig) -> tuple[np.ndarray, object, VolumeFacts]:
+    """The preprocessed image (K, ...) of one case's channel files, its resampling and what the original
+    is like; VolumeError naming the file if one is unusable. `fit`: the size^3 cube; `spacing`: the
+    whole volume at the checkpoint's voxel size (each edge at least the cube's)."""
     channels = []
     for path in paths:
         volume = load_volume(path)
@@ -80,12 +96,15 @@ def _image(paths: tuple[Path, ...], size: int) -> tuple[np.ndarray, object]:
                          or not np.allclose(volume.affine, channels[0].affine, atol=1e-3 * float(volume.spacing.min()))):
             raise VolumeError(f"{path}: shape or affine differs from channel 0 ({paths[0]})")
         channels.append(volume)
-    first = channels[0]
-    problem = resampling_problem(paths[0], first.data.shape, first.affine, size)
-    if problem:
-        raise VolumeError(problem)
-    r = plan(first.data.shape, first.affine, size)
-    return np.stack([apply_image(c.data, r) for c in channels]), r
+    first, size = channels[0], config.size
+    if config.preprocessing == "spacing":
+        r = plan_spacing_whole(first.data.shape, first.affine, size, config.spacing_mm)
+    else:
+        problem = resampling_problem(paths[0], first.data.shape, first.affine, size)
+        if problem:
+            raise VolumeError(problem)
+        r = plan(first.data.shape, first.affine, size)
+    return np.stack([apply_image(c.data, r) for c in channels]), r, VolumeFacts.of(first.data, first.affine)
 
 
 def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tuple[str, tuple[Path, ...]]]:
@@ -106,11 +125,12 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
     SegmentationError (after every good file is written) when some inputs could not be segmented."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     inputs, out_dir = Path(inputs), Path(out_dir)
-    model, config, names = load_model(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
+    model, config, names, seen = _load(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
     files = input_files(inputs)
     check_output_folder(out_dir, inputs)
     precision = config.precision if dev.type == "cuda" else "fp32"
-    predictor = Predictor(model, (1, config.in_channels, config.size, config.size, config.size), precision=precision,
+    batch = WINDOW_BATCH[dev.type] if config.preprocessing == "spacing" else 1
+    predictor = Predictor(model, (batch, config.in_channels, config.size, config.size, config.size), precision=precision,
                           channels_last=config.channels_last)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {f.resolve() for f in files}
@@ -125,8 +145,15 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             problems.append(f"{target}: exists; not replaced (use --overwrite to replace outputs)")
             continue
         try:
-            image, r = _image(paths, config.size)
-            labels = predictor(torch.from_numpy(image)[None])[0].cpu().numpy()
+            image, r, facts = _image(paths, config)
+            for note in out_of_range(facts, seen) if seen else []:
+                print(f"warning: {paths[0]}: {note}; the segmentation may be poor", file=sys.stderr, flush=True)
+            if config.preprocessing == "spacing":
+                labels = sliding_window_labels(lambda w: predictor.predict(w, probabilities=True)[1],
+                                               torch.from_numpy(image).to(dev), config.size, batch, len(names))
+                labels = labels.cpu().numpy()
+            else:
+                labels = predictor(torch.from_numpy(image)[None])[0].cpu().numpy()
             write_prediction(target, labels, r)
         except (VolumeError, OSError) as error:
             problems.append(str(error) if isinstance(error, (VolumeError, NoSpaceError)) else f"{target}: {error}")

@@ -13,6 +13,7 @@ validation is gathered, and only the first process writes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from expseg_fast.atomic import NoSpaceError
 from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finite_weights, save_checkpoint, to_bytes
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import AugmentConfig, augment, random_splits
-from expseg_fast.data.loader import CachedSubjects, OrderSampler, prepare, subject_loader
+from expseg_fast.data.loader import CachedSubjects, OrderSampler, facts_range, prepare, subject_loader
 from expseg_fast.data.source import open_dataset
 from expseg_fast.losses import label_counts, label_weights, loss as loss_fn
 from expseg_fast.metrics import hard_dice, nanstd
@@ -44,8 +45,9 @@ def _device(config: TrainConfig) -> torch.device:
 
 def dataset(config: TrainConfig, out: Path):
     """(pairs, label map) of a run writing to out: its data, or the demo dataset built once beside out."""
+    fit_size = config.size if config.preprocessing == "fit" else None  # what fitting to a cube would lose
     return open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset, out.parent,
-                        config.limit_subjects, config.size)
+                        config.limit_subjects, fit_size)
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
@@ -80,7 +82,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     train_idx, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
     # the preprocessed cache is the source: each step's subject is read from disk (memory-mapped) by
     # background workers; labels stay uint8 from disk to the loss
-    entries = prepare(pairs, label_map, config.size, out.parent / "cache", report=main)
+    entries = prepare(pairs, label_map, config.size, out.parent / "cache", report=main, spacing_mm=config.spacing())
     if main:
         distributed.barrier()
     subjects = CachedSubjects(entries)
@@ -91,6 +93,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
         return image[None].to(device, non_blocking=True), labels[None].to(device, non_blocking=True)
 
     counts = sum(label_counts([subjects[i][1]], num_labels) for i in train_idx)  # one subject in memory at a time
+    data_range = facts_range([entries[i] for i in train_idx])  # segment.py warns outside it
     weights = label_weights(counts.clamp_min(1)).to(device)  # labels absent from the split get the largest weight
     spec = config.loss_spec()
 
@@ -205,7 +208,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "best": best, "best_epoch": best_epoch, "aug_rng": aug_gen.get_state(),
                 "order_rng": order_gen.get_state(), "torch_rng": torch.get_rng_state(), "config": config.to_json(),
-                "class_names": list(label_map.names),
+                "class_names": list(label_map.names), "data_range": json.dumps(data_range),
             }
             if device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from expseg_fast.checkpoint import checkpoint_config, load_checkpoint
-from expseg_fast.config import LOSSES, MODELS, PRECISIONS, TrainConfig
+from expseg_fast.config import LOSSES, MODELS, PRECISIONS, PREPROCESSINGS, TrainConfig
 from expseg_fast.run_folder import RunError
 from expseg_fast.train import train
 
@@ -36,6 +36,10 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--w-dice", type=float, default=d.w_dice)
     p.add_argument("--w-cross", type=float, default=d.w_cross)
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--preprocessing", choices=PREPROCESSINGS, default=d.preprocessing,
+                   help="fit: the paper's (pad to a cube, resize to --size); spacing: voxels of --spacing-mm, the "
+                        "--size cube cropped around the foreground (segment.py then slides windows over whole scans)")
+    p.add_argument("--spacing-mm", type=float, default=d.spacing_mm, help="voxel size of --preprocessing spacing")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--split", type=int, default=d.split, help=f"which of the {d.splits} random 70/30 splits")
@@ -51,6 +55,7 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
         d.demo_preset, out=a.out, data=a.data, label_map=a.label_map, size=a.size, model=a.model, width=a.width,
         loss=a.loss, gamma_dice=a.gamma_dice, gamma_cross=a.gamma_cross, w_dice=a.w_dice, w_cross=a.w_cross,
         epochs=a.epochs, lr=a.lr, precision=a.precision, channels_last=a.channels_last, seed=a.seed, split=a.split,
+        preprocessing=a.preprocessing, spacing_mm=a.spacing_mm,
         deterministic=a.deterministic, limit_subjects=a.limit_subjects,
     )
     try:

@@ -297,3 +297,19 @@ def test_the_scan_catches_a_pair_listed_twice_and_label_map_ids_that_are_not_int
     bad_map.write_text(json.dumps({"classes": [{"name": "bg", "ids": [0]}, {"name": "x", "ids": [19.7]}]}))
     with pytest.raises(ValueError, match=r"map.json: not a label map .*id 19.7 is not an integer"):
         LabelMap.from_json(bad_map)
+
+
+def test_segment_warns_about_a_scan_unlike_the_training_data(trained, tmp_path):
+    scans = tmp_path / "scans"
+    seen = json.loads(load_checkpoint(trained / "best.pt")["data_range"])
+    spacing, fov, p99 = seen["spacing_mm"][1], seen["field_of_view_mm"][1], seen["intensity_p99"][1]
+    edge = round(fov / spacing)
+    rng = np.random.default_rng(6)
+    for name, shape in (("like", (edge,) * 3), ("huge", (edge, edge, 3 * edge))):  # a field of view 3x larger
+        image = (rng.uniform(0, p99, size=shape)).astype(np.float32)
+        save_volume(scans / f"{name}.nii.gz", image, np.diag([spacing, spacing, spacing, 1.0]))
+    done = run_script("segment.py", str(trained / "best.pt"), str(scans), str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "huge.nii.gz" in warnings[0], done.stderr
+    assert f"field of view {3 * edge * spacing:.4g} mm lies far outside the training data's" in warnings[0]

@@ -79,12 +79,13 @@ def test_trainer_memory_does_not_grow_with_the_number_of_subjects(tmp_path):
                               capture_output=True, text=True, timeout=600, check=True)
         return int(done.stdout.split()[-1]) / 1024
 
-    for subjects in (4, 16):  # build the demo data and the cache first
+    for subjects in (4, 24):  # build the demo data and the cache first
         peak_mib(subjects, f"warm{subjects}")
-    few, many = peak_mib(4, "few"), peak_mib(16, "many")
+    few, many = peak_mib(4, "few"), peak_mib(24, "many")
     # the trainer that held every subject in memory peaked 185 MiB higher with 16 subjects than with 4
-    # (780 vs 965 MiB on the 2-core development machine); streaming, both peak alike (run to run: +-30 MiB)
-    assert many - few < 60, (few, many)
+    # (780 vs 965 MiB on the 2-core development machine), so about 300 MiB with 24; streaming, both peak
+    # alike (run to run the peak moves by up to +-50 MiB)
+    assert many - few < 120, (few, many)
 
 
 def write_two_channel_case(root: Path, name: str, rng: np.random.Generator, label: bool = True) -> None:

@@ -21,15 +21,16 @@ import torch
 
 from expseg_fast.data.cache import ENTRY_FILES, entry_path, preprocess_pair, read_entry
 from expseg_fast.data.dataset import LabelMap, Pair
+from expseg_fast.data.facts import training_range
 
 PARALLEL_FROM = 4  # fewer subjects to prepare than this: in this process (starting workers costs seconds)
 
 
 def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, workers: int | None = None,
-            report: bool = True) -> list[Path]:
+            report: bool = True, spacing_mm: float | None = None) -> list[Path]:
     """The cache entries of the pairs (in their order), preprocessing those missing with `workers`
-    processes (default: the CPU count, at most 8)."""
-    entries = [entry_path(p, label_map, size, cache_dir) for p in pairs]
+    processes (default: the CPU count, at most 8); spacing_mm: the `spacing` preprocessing."""
+    entries = [entry_path(p, label_map, size, cache_dir, spacing_mm) for p in pairs]
     pending = [i for i, e in enumerate(entries) if not all((e / name).exists() for name in ENTRY_FILES)]
     workers = min(workers or min(8, os.cpu_count() or 1), len(pending))
     progress = _Progress(len(pending), report and sys.stderr.isatty())
@@ -37,13 +38,13 @@ def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, 
         # forked (on Linux), like DataLoader workers: a spawned worker would re-run a caller's unguarded
         # script; the children run only numpy, scipy and nibabel, no torch threads
         with ProcessPoolExecutor(workers) as pool:
-            for future in as_completed(pool.submit(preprocess_pair, pairs[i], label_map, size, cache_dir)
-                                       for i in pending):
+            for future in as_completed(pool.submit(preprocess_pair, pairs[i], label_map, size, cache_dir,
+                                                   spacing_mm=spacing_mm) for i in pending):
                 future.result()
                 progress.step()
     else:
         for i in pending:
-            preprocess_pair(pairs[i], label_map, size, cache_dir)
+            preprocess_pair(pairs[i], label_map, size, cache_dir, spacing_mm=spacing_mm)
             progress.step()
     progress.done()
     if report:
@@ -51,20 +52,23 @@ def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, 
     return entries
 
 
+def facts_range(entries: list[Path]) -> dict:
+    """The training range (expseg_fast/data/facts.py) of these subjects' originals."""
+    return training_range([read_entry(entry).facts for entry in entries])
+
+
 def summary(entries: list[Path], label_map: LabelMap) -> str:
-    """Subjects, the ranges of voxel spacing and field of view of the originals, label voxel counts."""
-    spacings, fovs = [], []
+    """Subjects, the ranges of voxel size, field of view and intensity of the originals, label voxel counts."""
     counts = np.zeros(len(label_map.names), dtype=np.int64)
     for entry in entries:
-        sample = read_entry(entry)
-        spacing = np.linalg.norm(sample.resampling.source_affine[:3, :3], axis=0)
-        spacings.append(spacing)
-        fovs.append(spacing * np.array(sample.resampling.source_shape))
-        counts += np.bincount(np.asarray(sample.labels).reshape(-1), minlength=len(counts))[: len(counts)]
-    spacings, fovs = np.array(spacings), np.array(fovs)
+        labels = read_entry(entry).labels
+        counts += np.bincount(np.asarray(labels).reshape(-1), minlength=len(counts))[: len(counts)]
+    seen = facts_range(entries)
+    (s0, s1), (f0, f1), (i0, i1) = seen["spacing_mm"], seen["field_of_view_mm"], seen["intensity_p99"]
     labels = ", ".join(f"{name} {count}" for name, count in zip(label_map.names, counts))
-    return (f"prepared {len(entries)} subjects: spacing {spacings.min():.2f}-{spacings.max():.2f} mm, field of view "
-            f"{fovs.min():.0f}-{fovs.max():.0f} mm; label voxels at the training size: {labels}")
+    return (f"prepared {len(entries)} subjects: voxel size {s0:.2f}-{s1:.2f} mm, field of view {f0:.0f}-{f1:.0f} mm, "
+            f"orientations {', '.join(seen['orientations'])}, intensity 99th percentile {i0:.4g}-{i1:.4g}; "
+            f"label voxels at the training size: {labels}")
 
 
 class _Progress:

@@ -79,15 +79,21 @@ def plan(shape: tuple[int, int, int], affine: np.ndarray, size: int) -> Resampli
     # Canonical voxel c_k = a_k t_k + d_k, aligning voxel edges: target -> cube -> isotropic -> canonical.
     a = scale * iso / canon_spacing
     d = (0.5 * scale - pad) * iso / canon_spacing - 0.5
-    matrix = np.zeros((3, 3))
-    offset = np.zeros(3)
+    matrix, offset = _source_map(shape, canon_axis, flip, a, d)
+    return Resampling(shape, np.asarray(affine, dtype=np.float64), (size, size, size), matrix, offset)
+
+
+def _source_map(shape, canon_axis: np.ndarray, flip: np.ndarray, a: np.ndarray, d: np.ndarray):
+    """(matrix, offset) from target voxels to source voxels, given canonical voxel c_k = a_k t_k + d_k
+    and each source axis's canonical axis and flip."""
+    matrix, offset = np.zeros((3, 3)), np.zeros(3)
     for j in range(3):
         k = canon_axis[j]
         if flip[j] > 0:
             matrix[j, k], offset[j] = a[k], d[k]
         else:
             matrix[j, k], offset[j] = -a[k], shape[j] - 1 - d[k]
-    return Resampling(shape, np.asarray(affine, dtype=np.float64), (size, size, size), matrix, offset)
+    return matrix, offset
 
 
 def thinnest_axis_voxels(shape: tuple[int, int, int], affine: np.ndarray, size: int) -> float:
@@ -169,3 +175,49 @@ def write_prediction(path, labels: np.ndarray, r: Resampling) -> np.ndarray:
     dtype = np.uint8 if original.size == 0 or int(original.max()) < 256 else np.int16
     save_volume(path, original.astype(dtype), r.source_affine)
     return original
+
+
+def _canonical(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(canonical axis of each source axis, its flip +-1, voxel size along each canonical axis)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    ornt = nib.orientations.io_orientation(affine)
+    canon_axis, flip = ornt[:, 0].astype(int), ornt[:, 1]
+    canon_spacing = np.empty(3)
+    canon_spacing[canon_axis] = spacing
+    return canon_axis, flip, canon_spacing
+
+
+def plan_spacing(shape: tuple[int, int, int], affine: np.ndarray, target_shape: tuple[int, int, int],
+                 spacing_mm: float, centre: np.ndarray) -> Resampling:
+    """The `spacing` preprocessing: canonical orientation, voxels of spacing_mm, a grid of target_shape
+    centred on `centre` (source voxel coordinates, e.g. the foreground's centre): what lies outside the
+    grid is cropped, the grid beyond the volume is padded."""
+    shape = tuple(int(n) for n in shape)
+    canon_axis, flip, canon_spacing = _canonical(np.asarray(affine, dtype=np.float64))
+    centre_canon = np.empty(3)
+    for j in range(3):
+        centre_canon[canon_axis[j]] = centre[j] if flip[j] > 0 else shape[j] - 1 - centre[j]
+    a = spacing_mm / canon_spacing  # canonical voxels per target voxel
+    half = (np.array(target_shape, dtype=np.float64) - 1) / 2.0
+    d = centre_canon - a * half  # canonical voxel c_k = a_k t_k + d_k
+    matrix, offset = _source_map(shape, canon_axis, flip, a, d)
+    return Resampling(shape, np.asarray(affine, dtype=np.float64), tuple(int(n) for n in target_shape), matrix, offset)
+
+
+def plan_spacing_whole(shape: tuple[int, int, int], affine: np.ndarray, size: int, spacing_mm: float) -> Resampling:
+    """plan_spacing over the whole volume (for sliding-window inference): every axis long enough to hold
+    the volume's extent at spacing_mm, and at least `size`, centred on the volume's centre."""
+    canon_axis, _, canon_spacing = _canonical(np.asarray(affine, dtype=np.float64))
+    extent = np.empty(3)
+    for j in range(3):
+        extent[canon_axis[j]] = shape[j] * canon_spacing[canon_axis[j]]
+    target = tuple(max(size, int(np.ceil(e / spacing_mm))) for e in extent)
+    return plan_spacing(shape, affine, target, spacing_mm, (np.array(shape, dtype=np.float64) - 1) / 2.0)
+
+
+def foreground_centre(labels: np.ndarray) -> np.ndarray:
+    """The centre (source voxel coordinates) of the voxels labelled non-zero, or of the volume if none are."""
+    where = np.argwhere(labels != 0)
+    if where.size == 0:
+        return (np.array(labels.shape, dtype=np.float64) - 1) / 2.0
+    return (where.min(axis=0) + where.max(axis=0)) / 2.0
