@@ -129,10 +129,12 @@ def label_voxels(preset: Table1Settings, runs: Path) -> list[float]:
     return totals
 
 
-def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = False) -> dict:
+def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = False, previous: dict | None = None) -> dict:
     """Every figure of the complete runs (with partial, of every run with an epoch, its "epochs" saying
-    how far it got): per case, per split the last epoch's per-label Dice and the curve; across splits
-    per-label and average mean ± std (in %)."""
+    how far it got): per case, per split the last epoch's per-label Dice and the curve, and the machine
+    that trained it; across splits per-label and average mean ± std (in %). previous: an earlier
+    table1.json whose splits are kept where runs/ has no complete run of them (runs/ is not committed:
+    results collected on one machine are not lost when another adds a split)."""
     result = {"labels": list(CLASS_NAMES[1:]), "cases": {}, "epochs": preset.epochs}
     for case in cases:
         splits = {}
@@ -140,6 +142,9 @@ def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = Fal
             path = run_dir(runs, case, split)
             records = read_log(path)
             if not (is_complete(path, preset.epochs) or partial and records):
+                earlier = _previous_split(previous, case.key, split)
+                if earlier is not None:
+                    splits[split] = earlier
                 continue
             last = records[-1]
             per_label = [100 * v for v in last["val_dice_per_label"]]
@@ -150,6 +155,7 @@ def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = Fal
                 "train_loss": [r["train_loss"] for r in records],
                 "seconds": sum(r["seconds"] for r in records),
                 "epochs": len(records),
+                "machine": _processor(),
             }
         per_label = [_mean_std([s["per_label"][i] for s in splits.values()]) for i in range(len(CLASS_NAMES) - 1)]
         result["cases"][case.key] = {
@@ -158,6 +164,17 @@ def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = Fal
             "average": _mean_std([s["average"] for s in splits.values()]), "paper": paper_numbers(case.key),
         }
     return result
+
+
+def _previous_split(previous: dict | None, key: str, split: int) -> dict | None:
+    """A split of an earlier table1.json (with its machine: the split's own, else that file's)."""
+    if not previous or key not in previous.get("cases", {}):
+        return None
+    earlier = previous["cases"][key]["splits"].get(str(split))
+    if earlier is None:
+        return None
+    machine = previous.get("meta", {}).get("machine", {}).get("processor", "unknown")
+    return {"epochs": len(earlier["curve"]), "machine": machine, **earlier}
 
 
 def _cell(mean_std) -> str:
@@ -238,10 +255,12 @@ def write_results(result: dict, preset_name: str, preset: Table1Settings, out: P
             "training_seconds_total": run_seconds, "wall_seconds_this_invocation": wall_seconds,
             "date": time.strftime("%Y-%m-%d")}
     full = {"meta": meta, **result}
+    trained_on = sorted({s.get("machine", machine["processor"]) for c in result["cases"].values()
+                         for s in c["splits"].values()})
     header = (f"# Table 1(b) reproduction, preset `{preset_name}` (synthetic demo dataset)\n\n"
               f"Settings: {json.dumps(asdict(preset))}; NAdam lr 1e-3, batch 1, rigid augmentation p 0.8, seed 0. "
-              f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
-              f"{machine['device']}. Training time, all runs: {run_seconds / 3600:.2f} h.")
+              f"Trained on: {'; '.join(trained_on)} ({machine['cpus']} CPUs, torch {machine['torch']}, "
+              f"{machine['device']} here). Training time, all runs: {run_seconds / 3600:.2f} h.")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "table1.json", lambda tmp: Path(tmp).write_text(json.dumps(full, indent=1)), ".json")
     write_atomic(out / "table1.md", lambda tmp: Path(tmp).write_text(markdown(result, header)), ".md")

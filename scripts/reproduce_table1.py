@@ -11,6 +11,7 @@ cases of the same --runs at once (the GPU suite does): --prepare-only builds the
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,9 @@ def main(argv=None) -> None:
             sys.exit(f"error: {error}")
         if a.train_only:
             return
-    result = table1.collect(preset, runs, partial=a.partial)
+    earlier = results / "table1.json"  # its splits stay where runs/ lacks them (runs/ is not committed)
+    previous = json.loads(earlier.read_text()) if earlier.exists() else None
+    result = table1.collect(preset, runs, partial=a.partial, previous=previous)
     result["label_voxels"] = table1.label_voxels(preset, runs)
     table1.write_results(result, a.preset, preset, results, None if a.collect_only else time.perf_counter() - started)
     print(f"[table1] results: {results / 'table1.md'}, {results / 'table1.json'}, {results / 'fig3.png'}", flush=True)

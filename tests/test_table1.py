@@ -137,3 +137,25 @@ def test_script_rejects_a_split_outside_the_preset():
     run = subprocess.run([sys.executable, str(SCRIPT), "--preset", "cpu", "--splits", "5", "--collect-only"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "--splits" in run.stderr
+
+
+def test_collect_keeps_the_splits_of_earlier_results_that_runs_lack(tmp_path):
+    preset = dataclasses.replace(PRESETS["cpu"].table1, epochs=2, splits=3)
+    rng = np.random.default_rng()
+    fake_logs(tmp_path / "old", preset, rng, {})
+    earlier = table1.collect(preset, tmp_path / "old", TWO)
+    table1.write_results(earlier, "cpu", preset, tmp_path / "res", None)
+    previous = json.loads((tmp_path / "res" / "table1.json").read_text())
+    new_runs = tmp_path / "new"  # another machine: only split 2 of one case, run again
+    fake_logs(new_runs, preset, rng, {})
+    for case in TWO:
+        for split in (0, 1):
+            for f in table1.run_dir(new_runs, case, split).iterdir():
+                f.unlink()
+    merged = table1.collect(preset, new_runs, TWO, previous=previous)
+    for case in TWO:
+        got = merged["cases"][case.key]["splits"]
+        assert sorted(got) == [0, 1, 2]
+        for split in (0, 1):
+            assert got[split]["per_label"] == previous["cases"][case.key]["splits"][str(split)]["per_label"]
+        assert got[2]["per_label"] != previous["cases"][case.key]["splits"]["2"]["per_label"]  # the new run wins
