@@ -63,11 +63,11 @@ PRESETS = {
 }
 _DEFAULT = PRESETS["cpu"]
 
-LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice, w_cross)
-    "exp": lambda gd, gc, wd, wc: LossSpec.exp_log(wd, wc, gd, gc),
-    "log_dice": lambda gd, gc, wd, wc: LossSpec.log_dice(gd),
-    "linear_dice": lambda gd, gc, wd, wc: LossSpec.linear(),
-    "cross": lambda gd, gc, wd, wc: LossSpec.cross(gc),
+LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice, w_cross, eps)
+    "exp": lambda gd, gc, wd, wc, eps: LossSpec.exp_log(wd, wc, gd, gc, eps),
+    "log_dice": lambda gd, gc, wd, wc, eps: LossSpec.log_dice(gd, eps),
+    "linear_dice": lambda gd, gc, wd, wc, eps: LossSpec.linear(eps),
+    "cross": lambda gd, gc, wd, wc, eps: LossSpec.cross(gc),
 }
 
 
@@ -91,6 +91,7 @@ class TrainConfig:
     gamma_cross: float = 0.3
     w_dice: float = 0.8
     w_cross: float = 0.2
+    eps: float = 1.0  # the Dice smoothing (the paper's 1)
     epochs: int = _DEFAULT.epochs
     lr: float = 1e-3
     precision: str = _DEFAULT.precision  # fp32 | bf16 | fp16 (with a grad scaler)
@@ -144,7 +145,7 @@ class TrainConfig:
         return self.spacing_mm if self.preprocessing == "spacing" else None
 
     def loss_spec(self) -> LossSpec:
-        return LOSSES[self.loss](self.gamma_dice, self.gamma_cross, self.w_dice, self.w_cross)
+        return LOSSES[self.loss](self.gamma_dice, self.gamma_cross, self.w_dice, self.w_cross, self.eps)
 
     def demo_settings(self) -> DemoSettings:
         return PRESETS[self.demo_preset].demo

@@ -35,6 +35,7 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--gamma-cross", type=float, default=d.gamma_cross)
     p.add_argument("--w-dice", type=float, default=d.w_dice)
     p.add_argument("--w-cross", type=float, default=d.w_cross)
+    p.add_argument("--eps", type=float, default=d.eps, help="Dice smoothing epsilon (the paper's 1)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
     p.add_argument("--preprocessing", choices=PREPROCESSINGS, default=d.preprocessing,
                    help="fit: the paper's (pad to a cube, resize to --size); spacing: voxels of --spacing-mm, the "
@@ -53,7 +54,7 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
         return _resumed(p, a, argv if argv is not None else sys.argv[1:]), True
     config = TrainConfig.for_preset(
         d.demo_preset, out=a.out, data=a.data, label_map=a.label_map, size=a.size, model=a.model, width=a.width,
-        loss=a.loss, gamma_dice=a.gamma_dice, gamma_cross=a.gamma_cross, w_dice=a.w_dice, w_cross=a.w_cross,
+        loss=a.loss, gamma_dice=a.gamma_dice, gamma_cross=a.gamma_cross, w_dice=a.w_dice, w_cross=a.w_cross, eps=a.eps,
         epochs=a.epochs, lr=a.lr, precision=a.precision, channels_last=a.channels_last, seed=a.seed, split=a.split,
         preprocessing=a.preprocessing, spacing_mm=a.spacing_mm,
         deterministic=a.deterministic, limit_subjects=a.limit_subjects,
