@@ -4,8 +4,6 @@ shows without a GPU. No timing is asserted."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from expseg_fast.losses import available_backends
@@ -19,14 +17,9 @@ def test_phase_sweep_checks_every_configuration_and_writes_its_table(monkeypatch
 
     import gpu_loss
 
-    def wall_clock(fn, **_):
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start)
-
     monkeypatch.setattr(gpu_loss, "DEVICE", "cpu")
     monkeypatch.setattr(gpu_loss, "SHAPE", (1, 5, 4, 5, 6))
-    monkeypatch.setattr(gpu_loss, "do_bench", wall_clock)
+    monkeypatch.setattr(gpu_loss, "do_bench", gpu_loss.wall_clock_ms)
     monkeypatch.setattr(gpu_loss, "SWEEP", {"tiles": ((64, 2),), "rows": ((128, 1),)})
     phases = gpu_loss.phase_times(torch.float32, channels_last=True)
     assert [r["design"] for r in phases["stats"]] == ["tiles", "rows"] == [r["design"] for r in phases["grad"]]

@@ -25,6 +25,7 @@ from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finit
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import VolumeError, apply_image, load_volume, plan, write_prediction
 from expseg_fast.data.dataset import NIFTI_SUFFIXES, group_channels
+from expseg_fast.data.nifti import affines_match, nonfinite_problem
 from expseg_fast.data.facts import VolumeFacts, out_of_range
 from expseg_fast.data.preprocess import plan_spacing_whole, resampling_problem
 from expseg_fast.infer import Predictor
@@ -89,11 +90,10 @@ def _image(paths: tuple[Path, ...], config: TrainConfig) -> tuple[np.ndarray, ob
     channels = []
     for path in paths:
         volume = load_volume(path)
-        nonfinite = int((~np.isfinite(volume.data)).sum())
-        if nonfinite:
-            raise VolumeError(f"{path}: {nonfinite} voxels are NaN or Inf")
-        if channels and (volume.data.shape != channels[0].data.shape
-                         or not np.allclose(volume.affine, channels[0].affine, atol=1e-3 * float(volume.spacing.min()))):
+        problem = nonfinite_problem(path, volume)
+        if problem:
+            raise VolumeError(problem)
+        if channels and (volume.data.shape != channels[0].data.shape or not affines_match(channels[0], volume)):
             raise VolumeError(f"{path}: shape or affine differs from channel 0 ({paths[0]})")
         channels.append(volume)
     first, size = channels[0], config.size

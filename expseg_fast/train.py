@@ -296,7 +296,7 @@ class PhaseClock:
 
 def _keep_log_before(path: Path, epoch: int) -> None:
     """Drops the records of epochs >= epoch (and a torn last line) from the log, atomically."""
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     kept = [r for r in read_log(path) if r["epoch"] < epoch]
     if len(kept) != len(lines):
         rewrite_log(path, kept)

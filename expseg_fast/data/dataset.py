@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expseg_fast.data.nifti import VolumeError, load_volume
+from expseg_fast.data.nifti import VolumeError, affines_match, load_volume, nonfinite_problem
 from expseg_fast.data.preprocess import resampling_problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -199,12 +199,10 @@ def scan(pairs: list[Pair], label_map: LabelMap, size: int | None = None) -> lis
             except VolumeError as error:
                 problems.append(str(error))
                 continue
-            if not np.isfinite(channel.data).all():
-                problems.append(f"{path}: {int((~np.isfinite(channel.data)).sum())} voxels are NaN or Inf")
+            problems += filter(None, [nonfinite_problem(path, channel)])
             if index == 0:
                 image = channel
-            elif image is not None and (channel.data.shape != image.data.shape
-                                        or not np.allclose(channel.affine, image.affine, atol=1e-3 * float(image.spacing.min()))):
+            elif image is not None and (channel.data.shape != image.data.shape or not affines_match(image, channel)):
                 problems.append(f"{path}: shape or affine differs from channel 0 ({pair.image})")
         try:
             label = load_volume(pair.label, dtype=np.float64)
@@ -225,7 +223,7 @@ def scan(pairs: list[Pair], label_map: LabelMap, size: int | None = None) -> lis
         if image is not None and label is not None:
             if image.data.shape != label.data.shape:
                 problems.append(f"{pair.label}: shape {label.data.shape} differs from its image's {image.data.shape}")
-            elif not np.allclose(image.affine, label.affine, atol=1e-3 * float(image.spacing.min())):
+            elif not affines_match(image, label):
                 problems.append(f"{pair.label}: affine differs from its image's ({pair.image})")
         if image is not None and size is not None:
             problem = resampling_problem(pair.image, image.data.shape, image.affine, size)

@@ -28,6 +28,17 @@ class Volume:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
+def affines_match(reference: Volume, other: Volume) -> bool:
+    """Whether other's affine equals reference's within a thousandth of reference's smallest voxel."""
+    return bool(np.allclose(reference.affine, other.affine, atol=1e-3 * float(reference.spacing.min())))
+
+
+def nonfinite_problem(path: str | Path, volume: Volume) -> str | None:
+    """One line naming the file when some voxels are NaN or Inf, else None."""
+    bad = int((~np.isfinite(volume.data)).sum())
+    return f"{path}: {bad} voxels are NaN or Inf" if bad else None
+
+
 def load_volume(path: str | Path, dtype=np.float32) -> Volume:
     """Reads a 3-d NIfTI volume (a 4-d one with a single volume is squeezed)."""
     path = Path(path)
