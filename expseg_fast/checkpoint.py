@@ -11,6 +11,7 @@ in memory and then written atomically with plain file writes, so a full disk is 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import torch
@@ -45,11 +46,20 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: not a loadable expseg_fast checkpoint (refused: {error})") from error
+        raise ValueError(f"{path}: not a loadable expseg_fast checkpoint (refused: {_reason(error)})") from error
     missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"{path}: not an expseg_fast checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def _reason(error: Exception) -> str:
+    """One line of why torch.load refused a file: the safe loader's own reason, not its lines of advice."""
+    text = str(error)
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(\. |\.?$)", text, re.MULTILINE)
+    if found:
+        return f"{found.group(1)}; a checkpoint holds only tensors and plain values"
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 def checkpoint_config(state: dict, path: Path) -> TrainConfig:

@@ -1,5 +1,5 @@
-"""Every default in one place: the presets (`cpu`, `paper`, and the GPU suite's `smoke`) and the
-training configuration whose defaults they set.
+"""Every default in one place: the presets (`cpu`, `cpu-bf16`, `paper`, and the GPU suite's `smoke`)
+and the training configuration whose defaults they set; `main_preset` picks this machine's.
 
 A preset names, for one kind of machine, the synthetic demo data it builds, the main command's training
 (scripts/train.py) and the Table 1 experiment's settings (scripts/reproduce_table1.py). TrainConfig's
@@ -13,12 +13,14 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
+from expseg_fast import machine
 from expseg_fast.data.demo import DemoSettings
 from expseg_fast.losses import LossSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PREPROCESSINGS = ("fit", "spacing")
 MODELS = ("ours", "vnet")
+BOTTOM_FACTOR = {"ours": 8, "vnet": 16}  # cube edge / the edge of the network's bottom level
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,13 @@ class Preset:
     precision: str
     channels_last: bool
     table1: Table1Settings
+    demo_of: str | None = None  # the preset whose demo data this one shares (None: its own)
 
 
 _CPU_DEMO = DemoSettings(spacing_mm=3.0, field_of_view_mm=None)  # coarse voxels, a tight field of view
 PRESETS = {
-    # a 2-core CPU: the main command in about 12 minutes (48^3), Table 1 in about 2.5 hours (32^3, widths halved)
+    # a 2-core CPU: the main command in about 4 minutes of training (48^3) plus the demo data, Table 1 in
+    # about 2.5 hours (32^3, widths halved)
     "cpu": Preset(_CPU_DEMO, 48, 12, 12, "fp32", False, Table1Settings("cpu", 32, 12, 8, 32, 5, "fp32", False)),
     # the paper's setting on a GPU: 128^3 in a field of view where background is about 93.5 %
     "paper": Preset(DemoSettings(spacing_mm=2.0, field_of_view_mm=290.0), 128, 24, 100, "bf16", True,
@@ -61,7 +65,26 @@ PRESETS = {
     # the GPU suite's CI rehearsal (bench/gpu_suite.sh --smoke): one epoch of two subjects; figures mean nothing
     "smoke": Preset(_CPU_DEMO, 32, 4, 1, "fp32", False, Table1Settings("cpu", 32, 4, 4, 1, 5, "fp32", False, 2)),
 }
+# a 2-core CPU that multiplies bf16 natively: bf16 + channels-last steps 2.8-2.9x as fast as fp32
+# (bench/cpu_precision.py); spent on 32 epochs at 48^3 in the cpu preset's time, which beat 12-13
+# epochs at 64^3 (results/table1-cpu/ablations.md, section 6)
+PRESETS["cpu-bf16"] = dataclasses.replace(PRESETS["cpu"], size=48, epochs=32, precision="bf16", channels_last=True,
+                                          demo_of="cpu")
 _DEFAULT = PRESETS["cpu"]
+
+
+def main_preset(cuda: bool) -> str:
+    """The main command's preset on this machine: `paper` on a GPU; on the CPU `cpu-bf16` where the
+    processor multiplies bf16 natively (machine.cpu_bf16_units), else `cpu`."""
+    return "paper" if cuda else ("cpu-bf16" if machine.cpu_bf16_units() else "cpu")
+
+
+def preset_precision(name: str, size: int, model: str, device_type: str) -> tuple[str, str | None]:
+    """(precision, note): the preset's precision for a run of that size and model on device_type, or
+    fp32 with a note saying why where the preset's cannot train there (TrainConfig.device_problem)."""
+    precision = PRESETS[name].precision
+    problem = TrainConfig(precision=precision, size=size, model=model).device_problem(device_type)
+    return ("fp32", f"{problem}; training in fp32 (the {name} preset's {precision} does not apply)") if problem else (precision, None)
 
 LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice, w_cross, eps)
     "exp": lambda gd, gc, wd, wc, eps: LossSpec.exp_log(wd, wc, gd, gc, eps),
@@ -112,7 +135,7 @@ class TrainConfig:
     def for_preset(cls, name: str, **overrides) -> "TrainConfig":
         """The main command's configuration on a preset's machine, with overrides."""
         p = PRESETS[name]
-        values = dict(demo_preset=name, size=p.size, width=p.width, epochs=p.epochs, precision=p.precision,
+        values = dict(demo_preset=p.demo_of or name, size=p.size, width=p.width, epochs=p.epochs, precision=p.precision,
                       channels_last=p.channels_last)
         return cls(**{**values, **overrides})
 
@@ -140,6 +163,14 @@ class TrainConfig:
             (applied if f.name in RESUME_MAY_CHANGE else refused).append(f"{f.name}={mine!r} (the run has {theirs!r})")
         return refused, applied
 
+    def device_problem(self, device_type: str) -> str | None:
+        """Why this configuration cannot train on device_type, or None: bf16 on the CPU at a 2^3 bottom
+        level, where oneDNN's bf16 conv3d weight gradient reads uninitialised memory (bench/NOTES.md)."""
+        if device_type == "cpu" and self.precision == "bf16" and self.size // BOTTOM_FACTOR[self.model] <= 2:
+            return (f"precision bf16 on the CPU needs size > {2 * BOTTOM_FACTOR[self.model]} for {self.model}, got "
+                    f"{self.size}: oneDNN's bf16 conv3d weight gradient is unreliable at the network's 2^3 bottom level")
+        return None
+
     def spacing(self) -> float | None:
         """The voxel size of the `spacing` preprocessing, None for `fit`."""
         return self.spacing_mm if self.preprocessing == "spacing" else None
@@ -158,7 +189,7 @@ class TrainConfig:
         if self.loss not in LOSSES:
             problems.append(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
-            problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.preprocessing not in PREPROCESSINGS:
             problems.append(f"preprocessing must be 'fit' or 'spacing', got {self.preprocessing!r}")
         if not self.spacing_mm > 0:

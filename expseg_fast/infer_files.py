@@ -83,7 +83,7 @@ def check_output_folder(out_dir: Path, inputs: Path) -> None:
                          f"(they keep the input names): choose another output folder")
 
 
-def _image(paths: tuple[Path, ...], config: TrainConfig) -> tuple[np.ndarray, object, VolumeFacts]:
+def case_image(paths: tuple[Path, ...], config: TrainConfig) -> tuple[np.ndarray, object, VolumeFacts]:
     """The preprocessed image (K, ...) of one case's channel files, its resampling and what the original
     is like; VolumeError naming the file if one is unusable. `fit`: the size^3 cube; `spacing`: the
     whole volume at the checkpoint's voxel size (each edge at least the cube's)."""
@@ -119,6 +119,26 @@ def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tupl
     return grouped
 
 
+def predictor_for(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> Predictor:
+    """The checkpoint's predictor on device: its precision on CUDA (fp32 on the CPU), one cube per call
+    for `fit`, WINDOW_BATCH windows for `spacing`."""
+    precision = config.precision if device.type == "cuda" else "fp32"
+    batch = WINDOW_BATCH[device.type] if config.preprocessing == "spacing" else 1
+    return Predictor(model, (batch, config.in_channels, config.size, config.size, config.size), precision=precision,
+                     channels_last=config.channels_last)
+
+
+def predict_labels(predictor: Predictor, image: np.ndarray, config: TrainConfig, num_classes: int) -> np.ndarray:
+    """The label volume on the preprocessed grid of one case's preprocessed image (K, ...) (case_image):
+    the cube for `fit`, sliding windows over the whole resampled volume for `spacing`."""
+    if config.preprocessing == "spacing":
+        labels = sliding_window_labels(lambda w: predictor.predict(w, probabilities=True)[1],
+                                       torch.from_numpy(image).to(predictor.device), config.size,
+                                       predictor.input_shape[0], num_classes)
+        return labels.cpu().numpy()
+    return predictor(torch.from_numpy(image)[None])[0].cpu().numpy()
+
+
 def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
             overwrite: bool = False) -> list[Path]:
     """Segments one NIfTI file or every NIfTI file of a folder; returns the written label files.
@@ -128,10 +148,7 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
     model, config, names, seen = _load(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
     files = input_files(inputs)
     check_output_folder(out_dir, inputs)
-    precision = config.precision if dev.type == "cuda" else "fp32"
-    batch = WINDOW_BATCH[dev.type] if config.preprocessing == "spacing" else 1
-    predictor = Predictor(model, (batch, config.in_channels, config.size, config.size, config.size), precision=precision,
-                          channels_last=config.channels_last)
+    predictor = predictor_for(model, config, dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {f.resolve() for f in files}
     written, problems = [], []
@@ -145,16 +162,10 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             problems.append(f"{target}: exists; not replaced (use --overwrite to replace outputs)")
             continue
         try:
-            image, r, facts = _image(paths, config)
+            image, r, facts = case_image(paths, config)
             for note in out_of_range(facts, seen) if seen else []:
                 print(f"warning: {paths[0]}: {note}; the segmentation may be poor", file=sys.stderr, flush=True)
-            if config.preprocessing == "spacing":
-                labels = sliding_window_labels(lambda w: predictor.predict(w, probabilities=True)[1],
-                                               torch.from_numpy(image).to(dev), config.size, batch, len(names))
-                labels = labels.cpu().numpy()
-            else:
-                labels = predictor(torch.from_numpy(image)[None])[0].cpu().numpy()
-            write_prediction(target, labels, r)
+            write_prediction(target, predict_labels(predictor, image, config, len(names)), r)
         except (VolumeError, OSError) as error:
             problems.append(str(error) if isinstance(error, (VolumeError, NoSpaceError)) else f"{target}: {error}")
             continue

@@ -24,6 +24,7 @@ import torch
 from expseg_fast import runlog
 from expseg_fast.atomic import write_atomic
 from expseg_fast.config import Table1Settings, TrainConfig
+from expseg_fast.machine import processor_name
 from expseg_fast.data import preprocess_pair
 from expseg_fast.data.demo import CLASS_NAMES, PAPER_SIZES
 from expseg_fast.data.source import open_dataset
@@ -155,7 +156,7 @@ def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = Fal
                 "train_loss": [r["train_loss"] for r in records],
                 "seconds": sum(r["seconds"] for r in records),
                 "epochs": len(records),
-                "machine": _processor(),
+                "machine": processor_name(),
             }
         per_label = [_mean_std([s["per_label"][i] for s in splits.values()]) for i in range(len(CLASS_NAMES) - 1)]
         result["cases"][case.key] = {
@@ -235,19 +236,9 @@ def plot_fig3(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _processor() -> str:
-    """The CPU's model name (Linux), else what platform reports."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def write_results(result: dict, preset_name: str, preset: Table1Settings, out: Path, wall_seconds: float | None) -> None:
     """table1.md, table1.json and fig3.png under out (each written atomically)."""
-    machine = {"platform": platform.platform(), "processor": _processor(), "cpus": os.cpu_count(),
+    machine = {"platform": platform.platform(), "processor": processor_name(), "cpus": os.cpu_count(),
                "torch": torch.__version__,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     run_seconds = sum(s["seconds"] for c in result["cases"].values() for s in c["splits"].values())

@@ -69,6 +69,9 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     device = _device(config)
     rank, world = distributed.setup(device.type)
     device = distributed.device_for(device)
+    problem = config.device_problem(device.type)
+    if problem:  # before anything is written
+        raise ValueError(problem)
     main = rank == 0  # only the first process writes
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic  # fixed shapes

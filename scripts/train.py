@@ -1,8 +1,9 @@
 """Train the paper's network (or V-Net) with the exp-log loss family.
 
-With no arguments: builds the synthetic demo dataset once and trains the `cpu` preset (48^3, width 12,
-12 epochs, about a minute per epoch on 2 cores) on a CPU, or the `paper` preset (128^3, width 24,
-100 epochs, bf16, channels-last) on a GPU; the presets are in expseg_fast/config.py.
+With no arguments: builds the synthetic demo dataset once and trains this machine's preset: `cpu-bf16`
+(48^3, width 12, 32 epochs, bf16, channels-last) on a CPU that multiplies bf16 natively, `cpu` (48^3,
+width 12, 12 epochs, fp32) on other CPUs (each about 4 minutes of training on 2 cores), or `paper`
+(128^3, width 24, 100 epochs, bf16, channels-last) on a GPU; the presets are in expseg_fast/config.py.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 import torch
 
 from expseg_fast.checkpoint import checkpoint_config, load_checkpoint
-from expseg_fast.config import LOSSES, MODELS, PRECISIONS, PREPROCESSINGS, TrainConfig
+from expseg_fast.config import LOSSES, MODELS, PRECISIONS, PREPROCESSINGS, TrainConfig, main_preset, preset_precision
 from expseg_fast.run_folder import RunError
 from expseg_fast.train import train
 
 
 def parse(argv=None) -> tuple[TrainConfig, bool]:
-    d = TrainConfig.for_preset("paper" if torch.cuda.is_available() else "cpu")  # every default, from the preset
+    preset = main_preset(torch.cuda.is_available())
+    d = TrainConfig.for_preset(preset)  # every default, from the preset
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data", help="dataset folder (imagesTr/, labelsTr/) or .json/.csv list; default: the demo dataset")
     p.add_argument("--label-map", help="JSON label map (required with --data)")
@@ -36,7 +38,8 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--w-dice", type=float, default=d.w_dice)
     p.add_argument("--w-cross", type=float, default=d.w_cross)
     p.add_argument("--eps", type=float, default=d.eps, help="Dice smoothing epsilon (the paper's 1)")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=f"default: the {preset} preset's {d.precision} (fp32 where that cannot train at --size)")
     p.add_argument("--preprocessing", choices=PREPROCESSINGS, default=d.preprocessing,
                    help="fit: the paper's (pad to a cube, resize to --size); spacing: voxels of --spacing-mm, the "
                         "--size cube cropped around the foreground (segment.py then slides windows over whole scans)")
@@ -52,10 +55,14 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     a = p.parse_args(argv)
     if a.resume:
         return _resumed(p, a, argv if argv is not None else sys.argv[1:]), True
+    precision, note = (a.precision, None) if a.precision else preset_precision(
+        preset, a.size, a.model, "cuda" if torch.cuda.is_available() else "cpu")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     config = TrainConfig.for_preset(
-        d.demo_preset, out=a.out, data=a.data, label_map=a.label_map, size=a.size, model=a.model, width=a.width,
+        preset, out=a.out, data=a.data, label_map=a.label_map, size=a.size, model=a.model, width=a.width,
         loss=a.loss, gamma_dice=a.gamma_dice, gamma_cross=a.gamma_cross, w_dice=a.w_dice, w_cross=a.w_cross, eps=a.eps,
-        epochs=a.epochs, lr=a.lr, precision=a.precision, channels_last=a.channels_last, seed=a.seed, split=a.split,
+        epochs=a.epochs, lr=a.lr, precision=precision, channels_last=a.channels_last, seed=a.seed, split=a.split,
         preprocessing=a.preprocessing, spacing_mm=a.spacing_mm,
         deterministic=a.deterministic, limit_subjects=a.limit_subjects,
     )

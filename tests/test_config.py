@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from expseg_fast.config import PRESETS, TrainConfig
 from expseg_fast.losses import LossSpec
@@ -35,8 +36,11 @@ def test_script_defaults_come_from_the_preset_and_options_reach_the_config():
     import train as script
 
     config, resume = script.parse(["--eps", "1e-5", "--loss", "log_dice", "--preprocessing", "spacing"])
-    d = TrainConfig.for_preset("cpu")
-    assert not resume and (config.size, config.width, config.epochs) == (d.size, d.width, d.epochs)
+    from expseg_fast.config import main_preset
+
+    d = TrainConfig.for_preset(main_preset(torch.cuda.is_available()))  # this machine's
+    assert not resume and (config.size, config.width, config.epochs, config.precision, config.channels_last) == (
+        d.size, d.width, d.epochs, d.precision, d.channels_last)
     assert (config.eps, config.loss, config.preprocessing) == (1e-5, "log_dice", "spacing")
 
 
@@ -44,3 +48,63 @@ def test_resume_differences_separate_what_may_change():
     saved = TrainConfig(width=8)
     refused, applied = TrainConfig(width=8, epochs=40, lr=0.1, out="elsewhere").resume_differences(saved)
     assert refused == ["lr=0.1 (the run has 0.001)"] and applied == ["epochs=40 (the run has 12)"]
+
+
+def test_cpu_bf16_units_are_read_from_the_flags_line():
+    from expseg_fast.machine import cpu_bf16_units, processor_name
+
+    zen4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n"
+    spr = "flags\t\t: avx512f amx_bf16 amx_tile avx512_bf16\n"
+    assert cpu_bf16_units(zen4) == ["avx512_bf16"] and cpu_bf16_units(spr) == ["avx512_bf16", "amx_bf16"]
+    assert cpu_bf16_units("flags\t\t: fpu avx2 avx512f avx512bf16x\n") == [] and cpu_bf16_units("") == []
+    assert isinstance(cpu_bf16_units(), list) and processor_name()  # this machine's, whatever it has
+
+
+def test_the_main_preset_follows_the_machine(monkeypatch):
+    from expseg_fast import machine
+    from expseg_fast.config import main_preset
+
+    for units, want in [([], "cpu"), (["avx512_bf16"], "cpu-bf16"), (["avx512_bf16", "amx_bf16"], "cpu-bf16")]:
+        monkeypatch.setattr(machine, "cpu_bf16_units", lambda units=units: units)
+        assert main_preset(cuda=False) == want and main_preset(cuda=True) == "paper"
+    bf16 = TrainConfig.for_preset("cpu-bf16")
+    assert (bf16.precision, bf16.channels_last, bf16.demo_preset) == ("bf16", True, "cpu")  # the cpu demo data
+    assert bf16.demo_settings() == PRESETS["cpu"].demo and bf16.device_problem("cpu") is None
+    assert PRESETS["cpu-bf16"].table1 == PRESETS["cpu"].table1
+
+
+def test_bf16_at_a_2cubed_bottom_level_on_the_cpu_is_refused_naming_the_size():
+    for model, size in [("ours", 16), ("vnet", 32)]:
+        problem = TrainConfig(precision="bf16", model=model, size=size).device_problem("cpu")
+        assert f"bf16 on the CPU needs size > {size} for {model}, got {size}" in problem
+        assert TrainConfig(precision="bf16", model=model, size=size).device_problem("cuda") is None  # cuDNN: fine
+        assert TrainConfig(precision="fp32", model=model, size=size).device_problem("cpu") is None
+        assert TrainConfig(precision="bf16", model=model, size=size + 16).device_problem("cpu") is None
+
+
+def test_the_script_refuses_cpu_bf16_at_16_before_writing(tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "train.py"), "--out", str(out),
+                           "--size", "16", "--precision", "bf16", "--limit-subjects", "3"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 1 and "needs size > 16" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_the_presets_bf16_gives_way_to_fp32_where_it_cannot_train_unless_asked_for(monkeypatch, capsys):
+    import train as script
+    from expseg_fast import machine
+    from expseg_fast.config import preset_precision
+
+    assert preset_precision("cpu-bf16", 48, "ours", "cpu") == ("bf16", None)
+    precision, note = preset_precision("cpu-bf16", 32, "vnet", "cpu")
+    assert precision == "fp32" and "needs size > 32 for vnet" in note and "cpu-bf16 preset's bf16" in note
+    assert preset_precision("paper", 16, "ours", "cuda") == ("bf16", None) and preset_precision("cpu", 16, "ours", "cpu") == ("fp32", None)
+    monkeypatch.setattr(machine, "cpu_bf16_units", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert script.parse([])[0].precision == "bf16" and "note" not in capsys.readouterr().err
+    assert script.parse(["--size", "16"])[0].precision == "fp32" and "training in fp32" in capsys.readouterr().err
+    assert script.parse(["--size", "16", "--precision", "bf16"])[0].precision == "bf16"  # the trainer refuses it

@@ -1,0 +1,44 @@
+"""Dice of a trained run on its validation subjects, on each scan's original grid (and the preprocessed one).
+
+python scripts/evaluate.py CHECKPOINT [--data FOLDER --label-map JSON] [--device cpu|cuda] [--json FILE]
+Prints one line per label (mean over the validation subjects, %) and the average over labels; --json
+writes every figure (per subject too). Runs trained at different sizes are compared on one grid this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from expseg_fast.atomic import write_atomic
+from expseg_fast.evaluate import evaluate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", help="the run's dataset folder or list, if it has moved (default: the run's)")
+    parser.add_argument("--label-map", help="its JSON label map (with --data)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    args = parser.parse_args()
+    try:
+        result = evaluate(args.checkpoint, args.data, args.label_map, args.device)
+        if args.json:
+            text = json.dumps(result.to_dict(), indent=1)
+            write_atomic(Path(args.json), lambda tmp: Path(tmp).write_text(text), ".json")
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    original, average = result.average(result.original)
+    resampled, average_resampled = result.average(result.resampled)
+    print(f"{args.checkpoint}: epoch {result.epoch}, {len(result.subjects)} validation subjects; Dice %")
+    print(f"{'label':<26}{'original grid':>14}{'preprocessed':>14}")
+    for name, a, b in zip(result.names, original, resampled):
+        print(f"{name:<26}{a:>14.1f}{b:>14.1f}")
+    print(f"{'average':<26}{average:>14.2f}{average_resampled:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()
