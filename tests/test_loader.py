@@ -81,11 +81,13 @@ def test_trainer_memory_does_not_grow_with_the_number_of_subjects(tmp_path):
 
     for subjects in (4, 24):  # build the demo data and the cache first
         peak_mib(subjects, f"warm{subjects}")
-    few, many = peak_mib(4, "few"), peak_mib(24, "many")
+    # the lower of two runs each: a single peak moves by up to +-50 MiB from run to run
+    few = min(peak_mib(4, "few1"), peak_mib(4, "few2"))
+    many = min(peak_mib(24, "many1"), peak_mib(24, "many2"))
     # the trainer that held every subject in memory peaked 185 MiB higher with 16 subjects than with 4
-    # (780 vs 965 MiB on the 2-core development machine), so about 300 MiB with 24; streaming, both peak
-    # alike (run to run the peak moves by up to +-50 MiB)
-    assert many - few < 120, (few, many)
+    # (780 vs 965 MiB on the 2-core development machine), so about 300 MiB with 24; streaming, single
+    # runs measured +25 to +65 MiB here and +140 once in a clean-clone CI run on a loaded machine
+    assert many - few < 150, (few, many)
 
 
 def write_two_channel_case(root: Path, name: str, rng: np.random.Generator, label: bool = True) -> None:
