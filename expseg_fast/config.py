@@ -67,7 +67,7 @@ PRESETS = {
 }
 # a 2-core CPU that multiplies bf16 natively: bf16 + channels-last steps 2.8-2.9x as fast as fp32
 # (bench/cpu_precision.py); spent on 32 epochs at 48^3 in the cpu preset's time, which beat 12-13
-# epochs at 64^3 (results/table1-cpu/ablations.md, section 6)
+# epochs at 64^3 (results/table1-cpu/ablations.md, section 5)
 PRESETS["cpu-bf16"] = dataclasses.replace(PRESETS["cpu"], size=48, epochs=32, precision="bf16", channels_last=True,
                                           demo_of="cpu")
 _DEFAULT = PRESETS["cpu"]
