@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expseg_fast.checkpoint import load_checkpoint
 from expseg_fast.data import apply_labels, invert_labels, load_volume, random_splits
 from expseg_fast.data.source import open_dataset
 from expseg_fast.infer_files import case_image, load_model, predict_labels, predictor_for
@@ -56,8 +55,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
     beside the run folder, where the trainer built it. ValueError naming what is wrong."""
     checkpoint = Path(checkpoint)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    model, config, names = load_model(checkpoint, dev)
-    epoch = int(load_checkpoint(checkpoint)["epoch"]) + 1
+    model, config, names, _, epoch = load_model(checkpoint, dev)
     if data is not None:
         config.data, config.label_map = data, label_map
     pairs, classes = open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset,

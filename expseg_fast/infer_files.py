@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,14 +45,19 @@ class SegmentationError(ValueError):
                          + "\n".join(f"  {p}" for p in problems))
 
 
-def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig, list[str]]:
-    """The trained network of a checkpoint (loaded with weights_only=True), its config and class names."""
-    model, config, names, _ = _load(checkpoint, device)
-    return model, config, names
+class LoadedModel(NamedTuple):
+    """A checkpoint read once: the network (eval mode, on the device), its settings, its class names,
+    the range of its training data (None for checkpoints older than that) and the epochs it had run."""
+    model: torch.nn.Module
+    config: TrainConfig
+    names: list[str]
+    data_range: dict | None
+    epochs: int
 
 
-def _load(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig, list[str], dict | None]:
-    """load_model's, and the range of the training data (None for checkpoints older than that)."""
+def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
+    """The trained network of a checkpoint (loaded with weights_only=True) and what it was trained with.
+    ValueError naming the file when it is refused or holds non-finite weights."""
     state = load_checkpoint(checkpoint)
     config = checkpoint_config(state, checkpoint)
     bad = non_finite_weights(state["model"])
@@ -61,7 +67,7 @@ def _load(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, Trai
     model = build_model(config.model, len(names), config.width, config.fuse_levels, config.in_channels)
     model.load_state_dict(state["model"])
     seen = json.loads(state["data_range"]) if "data_range" in state else None
-    return model.to(device).eval(), config, names, seen
+    return LoadedModel(model.to(device).eval(), config, names, seen, int(state["epoch"]) + 1)
 
 
 def input_files(inputs: Path) -> list[Path]:
@@ -145,7 +151,7 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
     SegmentationError (after every good file is written) when some inputs could not be segmented."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     inputs, out_dir = Path(inputs), Path(out_dir)
-    model, config, names, seen = _load(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
+    model, config, names, seen, _ = load_model(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
     files = input_files(inputs)
     check_output_folder(out_dir, inputs)
     predictor = predictor_for(model, config, dev)
