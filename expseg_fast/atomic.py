@@ -12,6 +12,8 @@ from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"  # temporary files; one left behind by a killed write can be removed
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 
 
 class NoSpaceError(OSError):
@@ -31,19 +33,29 @@ def is_no_space(error: BaseException) -> bool:
 
 def write_atomic(path: str | Path, write: Callable[[str], None], suffix: str = "") -> None:
     """Calls write(temporary_path), then renames the temporary file to path. NoSpaceError when the
-    disk is full (the previous file at path is untouched)."""
+    disk is full (the previous file at path is untouched). The file gets the permissions a plain
+    open() would give it: a replaced file's own, a new file's 0o666 less the umask (not mkstemp's 0o600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         if is_no_space(error) and not isinstance(error, NoSpaceError):
             raise NoSpaceError(path) from error
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits an in-place write of path would leave."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
 
 
 def _write_file(path: str, data: bytes) -> None:

@@ -313,3 +313,22 @@ def test_segment_warns_about_a_scan_unlike_the_training_data(trained, tmp_path):
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "huge.nii.gz" in warnings[0], done.stderr
     assert f"field of view {3 * edge * spacing:.4g} mm lies far outside the training data's" in warnings[0]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path, umask):
+    """A new file: 0o666 less the process's umask, as open() gives (not mkstemp's 0o600); a replaced
+    file keeps its own mode. The reference is a plain open() in the same process."""
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"old")
+    kept.chmod(0o604)
+    code = ("import os, sys; os.umask(int(sys.argv[1], 8)); from pathlib import Path; "
+            "from expseg_fast.atomic import write_bytes_atomic; d = Path(sys.argv[2]); "
+            "open(d / 'plain.bin', 'wb').close(); write_bytes_atomic(d / 'new.bin', b'new'); "
+            "write_bytes_atomic(d / 'kept.bin', b'new')")
+    done = subprocess.run([sys.executable, "-c", code, oct(umask), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    mode = {p.name: p.stat().st_mode & 0o7777 for p in tmp_path.iterdir()}
+    assert mode["new.bin"] == mode["plain.bin"] == 0o666 & ~umask
+    assert mode["kept.bin"] == 0o604 and kept.read_bytes() == b"new"
+    assert sorted(mode) == ["kept.bin", "new.bin", "plain.bin"]  # no temporary left
