@@ -20,7 +20,7 @@ import torch
 
 from expseg_fast.config import TrainConfig
 from expseg_fast.machine import cpu_bf16_units, processor_name
-from expseg_fast.losses import LossSpec, loss
+from expseg_fast.losses import loss
 from expseg_fast.models import build_model
 
 VARIANTS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]

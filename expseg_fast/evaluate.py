@@ -18,6 +18,7 @@ import torch
 from expseg_fast.data import apply_labels, invert_labels, load_volume, random_splits
 from expseg_fast.data.source import open_dataset
 from expseg_fast.infer_files import case_image, load_model, predict_labels, predictor_for
+from expseg_fast.machine import torch_device
 from expseg_fast.metrics import hard_dice
 
 
@@ -54,7 +55,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
     subjects are the run's dataset (data/label_map when it has moved); the demo dataset is looked for
     beside the run folder, where the trainer built it. ValueError naming what is wrong."""
     checkpoint = Path(checkpoint)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = torch_device(device)
     model, config, names, _, epoch = load_model(checkpoint, dev)
     if data is not None:
         config.data, config.label_map = data, label_map

@@ -30,6 +30,7 @@ from expseg_fast.data.nifti import affines_match, nonfinite_problem
 from expseg_fast.data.facts import VolumeFacts, out_of_range
 from expseg_fast.data.preprocess import plan_spacing_whole, resampling_problem
 from expseg_fast.infer import Predictor
+from expseg_fast.machine import torch_device
 from expseg_fast.models import build_model
 from expseg_fast.sliding_window import sliding_window_labels
 
@@ -149,7 +150,7 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             overwrite: bool = False) -> list[Path]:
     """Segments one NIfTI file or every NIfTI file of a folder; returns the written label files.
     SegmentationError (after every good file is written) when some inputs could not be segmented."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = torch_device(device)
     inputs, out_dir = Path(inputs), Path(out_dir)
     model, config, names, seen, _ = load_model(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
     files = input_files(inputs)

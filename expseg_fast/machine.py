@@ -1,9 +1,12 @@
-"""What this machine's processor is and can do, from Linux's /proc/cpuinfo (empty answers elsewhere)."""
+"""What this machine is and can do: its processor, from Linux's /proc/cpuinfo (empty answers elsewhere),
+and the torch device a command runs on."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
+
+import torch
 
 BF16_UNITS = ("avx512_bf16", "amx_bf16")  # CPU flags of native bf16 multiplication
 
@@ -28,3 +31,18 @@ def cpu_bf16_units(cpuinfo: str | None = None) -> list[str]:
     """The BF16_UNITS this processor has (cpuinfo: the text of /proc/cpuinfo, default this machine's)."""
     flags = (_field(_cpuinfo() if cpuinfo is None else cpuinfo, "flags") or "").split()
     return [unit for unit in BF16_UNITS if unit in flags]
+
+
+def torch_device(name: str) -> torch.device:
+    """The device a `--device NAME` runs on: `auto` is CUDA where torch sees a GPU, else the CPU; any
+    other torch device name as is. ValueError, one line, for a name torch does not know or CUDA where
+    torch sees none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: torch sees no CUDA device on this machine (use cpu or auto)")
+    return device

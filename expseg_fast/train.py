@@ -29,18 +29,13 @@ from expseg_fast.data import AugmentConfig, augment, random_splits
 from expseg_fast.data.loader import CachedSubjects, OrderSampler, facts_range, prepare, subject_loader
 from expseg_fast.data.source import open_dataset
 from expseg_fast.losses import label_counts, label_weights, loss as loss_fn
+from expseg_fast.machine import torch_device
 from expseg_fast.metrics import hard_dice, nanstd
 from expseg_fast.models import build_model
 from expseg_fast.run_folder import RunError, RunFolder
 from expseg_fast.runlog import append_record, read_log, rewrite_log
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
 
 
 def dataset(config: TrainConfig, out: Path):
@@ -66,7 +61,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     config.check()
     out = Path(config.out)
-    device = _device(config)
+    device = torch_device(config.device)
     rank, world = distributed.setup(device.type)
     device = distributed.device_for(device)
     problem = config.device_problem(device.type)

@@ -12,16 +12,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from expseg_fast.checkpoint import checkpoint_config, load_checkpoint
 from expseg_fast.config import LOSSES, MODELS, PRECISIONS, PREPROCESSINGS, TrainConfig, main_preset, preset_precision
+from expseg_fast.machine import torch_device
 from expseg_fast.run_folder import RunError
 from expseg_fast.train import train
 
 
 def parse(argv=None) -> tuple[TrainConfig, bool]:
-    preset = main_preset(torch.cuda.is_available())
+    device_type = torch_device("auto").type
+    preset = main_preset(device_type == "cuda")
     d = TrainConfig.for_preset(preset)  # every default, from the preset
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data", help="dataset folder (imagesTr/, labelsTr/) or .json/.csv list; default: the demo dataset")
@@ -56,7 +56,7 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     if a.resume:
         return _resumed(p, a, argv if argv is not None else sys.argv[1:]), True
     precision, note = (a.precision, None) if a.precision else preset_precision(
-        preset, a.size, a.model, "cuda" if torch.cuda.is_available() else "cpu")
+        preset, a.size, a.model, device_type)
     if note:
         print(f"note: {note}", file=sys.stderr)
     config = TrainConfig.for_preset(

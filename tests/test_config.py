@@ -60,6 +60,22 @@ def test_cpu_bf16_units_are_read_from_the_flags_line():
     assert isinstance(cpu_bf16_units(), list) and processor_name()  # this machine's, whatever it has
 
 
+def test_torch_device_resolves_auto_and_names_a_bad_device_in_one_line(monkeypatch):
+    from expseg_fast.machine import torch_device
+
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert torch_device("auto") == torch.device("cuda" if cuda else "cpu") and torch_device("cpu").type == "cpu"
+        with pytest.raises(ValueError, match=r"^device must be auto, cpu or cuda, got 'gpu'$"):
+            torch_device("gpu")
+        if cuda:
+            assert torch_device("cuda:1") == torch.device("cuda", 1)
+        else:
+            for name in ("cuda", "cuda:1"):
+                with pytest.raises(ValueError, match=rf"^device {name}: torch sees no CUDA device on this machine"):
+                    torch_device(name)
+
+
 def test_the_main_preset_follows_the_machine(monkeypatch):
     from expseg_fast import machine
     from expseg_fast.config import main_preset

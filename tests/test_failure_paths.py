@@ -121,6 +121,19 @@ def test_segment_refuses_broken_checkpoints_and_an_output_that_is_a_file(trained
     assert (tmp_path / "a_file").read_text() == "x"
 
 
+def test_segment_and_evaluate_name_a_bad_device_in_one_line(trained, tmp_path):
+    scans = tmp_path / "scans"
+    scan_like(scans / "a.nii.gz")
+    bad = {"gpu": "error: device must be auto, cpu or cuda, got 'gpu'"}
+    if not torch.cuda.is_available():
+        bad["cuda"] = "error: device cuda: torch sees no CUDA device on this machine (use cpu or auto)"
+    for device, line in bad.items():
+        for script, args in [("segment.py", (str(scans), str(tmp_path / "out"))), ("evaluate.py", ())]:
+            done = run_script(script, str(trained / "best.pt"), *args, "--device", device)
+            assert done.returncode != 0 and done.stderr.strip() == line, (script, done.stderr)
+    assert not (tmp_path / "out").exists()
+
+
 # --- train.py: the output folder ------------------------------------------------------------------
 
 
