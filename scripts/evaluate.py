@@ -26,9 +26,6 @@ def main() -> None:
     args = parser.parse_args()
     try:
         result = evaluate(args.checkpoint, args.data, args.label_map, args.device)
-        if args.json:
-            text = json.dumps(result.to_dict(), indent=1)
-            write_atomic(Path(args.json), lambda tmp: Path(tmp).write_text(text), ".json")
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     original, average = result.average(result.original)
@@ -38,6 +35,12 @@ def main() -> None:
     for name, a, b in zip(result.names, original, resampled):
         print(f"{name:<26}{a:>14.1f}{b:>14.1f}")
     print(f"{'average':<26}{average:>14.2f}{average_resampled:>14.2f}")
+    if args.json:  # after the table: a file that cannot be written loses no figure
+        text = json.dumps(result.to_dict(), indent=1)
+        try:
+            write_atomic(Path(args.json), lambda tmp: Path(tmp).write_text(text), ".json")
+        except OSError as error:
+            sys.exit(f"error: --json {args.json}: not written ({error.strerror or error})")
 
 
 if __name__ == "__main__":
