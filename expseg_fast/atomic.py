@@ -26,6 +26,9 @@ class NoSpaceError(OSError):
     def __str__(self) -> str:
         return self.strerror
 
+    def __reduce__(self):  # raised in a preparation worker, it crosses to the trainer intact
+        return NoSpaceError, (self.path,)
+
 
 def is_no_space(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _NO_SPACE
@@ -48,6 +51,11 @@ def write_atomic(path: str | Path, write: Callable[[str], None], suffix: str = "
         if is_no_space(error) and not isinstance(error, NoSpaceError):
             raise NoSpaceError(path) from error
         raise
+
+
+def folder_mode() -> int:
+    """The permission bits a plain mkdir gives a new folder (0o777 less the umask; mkdtemp's are 0o700)."""
+    return 0o777 & ~_UMASK
 
 
 def _mode_for(path: Path) -> int:

@@ -3,7 +3,8 @@
 A checkpoint is a dict of tensors and plain values (loaded with weights_only=True, so one carrying
 arbitrary pickled objects is refused): the model's, optimizer's and grad scaler's state dicts, the
 epoch it ends, the best validation Dice so far and the epoch that reached it, every random
-generator's state (exact resume), the run's TrainConfig as JSON and the class names. It is serialised
+generator's state (exact resume), the run's TrainConfig as JSON, the class names and the data the run
+pinned (expseg_fast/data/identity.py, as JSON; absent from checkpoints older than that). It is serialised
 in memory and then written atomically with plain file writes, so a full disk is reported as such
 (NoSpaceError naming the file) and the previous checkpoint stays.
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from expseg_fast.atomic import write_bytes_atomic
 from expseg_fast.config import TrainConfig
+from expseg_fast.data.identity import DataPin
 
 # What every checkpoint holds (cuda_rng only when trained on CUDA).
 KEYS = ("model", "optimizer", "scaler", "epoch", "best", "aug_rng", "order_rng", "torch_rng", "config", "class_names")
@@ -44,7 +47,9 @@ def load_checkpoint(path: Path) -> dict:
     """The checkpoint at path; ValueError naming the file when it cannot be loaded safely or lacks
     what a checkpoint holds."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on pickle protocols and TorchScript is not for this file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"{path}: not a loadable expseg_fast checkpoint (refused: {_reason(error)})") from error
     missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
@@ -54,17 +59,41 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _reason(error: Exception) -> str:
-    """One line of why torch.load refused a file: the safe loader's own reason, not its lines of advice."""
+    """One line of why torch.load refused a file: the safe loader's own reason, never its advice to load
+    the file unsafely (weights_only=False runs whatever code the file holds)."""
     text = str(error)
     found = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(\. |\.?$)", text, re.MULTILINE)
     if found:
         return f"{found.group(1)}; a checkpoint holds only tensors and plain values"
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if "TorchScript" in text:
+        return "a TorchScript archive, not a checkpoint"
+    if "hasRecord" in text or "PytorchStreamReader" in text:
+        return "a damaged checkpoint archive (a file cut short or edited)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if "weights_only" in first or not re.search(r"[a-z]{3,} [a-z]{3,}", first):  # advice, or an opaque code like '101'
+        return f"not a PyTorch checkpoint file, or a truncated one ({type(error).__name__})"
+    return first
 
 
 def checkpoint_config(state: dict, path: Path) -> TrainConfig:
-    """The TrainConfig a loaded checkpoint was trained with; ValueError naming the file if unreadable."""
+    """The TrainConfig a loaded checkpoint was trained with, checked like the command line's; ValueError
+    naming the file when it is unreadable or out of range (a hand-edited checkpoint)."""
     try:
-        return TrainConfig.from_json(state["config"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: its stored configuration is unreadable ({error})") from error
+        config = TrainConfig.from_json(state["config"])
+        config.check()
+    except RecursionError:
+        raise ValueError(f"{path}: its stored configuration is unreadable (nested too deeply)") from None
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: its stored configuration is unreadable or invalid ({error})") from error
+    return config
+
+
+def checkpoint_pin(state: dict, path: Path) -> DataPin | None:
+    """The data a checkpoint's run pinned, or None for a checkpoint older than pinning; ValueError
+    naming the file when it is unreadable."""
+    if "data_pin" not in state:
+        return None
+    try:
+        return DataPin.from_json(state["data_pin"])
+    except (TypeError, ValueError, KeyError, RecursionError) as error:
+        raise ValueError(f"{path}: its record of the run's data is unreadable ({type(error).__name__})") from None

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from expseg_fast import machine
 from expseg_fast.data.demo import DemoSettings
+from expseg_fast.data.nifti import MAX_VOXELS
 from expseg_fast.losses import LossSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -94,7 +97,10 @@ LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice,
 }
 
 
-RESUME_MAY_CHANGE = ("epochs", "device", "deterministic", "loader_workers")  # settings a resumed run may take from the command line
+# settings a resumed run may take from the command line (a moved dataset: its pinned identity is checked)
+RESUME_MAY_CHANGE = ("epochs", "device", "deterministic", "loader_workers", "data", "label_map", "max_voxels")
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+          "tuple[int, ...]": (tuple, list)}
 
 
 @dataclass
@@ -130,6 +136,7 @@ class TrainConfig:
     in_channels: int = 1  # image channels per case; the trainer sets it from the data
     preprocessing: str = "fit"  # fit: the paper's (pad to a cube, resize); spacing: voxels of spacing_mm, cropped
     spacing_mm: float = 1.0  # the voxel size of the `spacing` preprocessing
+    max_voxels: int = MAX_VOXELS  # the most voxels a scan may have (the dataset scan refuses larger ones)
 
     @classmethod
     def for_preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -171,6 +178,12 @@ class TrainConfig:
                     f"{self.size}: oneDNN's bf16 conv3d weight gradient is unreliable at the network's 2^3 bottom level")
         return None
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """This configuration with data and label_map absolute (a checkpoint never re-reads them
+        against another current folder)."""
+        return dataclasses.replace(self, **{k: str(Path(v).resolve()) for k in ("data", "label_map")
+                                            if (v := getattr(self, k)) is not None})
+
     def spacing(self) -> float | None:
         """The voxel size of the `spacing` preprocessing, None for `fit`."""
         return self.spacing_mm if self.preprocessing == "spacing" else None
@@ -182,8 +195,10 @@ class TrainConfig:
         return PRESETS[self.demo_preset].demo
 
     def check(self) -> None:
-        """Raises ValueError naming every setting that is out of range."""
-        problems = []
+        """Raises ValueError naming every setting that is out of range or of the wrong type."""
+        problems = self._type_problems()
+        if problems:  # the range checks below need the types right
+            raise ValueError("; ".join(problems))
         if self.model not in MODELS:
             problems.append(f"model must be 'ours' or 'vnet', got {self.model!r}")
         if self.loss not in LOSSES:
@@ -192,17 +207,43 @@ class TrainConfig:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.preprocessing not in PREPROCESSINGS:
             problems.append(f"preprocessing must be 'fit' or 'spacing', got {self.preprocessing!r}")
-        if not self.spacing_mm > 0:
-            problems.append(f"spacing_mm must be > 0, got {self.spacing_mm}")
         if self.demo_preset not in PRESETS:
             problems.append(f"demo_preset must be one of {sorted(PRESETS)}, got {self.demo_preset!r}")
         if self.size < 16 or self.size % 16:
             problems.append(f"size must be a multiple of 16 (>= 16), got {self.size}")
         elif self.model == "vnet" and self.size < 32:  # its 1-voxel bottom level cannot batch-normalise a batch of 1
             problems.append(f"size must be >= 32 for V-Net (4 halvings), got {self.size}")
-        if self.epochs < 1 or self.lr <= 0 or self.width < 1 or self.loader_workers < 0:
-            problems.append("epochs >= 1, lr > 0, width >= 1 and loader_workers >= 0 required")
-        if not 0 <= self.split < self.splits:
+        elif self.size**3 > self.max_voxels:
+            problems.append(f"size^3 must be at most max_voxels ({self.max_voxels}), got {self.size}^3")
+        for name in ("lr", "spacing_mm", "eps", "gamma_dice", "gamma_cross"):
+            if not 0 < getattr(self, name) < math.inf:
+                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("w_dice", "w_cross"):
+            if not 0 <= getattr(self, name) < math.inf:
+                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.augment_probability <= 1:
+            problems.append(f"augment_probability must be in [0, 1], got {self.augment_probability}")
+        for name, low in (("epochs", 1), ("width", 1), ("loader_workers", 0), ("max_voxels", 1), ("in_channels", 1)):
+            if getattr(self, name) < low:
+                problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.limit_subjects is not None and self.limit_subjects < 2:
+            problems.append(f"limit_subjects must be >= 2 (a training and a validation subject), got {self.limit_subjects}")
+        if not set(self.fuse_levels) <= {0, 1, 2, 3} or not self.fuse_levels:
+            problems.append(f"fuse_levels must be some of 0, 1, 2, 3, got {list(self.fuse_levels)}")
+        if self.splits < 1 or not 0 <= self.split < self.splits:
             problems.append(f"split must be in [0, {self.splits}), got {self.split}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _type_problems(self) -> list[str]:
+        """A setting whose value is not of its declared type (a hand-edited checkpoint, say)."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = sum((_TYPES[t.strip()] for t in str(f.type).split("|")), ())
+            wrong = not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
+            if not wrong and isinstance(value, (tuple, list)):
+                wrong = not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            if wrong:
+                problems.append(f"{f.name} must be of type {f.type}, got {value!r}")
+        return problems

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from expseg_fast.config import TrainConfig
 from expseg_fast.data import apply_labels, invert_labels, load_volume, random_splits
-from expseg_fast.data.source import open_dataset
+from expseg_fast.data.identity import DataPin
+from expseg_fast.data.source import Dataset, open_dataset
 from expseg_fast.infer_files import case_image, load_model, predict_labels, predictor_for
 from expseg_fast.machine import torch_device
 from expseg_fast.metrics import hard_dice
@@ -33,6 +35,8 @@ class Evaluation:
     names: list[str]  # class names without background
     original: np.ndarray
     resampled: np.ndarray
+    source: str = ""  # which subjects of which data were scored, and why
+
 
     @staticmethod
     def average(dice: np.ndarray) -> tuple[np.ndarray, float]:
@@ -41,7 +45,8 @@ class Evaluation:
         return per_label, float(np.nanmean(per_label))
 
     def to_dict(self) -> dict:
-        out = {"checkpoint": self.checkpoint, "epoch": self.epoch, "subjects": self.subjects, "labels": self.names}
+        out = {"checkpoint": self.checkpoint, "epoch": self.epoch, "source": self.source, "subjects": self.subjects,
+               "labels": self.names}
         for grid in ("original", "resampled"):
             per_label, average = self.average(getattr(self, grid))
             out[grid] = {"average": average, "per_label": [float(x) for x in per_label],
@@ -50,31 +55,58 @@ class Evaluation:
 
 
 def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | None = None,
-             device: str = "auto") -> Evaluation:
-    """Evaluates the checkpoint on its run's validation split (the run's splits, split and seed). The
-    subjects are the run's dataset (data/label_map when it has moved); the demo dataset is looked for
-    beside the run folder, where the trainer built it. ValueError naming what is wrong."""
+             device: str = "auto", max_voxels: int | None = None) -> Evaluation:
+    """Evaluates the checkpoint on its run's validation subjects, as the run pinned them (names and
+    content digests): from the run's dataset (its absolute path; the demo dataset is looked for beside
+    the run folder, where the trainer built it), where a missing or changed validation subject, or a
+    changed label map, is a ValueError naming it. With data (and its label_map) other data is scored
+    on purpose: the run's validation subjects found in it by content, and subjects the run never saw;
+    its training subjects are left out; `Evaluation.source` says which. ValueError naming what is wrong."""
     checkpoint = Path(checkpoint)
     dev = torch_device(device)
-    model, config, names, _, epoch = load_model(checkpoint, dev)
-    if data is not None:
+    loaded = load_model(checkpoint, dev)
+    model, config, names, epoch = loaded.model, loaded.config, loaded.names, loaded.epochs
+    if max_voxels is not None:
+        config.max_voxels = max_voxels
+    other = data is not None
+    if other:
         config.data, config.label_map = data, label_map
-    pairs, classes = open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset,
-                                  checkpoint.resolve().parent.parent, config.limit_subjects)
-    if list(classes.names) != names:
-        raise ValueError(f"{checkpoint}: trained on classes {names}, the dataset has {list(classes.names)}")
-    _, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
+    found = open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset,
+                         checkpoint.resolve().parent.parent, None if other else config.limit_subjects,
+                         max_voxels=config.max_voxels)
+    if list(found.label_map.names) != names:
+        raise ValueError(f"{checkpoint}: trained on classes {names}, the dataset has {list(found.label_map.names)}")
+    chosen, source = _subjects(loaded.pin, found, config, other, checkpoint)
     predictor = predictor_for(model, config, dev)
     original, resampled, subjects = [], [], []
-    for i in val_idx:
-        pair = pairs[i]
+    for i in chosen:
+        pair = found.pairs[i]
         image, r, _ = case_image((pair.image, *pair.more_channels), config)
         labels = predict_labels(predictor, image, config, len(names))
-        truth = classes.apply(load_volume(pair.label, dtype=np.int64).data).astype(np.int64)
+        truth = found.label_map.apply(load_volume(pair.label, dtype=np.int64, max_voxels=None).data).astype(np.int64)
         pred_original = invert_labels(labels, r).astype(np.int64)
         original.append(hard_dice(torch.from_numpy(pred_original), torch.from_numpy(truth), len(names))[1:])
         resampled.append(hard_dice(torch.from_numpy(labels.astype(np.int64)),
                                    torch.from_numpy(apply_labels(truth, r).astype(np.int64)), len(names))[1:])
         subjects.append(pair.image.name)
     return Evaluation(str(checkpoint), epoch, subjects, names[1:], torch.stack(original).numpy(),
-                      torch.stack(resampled).numpy())
+                      torch.stack(resampled).numpy(), source)
+
+
+def _subjects(pin: DataPin | None, found: Dataset, config: TrainConfig, other: bool, checkpoint: Path) -> tuple[list[int], str]:
+    """(indices of the subjects to score, a line saying what they are)."""
+    if pin is None:  # a checkpoint older than pinning
+        _, val_idx = random_splits(len(found.pairs), config.splits, seed=config.seed)[config.split]
+        return val_idx, (f"{found.root}: the validation split recomputed from the subject count ({checkpoint} "
+                         f"predates pinned splits: right only if the dataset is unchanged)")
+    if not other:
+        _, val_idx, _ = pin.select(found.subjects, found.label_map, str(found.root))
+        return val_idx, f"{found.root}: the run's {len(val_idx)} pinned validation subjects"
+    roles = pin.roles()
+    role = [roles.get((s.images, s.label)) for s in found.subjects]
+    chosen = [i for i, r in enumerate(role) if r != "training"]
+    if not chosen:
+        raise ValueError(f"{found.root}: every subject is one the run trained on; nothing to score")
+    validation, trained = role.count("validation"), role.count("training")
+    return chosen, (f"{found.root}: OTHER data than the run's, scored on purpose: {validation} of the run's validation "
+                    f"subjects, {len(chosen) - validation} it never saw; {trained} of its training subjects left out")

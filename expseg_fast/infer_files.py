@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from expseg_fast.atomic import NoSpaceError, write_atomic
-from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finite_weights
+from expseg_fast.checkpoint import checkpoint_config, checkpoint_pin, load_checkpoint, non_finite_weights
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import VolumeError, apply_image, load_volume, plan, write_prediction
 from expseg_fast.data.dataset import NIFTI_SUFFIXES, group_channels
-from expseg_fast.data.nifti import affines_match, nonfinite_problem
+from expseg_fast.data.identity import DataPin
+from expseg_fast.data.nifti import affines_match, nonfinite_problem, voxel_bound_problem
 from expseg_fast.data.facts import VolumeFacts, out_of_range
 from expseg_fast.data.preprocess import plan_spacing_whole, resampling_problem
 from expseg_fast.infer import Predictor
@@ -48,12 +49,14 @@ class SegmentationError(ValueError):
 
 class LoadedModel(NamedTuple):
     """A checkpoint read once: the network (eval mode, on the device), its settings, its class names,
-    the range of its training data (None for checkpoints older than that) and the epochs it had run."""
+    the range of its training data (None for checkpoints older than that), the epochs it had run and
+    the data its run pinned (None for checkpoints older than that)."""
     model: torch.nn.Module
     config: TrainConfig
     names: list[str]
     data_range: dict | None
     epochs: int
+    pin: DataPin | None
 
 
 def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
@@ -64,11 +67,17 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
     bad = non_finite_weights(state["model"])
     if bad:
         raise ValueError(f"{checkpoint}: holds non-finite weights ({bad[0]}, ...): a diverged run; not used")
-    names = list(state["class_names"])
-    model = build_model(config.model, len(names), config.width, config.fuse_levels, config.in_channels)
-    model.load_state_dict(state["model"])
-    seen = json.loads(state["data_range"]) if "data_range" in state else None
-    return LoadedModel(model.to(device).eval(), config, names, seen, int(state["epoch"]) + 1)
+    try:
+        names = [str(name) for name in state["class_names"]]
+        model = build_model(config.model, len(names), config.width, config.fuse_levels, config.in_channels)
+        model.load_state_dict(state["model"])
+        seen = json.loads(state["data_range"]) if "data_range" in state else None
+        epochs = int(state["epoch"]) + 1
+    except (RuntimeError, TypeError, ValueError, KeyError, RecursionError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{checkpoint}: its weights, class names or records do not fit its configuration "
+                         f"({reason})") from None
+    return LoadedModel(model.to(device).eval(), config, names, seen, epochs, checkpoint_pin(state, checkpoint))
 
 
 def input_files(inputs: Path) -> list[Path]:
@@ -96,7 +105,7 @@ def case_image(paths: tuple[Path, ...], config: TrainConfig) -> tuple[np.ndarray
     whole volume at the checkpoint's voxel size (each edge at least the cube's)."""
     channels = []
     for path in paths:
-        volume = load_volume(path)
+        volume = load_volume(path, max_voxels=config.max_voxels)
         problem = nonfinite_problem(path, volume)
         if problem:
             raise VolumeError(problem)
@@ -106,6 +115,10 @@ def case_image(paths: tuple[Path, ...], config: TrainConfig) -> tuple[np.ndarray
     first, size = channels[0], config.size
     if config.preprocessing == "spacing":
         r = plan_spacing_whole(first.data.shape, first.affine, size, config.spacing_mm)
+        problem = voxel_bound_problem(paths[0], r.target_shape, config.max_voxels,
+                                      f"resampled to {config.spacing_mm:g} mm voxels, a grid of ")
+        if problem:
+            raise VolumeError(problem)
     else:
         problem = resampling_problem(paths[0], first.data.shape, first.affine, size)
         if problem:
@@ -147,12 +160,15 @@ def predict_labels(predictor: Predictor, image: np.ndarray, config: TrainConfig,
 
 
 def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
-            overwrite: bool = False) -> list[Path]:
+            overwrite: bool = False, max_voxels: int | None = None) -> list[Path]:
     """Segments one NIfTI file or every NIfTI file of a folder; returns the written label files.
-    SegmentationError (after every good file is written) when some inputs could not be segmented."""
+    SegmentationError (after every good file is written) when some inputs could not be segmented or
+    written. max_voxels: the largest scan (and resampled grid) taken, default the checkpoint's."""
     dev = torch_device(device)
     inputs, out_dir = Path(inputs), Path(out_dir)
-    model, config, names, seen, _ = load_model(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
+    model, config, names, seen, *_ = load_model(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
+    if max_voxels is not None:
+        config.max_voxels = max_voxels
     files = input_files(inputs)
     check_output_folder(out_dir, inputs)
     predictor = predictor_for(model, config, dev)
@@ -181,7 +197,10 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
     names_file = out_dir / "class_names.json"
     text = json.dumps(names, indent=1)
     if not names_file.exists() or overwrite or names_file.read_text() == text:
-        write_atomic(names_file, lambda tmp: Path(tmp).write_text(text), ".json")
+        try:
+            write_atomic(names_file, lambda tmp: Path(tmp).write_text(text), ".json")
+        except OSError as error:  # a full disk: said with every output that could not be written
+            problems.append(str(error) if isinstance(error, NoSpaceError) else f"{names_file}: {error}")
     else:
         problems.append(f"{names_file}: exists with other class names; not replaced (use --overwrite)")
     if problems:

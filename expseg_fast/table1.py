@@ -121,7 +121,8 @@ def _label_average(per_label: list[float]) -> float:
 def label_voxels(preset: Table1Settings, runs: Path) -> list[float]:
     """Mean voxel count of labels 1..19 per subject at the preset's training size (from the runs' cache)."""
     config = config_for(CASES[0], 0, preset, runs)
-    pairs, label_map = open_dataset(None, None, config.demo_settings(), config.demo_preset, runs, config.limit_subjects)
+    data = open_dataset(None, None, config.demo_settings(), config.demo_preset, runs, config.limit_subjects)
+    pairs, label_map = data.pairs, data.label_map
     totals = [0.0] * (len(CLASS_NAMES) - 1)
     for pair in pairs:
         labels = torch.from_numpy(preprocess_pair(pair, label_map, preset.size, runs / "cache", mmap=True).labels.astype("int64"))

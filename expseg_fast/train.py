@@ -23,11 +23,19 @@ import torch
 from expseg_fast import distributed
 from expseg_fast.atomic import write_atomic
 from expseg_fast.atomic import NoSpaceError
-from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finite_weights, save_checkpoint, to_bytes
+from expseg_fast.checkpoint import (
+    checkpoint_config,
+    checkpoint_pin,
+    load_checkpoint,
+    non_finite_weights,
+    save_checkpoint,
+    to_bytes,
+)
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import AugmentConfig, augment, random_splits
+from expseg_fast.data.identity import DataPin, label_map_digest
 from expseg_fast.data.loader import CachedSubjects, OrderSampler, facts_range, prepare, subject_loader
-from expseg_fast.data.source import open_dataset
+from expseg_fast.data.source import Dataset, open_dataset
 from expseg_fast.losses import label_counts, label_weights, loss as loss_fn
 from expseg_fast.machine import torch_device
 from expseg_fast.metrics import hard_dice, nanstd
@@ -38,11 +46,11 @@ from expseg_fast.runlog import append_record, read_log, rewrite_log
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def dataset(config: TrainConfig, out: Path):
-    """(pairs, label map) of a run writing to out: its data, or the demo dataset built once beside out."""
+def dataset(config: TrainConfig, out: Path) -> Dataset:
+    """The scanned dataset of a run writing to out: its data, or the demo dataset built once beside out."""
     fit_size = config.size if config.preprocessing == "fit" else None  # what fitting to a cube would lose
     return open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset, out.parent,
-                        config.limit_subjects, fit_size)
+                        config.limit_subjects, fit_size, config.max_voxels)
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
@@ -60,6 +68,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
 def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     config.check()
+    config = config.with_absolute_paths()  # never re-read against another current folder
     out = Path(config.out)
     device = torch_device(config.device)
     rank, world = distributed.setup(device.type)
@@ -68,19 +77,27 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     if problem:  # before anything is written
         raise ValueError(problem)
     main = rank == 0  # only the first process writes
+    state = load_checkpoint(out / "last.pt") if resume and (out / "last.pt").exists() else None
+    if state is not None:  # option errors before the data is read or preprocessed
+        _check_resume(config, state, out / "last.pt", main)
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic  # fixed shapes
     if not main:
         distributed.barrier()  # the first process builds the demo data and the cache
-    pairs, label_map = dataset(config, out)  # scanned before anything of the run is written
+    data = dataset(config, out)  # scanned before anything of the run is written
+    pairs, label_map = data.pairs, data.label_map
     if main:
         folder.open(resume)  # locked; a new run never replaces one, resume needs a checkpoint
     config = dataclasses.replace(config, in_channels=len(pairs[0].images))  # a property of the data
     num_labels = len(label_map.names)
-    train_idx, val_idx = random_splits(len(pairs), config.splits, seed=config.seed)[config.split]
+    train_idx, val_idx, pin = _pinned_split(config, data, state, out, main)
     # the preprocessed cache is the source: each step's subject is read from disk (memory-mapped) by
     # background workers; labels stay uint8 from disk to the loss
-    entries = prepare(pairs, label_map, config.size, out.parent / "cache", report=main, spacing_mm=config.spacing())
+    try:
+        entries = prepare(pairs, label_map, config.size, out.parent / "cache", report=main,
+                          spacing_mm=config.spacing())
+    except NoSpaceError as error:
+        raise RunError(f"{error}; nothing half-written was kept: free some space and run again") from error
     if main:
         distributed.barrier()
     subjects = CachedSubjects(entries)
@@ -107,8 +124,6 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
     order_gen = torch.Generator().manual_seed(config.seed + 2)
     start_epoch, best, best_epoch = 0, -1.0, -1
     if resume:
-        state = load_checkpoint(out / "last.pt")
-        _check_resume(config, state, out / "last.pt", main)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -156,7 +171,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
             value = loss_fn(logits, labels, weights, spec, validate=False)
             scaler.scale(value).backward()
             if not scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients itself
-                _stop_if_diverged(value, model, epoch, step, out)
+                _stop_if_diverged(value, model, epoch, step, out / "last.pt")
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(value.detach()))
@@ -207,6 +222,7 @@ def _train(config: TrainConfig, resume: bool, folder: RunFolder) -> dict:
                 "epoch": epoch, "best": best, "best_epoch": best_epoch, "aug_rng": aug_gen.get_state(),
                 "order_rng": order_gen.get_state(), "torch_rng": torch.get_rng_state(), "config": config.to_json(),
                 "class_names": list(label_map.names), "data_range": json.dumps(data_range),
+                "data_pin": pin.to_json(),
             }
             if device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state()
@@ -243,13 +259,40 @@ def _write_reports(out: Path, names: tuple[str, ...], case, prediction: torch.Te
 
 def _check_resume(config: TrainConfig, state: dict, path: Path, main: bool) -> None:
     """A resumed run keeps its configuration: ValueError naming every setting that differs, except those
-    it may take (RESUME_MAY_CHANGE), which are applied with a message."""
-    refused, applied = config.resume_differences(checkpoint_config(state, path))
+    it may take (RESUME_MAY_CHANGE), which are applied with a message. The channel count is the data's."""
+    saved = checkpoint_config(state, path)
+    refused, applied = dataclasses.replace(config, in_channels=saved.in_channels).resume_differences(saved)
     if refused:
         raise ValueError(f"{path}: a resumed run keeps the configuration it was trained with, and this one "
                          f"differs: {'; '.join(refused)}; resume with the run's settings, or start a new --out")
     if applied and main:
         print(f"resuming {path.parent} with {'; '.join(applied)}", flush=True)
+
+
+def _pinned_split(config: TrainConfig, data: Dataset, state: dict | None, out: Path,
+                  main: bool) -> tuple[list[int], list[int], DataPin]:
+    """(training indices, validation indices, the pin) of a run: a new run draws its split (one of
+    `splits` random 70/30 splits) and pins it with the data's identity in OUT/splits.json; a resumed one
+    takes the pinned subjects from the data as it is now (ValueError naming what changed), never one
+    added since. A checkpoint older than pinning has its split recomputed, with a warning."""
+    pin = checkpoint_pin(state, out / "last.pt") if state is not None else None
+    if pin is not None:
+        train_idx, val_idx, unused = pin.select(data.subjects, data.label_map, str(data.root))
+        if unused and main:
+            print(f"note: {unused} subject(s) of {data.root} are not in the run's pinned split ({out / 'splits.json'}) "
+                  f"and are not used by this resumed run", flush=True)
+        return train_idx, val_idx, pin
+    if state is not None and main:
+        print(f"warning: {out / 'last.pt'} predates pinned splits: its split is recomputed from the subject count "
+              f"(the same only if the dataset is unchanged)", file=sys.stderr, flush=True)
+    train_idx, val_idx = random_splits(len(data.pairs), config.splits, seed=config.seed)[config.split]
+    pin = DataPin(str(data.root), str(data.label_map_file) if data.label_map_file else None,
+                  label_map_digest(data.label_map), tuple(data.subjects[i] for i in train_idx),
+                  tuple(data.subjects[i] for i in val_idx), config.split, config.seed)
+    if main and (state is None or not (out / "splits.json").exists()):
+        text = pin.to_json()
+        write_atomic(out / "splits.json", lambda tmp: Path(tmp).write_text(text), ".json")
+    return train_idx, val_idx, pin
 
 
 def _repair_best(out: Path, last: dict) -> None:
@@ -264,14 +307,16 @@ def _repair_best(out: Path, last: dict) -> None:
     print(f"{best}: brought up to date with {out / 'last.pt'} (epoch {epoch + 1}, the best so far)", flush=True)
 
 
-def _stop_if_diverged(value: torch.Tensor, model: torch.nn.Module, epoch: int, step: int, out: Path) -> None:
+def _stop_if_diverged(value: torch.Tensor, model: torch.nn.Module, epoch: int, step: int, last: Path) -> None:
     """RunError when the loss or the gradients are not finite, before the optimizer step can spoil the weights."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    finite = torch.isfinite(value.detach()) & torch.isfinite(norm)
+    value = value.detach()
+    finite = torch.isfinite(value) & torch.isfinite(norm)
     if not bool(finite):
-        what = "the loss" if not bool(torch.isfinite(value.detach())) else "the gradients"
+        what = "the loss" if not bool(torch.isfinite(value)) else "the gradients"
+        kept = f"{last} holds the last finite epoch" if last.exists() else "no checkpoint was written yet"
         raise RunError(f"epoch {epoch + 1}, step {step}: {what} became non-finite ({float(value):.4g}): the run "
-                       f"diverged; {out / 'last.pt'} holds the last finite epoch; try a lower --lr")
+                       f"diverged; {kept}; try a lower --lr")
 
 
 class PhaseClock:

@@ -1,8 +1,10 @@
 """Dice of a trained run on its validation subjects, on each scan's original grid (and the preprocessed one).
 
 python scripts/evaluate.py CHECKPOINT [--data FOLDER --label-map JSON] [--device cpu|cuda] [--json FILE]
-Prints one line per label (mean over the validation subjects, %) and the average over labels; --json
-writes every figure (per subject too). Runs trained at different sizes are compared on one grid this way.
+Scores the run's pinned validation subjects (a missing or changed one is an error); --data scores other
+data on purpose (the run's training subjects left out) and says so. Prints one line per label (mean over
+the subjects, %) and the average over labels; --json writes every figure (per subject too). Runs trained
+at different sizes are compared on one grid this way.
 """
 
 from __future__ import annotations
@@ -19,18 +21,24 @@ from expseg_fast.evaluate import evaluate
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--data", help="the run's dataset folder or list, if it has moved (default: the run's)")
+    parser.add_argument("--data", help="score this dataset folder or list instead of the run's (its validation subjects "
+                                           "found there by content, and subjects it never saw)")
     parser.add_argument("--label-map", help="its JSON label map (with --data)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="write every figure to this JSON file")
+    parser.add_argument("--max-voxels", type=int, default=None,
+                        help="the most voxels a scan (or its resampled grid) may have; default the checkpoint's")
     args = parser.parse_args()
+    if args.max_voxels is not None and args.max_voxels < 1:
+        parser.error(f"--max-voxels must be >= 1, got {args.max_voxels}")
     try:
-        result = evaluate(args.checkpoint, args.data, args.label_map, args.device)
+        result = evaluate(args.checkpoint, args.data, args.label_map, args.device, args.max_voxels)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     original, average = result.average(result.original)
     resampled, average_resampled = result.average(result.resampled)
-    print(f"{args.checkpoint}: epoch {result.epoch}, {len(result.subjects)} validation subjects; Dice %")
+    print(f"{args.checkpoint}: epoch {result.epoch}, {len(result.subjects)} subjects; Dice %")
+    print(f"data: {result.source}")
     print(f"{'label':<26}{'original grid':>14}{'preprocessed':>14}")
     for name, a, b in zip(result.names, original, resampled):
         print(f"{name:<26}{a:>14.1f}{b:>14.1f}")

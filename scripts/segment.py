@@ -20,9 +20,13 @@ def main() -> None:
     parser.add_argument("out", help="output folder (label files keep the input names)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    parser.add_argument("--max-voxels", type=int, default=None,
+                        help="the most voxels a scan (or its resampled grid) may have; default the checkpoint's")
     args = parser.parse_args()
+    if args.max_voxels is not None and args.max_voxels < 1:
+        parser.error(f"--max-voxels must be >= 1, got {args.max_voxels}")
     try:
-        segment(args.checkpoint, args.inputs, args.out, args.device, args.overwrite)
+        segment(args.checkpoint, args.inputs, args.out, args.device, args.overwrite, args.max_voxels)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
 

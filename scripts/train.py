@@ -48,10 +48,13 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--split", type=int, default=d.split, help=f"which of the {d.splits} random 70/30 splits")
     p.add_argument("--deterministic", action="store_true")
-    p.add_argument("--limit-subjects", type=int, default=None)
+    p.add_argument("--limit-subjects", type=int, default=None, help="only the first N subjects (N >= 2)")
+    p.add_argument("--max-voxels", type=int, default=d.max_voxels,
+                   help="the most voxels a scan may have; larger ones are reported with the dataset's problems")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last.pt with the run's own configuration (only --epochs, --deterministic "
-                        "may change; another differing option is an error)")
+                   help="continue from OUT/last.pt with the run's own configuration and pinned subjects (--epochs, "
+                        "--deterministic, --max-voxels and a moved --data/--label-map with the same content may "
+                        "change; another differing option is an error)")
     a = p.parse_args(argv)
     if a.resume:
         return _resumed(p, a, argv if argv is not None else sys.argv[1:]), True
@@ -64,7 +67,7 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
         loss=a.loss, gamma_dice=a.gamma_dice, gamma_cross=a.gamma_cross, w_dice=a.w_dice, w_cross=a.w_cross, eps=a.eps,
         epochs=a.epochs, lr=a.lr, precision=precision, channels_last=a.channels_last, seed=a.seed, split=a.split,
         preprocessing=a.preprocessing, spacing_mm=a.spacing_mm,
-        deterministic=a.deterministic, limit_subjects=a.limit_subjects,
+        deterministic=a.deterministic, limit_subjects=a.limit_subjects, max_voxels=a.max_voxels,
     )
     try:
         config.check()

@@ -153,3 +153,38 @@ def mp_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, weights: torch.
                     grad[n][j][x] = float(dz[j])
         value = float(total)
     return value, torch.tensor(grad, dtype=torch.float64).reshape(z.shape)
+
+
+def write_case(root, name: str, seed: int, shape=(12, 12, 12), spacing: float = 2.0) -> None:
+    """One case NAME of a dataset folder (imagesTr/NAME_0000.nii.gz, labelsTr/NAME.nii.gz): a random
+    box of class 1 and a ball of class 2 on background, the image their intensities plus noise; the
+    voxel data is unique to the seed."""
+    import numpy as np
+
+    from expseg_fast.data import save_volume
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint8)
+    lo = rng.integers(1, 4, 3)
+    labels[lo[0]:lo[0] + 5, lo[1]:lo[1] + 6, lo[2]:lo[2] + 4] = 1
+    grid = np.indices(shape).astype(np.float64)
+    centre = rng.uniform(4, np.array(shape) - 4)
+    labels[((grid - centre[:, None, None, None]) ** 2).sum(0) < 6] = 2
+    image = (labels * 1.5 + rng.normal(scale=0.3, size=shape)).astype(np.float32)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    save_volume(root / "imagesTr" / f"{name}_0000.nii.gz", image, affine)
+    save_volume(root / "labelsTr" / f"{name}.nii.gz", labels, affine)
+
+
+def write_dataset(root, n: int, seed: int = 0, first: int = 0):
+    """A dataset folder of cases c{first}..c{first + n - 1} (write_case, seeds seed + index) and its
+    label map root/map.json (background, box, ball); returns the map's path."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    for i in range(first, first + n):
+        write_case(root, f"c{i}", seed + i)
+    classes = [{"name": "background", "ids": [0]}, {"name": "box", "ids": [1]}, {"name": "ball", "ids": [2]}]
+    (root / "map.json").write_text(json.dumps({"classes": classes}))
+    return root / "map.json"

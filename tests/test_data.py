@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def test_nifti_round_trip(tmp_path, suffix):
 
 
 def write_pair(root, name, image, labels, affine, label_affine=None):
-    save_volume(root / "imagesTr" / f"{name}_0000.nii.gz", image, affine)
+    """A case NAME whose image is `image` plus a constant of its own (two cases never hold one scan)."""
+    save_volume(root / "imagesTr" / f"{name}_0000.nii.gz", image + np.float32(zlib.crc32(name.encode()) % 1000), affine)
     save_volume(root / "labelsTr" / f"{name}.nii.gz", labels, affine if label_affine is None else label_affine)
 
 

@@ -2,39 +2,54 @@
 
 Each entry is a folder CACHE/KEY/ holding image.npy (S, S, S) float32 ((K, S, S, S) for K > 1
 channels, each normalised on its own), labels.npy (S, S, S) uint8 (the class indices; int16 above 256
-classes), resampling.json (how to map a prediction back onto the
-original grid) and facts.json (the original's voxel size, field of view, orientation, intensity range). The arrays are plain .npy files, so training reads them memory-mapped, one subject at a
-time, and never holds the dataset in memory. An entry appears whole or not at all (written in a
-temporary folder, then renamed), so an interrupted preparation resumes where it stopped.
+classes), resampling.json (how to map a prediction back onto the original grid), facts.json (the
+original's voxel size, field of view, orientation, intensity range) and manifest.json, written last:
+the SHA-256 of every other file, the arrays' shape and dtype, the labels' largest class and the image's
+finiteness. The arrays are plain .npy files, so training reads them memory-mapped, one subject at a
+time, and never holds the dataset in memory.
+
+An entry appears whole or not at all (written in a temporary folder, then renamed), so an interrupted
+preparation resumes where it stopped; a full disk is reported naming the file, and nothing half-written
+stays. An entry is checked against its manifest before it is used: one that fails (a deleted or
+truncated file, edited arrays, unreadable JSON) is rebuilt from its source files with a one-line note
+naming it. Temporary folders of killed preparations are removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from expseg_fast.atomic import TEMP_PREFIX
+from expseg_fast.atomic import TEMP_PREFIX, NoSpaceError, folder_mode, is_no_space
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.facts import VolumeFacts
 from expseg_fast.data.nifti import load_volume
 from expseg_fast.data.preprocess import Resampling, apply_image, apply_labels, foreground_centre, plan, plan_spacing
 
-# Bump when the preprocessing's output changes for the same inputs and settings.
-PREPROCESS_VERSION = 3
-ENTRY_FILES = ("image.npy", "labels.npy", "resampling.json", "facts.json")
+# Bump when the preprocessing's output (or an entry's files) changes for the same inputs and settings.
+PREPROCESS_VERSION = 4
+ARRAYS = ("image.npy", "labels.npy")
+ENTRY_FILES = (*ARRAYS, "resampling.json", "facts.json", "manifest.json")  # the manifest last
+_TEMP_OWNER = f"{TEMP_PREFIX}{socket.gethostname()}-"  # + pid: whose temporary folder it is
+_ORPHAN_AGE_S = 3600  # a temporary folder without an owner that old is left over from a killed preparation
 
 
 @dataclass
 class Preprocessed:
-    """image (S, S, S) float32 normalised ((K, S, S, S) for K channels), labels (S, S, S) class indices, and the resampling that
-    maps a prediction back onto the original grid (invert_labels). Arrays may be memory-mapped."""
+    """image (S, S, S) float32 normalised ((K, S, S, S) for K channels), labels (S, S, S) class indices,
+    the resampling that maps a prediction back onto the original grid (invert_labels) and what the
+    original is like. Arrays may be memory-mapped."""
 
     image: np.ndarray
     labels: np.ndarray
@@ -61,7 +76,8 @@ def entry_path(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path
 
 
 def read_entry(entry: Path, mmap: bool = True) -> Preprocessed:
-    """A cache entry; its arrays memory-mapped (read-only) unless mmap is False."""
+    """A cache entry (checked beforehand with entry_problem); its arrays memory-mapped (read-only)
+    unless mmap is False."""
     mode = "r" if mmap else None
     r = Resampling.from_dict(json.loads((entry / "resampling.json").read_text()))
     facts = VolumeFacts(**json.loads((entry / "facts.json").read_text()))
@@ -69,44 +85,152 @@ def read_entry(entry: Path, mmap: bool = True) -> Preprocessed:
                         facts)
 
 
-def _write_entry(entry: Path, result: Preprocessed) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=entry.parent))
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def entry_problem(entry: Path, num_classes: int) -> str | None:
+    """Why the cache entry cannot be used as it is ("missing" when it was never written), or None when
+    every file is there and matches the manifest and the labels' range fits num_classes."""
+    if not entry.exists():
+        return "missing"
     try:
-        np.save(tmp / "image.npy", np.ascontiguousarray(result.image, dtype=np.float32))
-        np.save(tmp / "labels.npy", np.ascontiguousarray(result.labels))
-        (tmp / "resampling.json").write_text(json.dumps(result.resampling.to_dict()))
-        (tmp / "facts.json").write_text(json.dumps(result.facts.to_dict()))
+        manifest = json.loads((entry / "manifest.json").read_text())
+        for name in ENTRY_FILES[:-1]:
+            if not (entry / name).is_file():
+                return f"{name} is missing"
+            if _file_sha256(entry / name) != manifest["sha256"][name]:
+                return f"{name} differs from what was written (damaged or edited)"
+        for name in ARRAYS:
+            array = np.load(entry / name, mmap_mode="r")
+            if list(array.shape) != manifest[name]["shape"] or str(array.dtype) != manifest[name]["dtype"]:
+                return f"{name} has shape {array.shape} {array.dtype}, not the manifest's"
+        if not 0 <= manifest["labels.npy"]["max"] < num_classes or not manifest["image.npy"]["finite"]:
+            return "its labels or intensities are out of range"
+        Resampling.from_dict(json.loads((entry / "resampling.json").read_text()))
+        VolumeFacts(**json.loads((entry / "facts.json").read_text()))
+    except FileNotFoundError:
+        return "manifest.json is missing (an entry of an older version, or damaged)"
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        return f"unreadable ({type(error).__name__}: {str(error)[:80]})"
+    return None
+
+
+def _manifest(entry: Path, result: Preprocessed) -> dict:
+    image, labels = np.asarray(result.image), np.asarray(result.labels)
+    return {"sha256": {name: _file_sha256(entry / name) for name in ENTRY_FILES[:-1]},
+            "image.npy": {"shape": list(image.shape), "dtype": "float32", "finite": bool(np.isfinite(image).all())},
+            "labels.npy": {"shape": list(labels.shape), "dtype": str(labels.dtype), "max": int(labels.max(initial=0))}}
+
+
+def _save_files(folder: Path, result: Preprocessed) -> None:
+    """The entry's files in folder, the manifest last (its own function: the fault-injection tests replace it)."""
+    np.save(folder / "image.npy", np.ascontiguousarray(result.image, dtype=np.float32))
+    np.save(folder / "labels.npy", np.ascontiguousarray(result.labels))
+    (folder / "resampling.json").write_text(json.dumps(result.resampling.to_dict()))
+    (folder / "facts.json").write_text(json.dumps(result.facts.to_dict()))
+    (folder / "manifest.json").write_text(json.dumps(_manifest(folder, result)))
+
+
+def _write_entry(entry: Path, result: Preprocessed, num_classes: int) -> None:
+    """Writes the entry whole (a temporary folder, then a rename), replacing a broken one. NoSpaceError
+    naming the file when the disk fills up; nothing half-written stays."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_OWNER}{os.getpid()}-", dir=entry.parent))
+    try:
+        os.chmod(tmp, folder_mode())
+        try:
+            _save_files(tmp, result)
+        except OSError as error:
+            if is_no_space(error):
+                name = next((n for n in reversed(ENTRY_FILES) if (tmp / n).exists()), ENTRY_FILES[0])
+                raise NoSpaceError(entry / name) from error
+            raise
+        if entry.exists():  # a broken entry: moved aside, then replaced
+            stale = Path(tempfile.mkdtemp(prefix=f"{_TEMP_OWNER}{os.getpid()}-", dir=entry.parent))
+            try:
+                os.rename(entry, stale / "old")
+            except FileNotFoundError:
+                pass  # another process moved it first
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, entry)
-        except OSError:  # another process wrote the same entry first: keep theirs
-            if not all((entry / name).exists() for name in ENTRY_FILES):
+        except OSError as error:  # another process wrote the same entry first: keep theirs if it is good
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or entry_problem(entry, num_classes):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_orphans(cache_dir: Path) -> list[Path]:
+    """Removes the temporary folders that killed preparations left in cache_dir (their process on this
+    machine is gone, or, without an owner, they are an hour old); returns them."""
+    removed = []
+    for path in Path(cache_dir).glob(TEMP_PREFIX + "*"):
+        owner = path.name[len(_TEMP_OWNER):].split("-", 1)[0] if path.name.startswith(_TEMP_OWNER) else ""
+        if owner.isdigit():
+            if _alive(int(owner)):
+                continue
+        elif path.name.startswith(_TEMP_OWNER) or time.time() - path.stat().st_mtime < _ORPHAN_AGE_S:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def preprocess_pair(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path | None = None,
                     mmap: bool = False, spacing_mm: float | None = None) -> Preprocessed:
-    """The preprocessed pair, from the cache when its key (file contents + settings) is there (and
-    written there otherwise); mmap: return the cached arrays memory-mapped. spacing_mm: the `spacing`
-    preprocessing (voxels of that size, the size^3 cube centred on the foreground) instead of `fit`."""
-    entry = None
-    if cache_dir is not None:
-        entry = entry_path(pair, label_map, size, cache_dir, spacing_mm)
-        if all((entry / name).exists() for name in ENTRY_FILES):
-            return read_entry(entry, mmap)
-    image, label = load_volume(pair.image), load_volume(pair.label, dtype=np.int64)
+    """The preprocessed pair, from the cache when its key (file contents + settings) is there and the
+    entry passes its check (written there otherwise; a broken entry is rebuilt with a note); mmap:
+    return the cached arrays memory-mapped. spacing_mm: the `spacing` preprocessing (voxels of that
+    size, the size^3 cube centred on the foreground) instead of `fit`."""
+    if cache_dir is None:
+        return _preprocess(pair, label_map, size, spacing_mm)
+    entry = entry_path(pair, label_map, size, cache_dir, spacing_mm)
+    problem = entry_problem(entry, len(label_map.names))
+    if problem is None:
+        return read_entry(entry, mmap)
+    if problem != "missing":
+        print(broken_note(entry, pair, problem), file=sys.stderr, flush=True)
+    result = build_entry(pair, label_map, size, cache_dir, spacing_mm)
+    return read_entry(entry, mmap) if mmap else result
+
+
+def broken_note(entry: Path, pair: Pair, problem: str) -> str:
+    """The one line that says a cache entry is rebuilt, naming it and its subject."""
+    return f"note: cache entry {entry} (of {pair.label}) failed its check: {problem}; rebuilt from its source files"
+
+
+def build_entry(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path,
+                spacing_mm: float | None = None) -> Preprocessed:
+    """Preprocesses the pair and writes its cache entry (replacing a broken one); returns the result."""
+    result = _preprocess(pair, label_map, size, spacing_mm)
+    _write_entry(entry_path(pair, label_map, size, cache_dir, spacing_mm), result, len(label_map.names))
+    return result
+
+
+def _preprocess(pair: Pair, label_map: LabelMap, size: int, spacing_mm: float | None) -> Preprocessed:
+    image, label = load_volume(pair.image, max_voxels=None), load_volume(pair.label, dtype=np.int64, max_voxels=None)
     if spacing_mm is None:
         r = plan(image.data.shape, image.affine, size)
     else:
         centre = foreground_centre(label_map.apply(label.data))
         r = plan_spacing(image.data.shape, image.affine, (size,) * 3, spacing_mm, centre)
-    channels = [apply_image(image.data, r)] + [apply_image(load_volume(path).data, r) for path in pair.more_channels]
-    result = Preprocessed(channels[0] if len(channels) == 1 else np.stack(channels),
-                          apply_labels(label_map.apply(label.data), r), r, VolumeFacts.of(image.data, image.affine))
-    if entry is not None:
-        _write_entry(entry, result)
-        if mmap:
-            return read_entry(entry, mmap)
-    return result
+    more = [load_volume(path, max_voxels=None).data for path in pair.more_channels]
+    channels = [apply_image(image.data, r)] + [apply_image(data, r) for data in more]
+    return Preprocessed(channels[0] if len(channels) == 1 else np.stack(channels),
+                        apply_labels(label_map.apply(label.data), r), r, VolumeFacts.of(image.data, image.affine))

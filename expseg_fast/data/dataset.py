@@ -16,7 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from expseg_fast.data.nifti import VolumeError, affines_match, load_volume, nonfinite_problem
+from expseg_fast.data.identity import SubjectId
+from expseg_fast.data.nifti import (
+    MAX_VOXELS,
+    VolumeError,
+    affines_match,
+    content_digest,
+    load_volume,
+    nonfinite_problem,
+    voxel_digest,
+)
 from expseg_fast.data.preprocess import resampling_problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -71,6 +80,8 @@ class LabelMap:
                     if source in lookup:
                         raise ValueError(f"source id {source} is listed for two classes")
                     lookup[source] = index
+        except RecursionError:
+            raise ValueError(f"{path}: not a label map (nested too deeply to read)") from None
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path}: not a label map ({error}); expected "
                              '{"classes": [{"name": ..., "ids": [...]}, ...]}') from error
@@ -180,46 +191,76 @@ def _read_list(path: Path) -> list[Pair]:
             channels = tuple(path.parent / image for image in images)
             pairs.append(Pair(channels[0], path.parent / row["label"], channels[1:]))
         return pairs
+    except RecursionError:
+        raise DatasetError([f"{path}: cannot read the image/label list (nested too deeply)"]) from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DatasetError([f"{path}: cannot read the image/label list ({error})"]) from error
 
 
-def scan(pairs: list[Pair], label_map: LabelMap, size: int | None = None) -> list[str]:
-    """Every problem of every pair (reads all files), one message each naming the file. With size, also
-    the volumes that resampling to size^3 would lose (resampling_problem)."""
+def subject_names(pairs: list[Pair]) -> list[str]:
+    """Each pair's name: its label file's name without the NIfTI suffix (the case name), or, where two
+    pairs share that name, the label file's path relative to the folder all label files lie under."""
+    plain = [plain_name(pair.label) for pair in pairs]
+    if len(set(plain)) == len(plain):
+        return plain
+    labels = [Path(pair.label).resolve() for pair in pairs]
+    parents = [p.parent.parts for p in labels]
+    common = next((i for i in range(len(parents[0])) if any(len(q) <= i or q[i] != parents[0][i] for q in parents)),
+                  len(parents[0]))
+    return [str(p.relative_to(Path(*parents[0][:common]))) for p in labels]
+
+
+@dataclass
+class ScanResult:
+    """problems: one line each naming its file; subjects: the SubjectId of each pair (None where one of
+    its files could not be read)."""
+
+    problems: list[str]
+    subjects: list[SubjectId | None]
+
+
+def scan(pairs: list[Pair], label_map: LabelMap | None, size: int | None = None,
+         max_voxels: int = MAX_VOXELS) -> list[str]:
+    """Every problem of every pair (reads all files), one message each naming the file (scan_dataset)."""
+    return scan_dataset(pairs, label_map, size, max_voxels).problems
+
+
+def scan_dataset(pairs: list[Pair], label_map: LabelMap | None, size: int | None = None,
+                 max_voxels: int = MAX_VOXELS) -> ScanResult:
+    """Every problem of every pair (reads all files, none declaring more than max_voxels), one message
+    each naming the file, and each pair's content digests. With size, also the volumes that resampling
+    to size^3 would lose (resampling_problem); without a label map (an unreadable one, reported
+    elsewhere), the checks of label values against it are left out. The same image voxels under two
+    case names are a problem (one copy could land in training, the other in validation)."""
     problems = _duplicates(pairs)
     channel_counts = {len(pair.images) for pair in pairs}
     if len(channel_counts) > 1:
         problems.append(f"the cases have different numbers of channels: {sorted(channel_counts)}")
-    for pair in pairs:
-        image = None
+    names = subject_names(pairs)
+    subjects: list[SubjectId | None] = []
+    first_with: dict[tuple[str, ...], Pair] = {}
+    for pair, name in zip(pairs, names):
+        image, digests, voxels = None, [], []
         for index, path in enumerate(pair.images):
             try:
-                channel = load_volume(path)
+                channel = load_volume(path, max_voxels=max_voxels)
             except VolumeError as error:
                 problems.append(str(error))
                 continue
             problems += filter(None, [nonfinite_problem(path, channel)])
+            voxels.append(voxel_digest(channel.data))
+            digests.append(content_digest(channel))
             if index == 0:
                 image = channel
             elif image is not None and (channel.data.shape != image.data.shape or not affines_match(image, channel)):
                 problems.append(f"{path}: shape or affine differs from channel 0 ({pair.image})")
         try:
-            label = load_volume(pair.label, dtype=np.float64)
+            label = load_volume(pair.label, dtype=np.float64, max_voxels=max_voxels)
         except VolumeError as error:
             problems.append(str(error))
             label = None
         if label is not None:
-            values = label.data
-            if not np.isfinite(values).all() or (values != np.round(values)).any():
-                problems.append(f"{pair.label}: label values must be integers")
-            else:
-                unknown = label_map.unknown(values.astype(np.int64))
-                if unknown:
-                    shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
-                    problems.append(f"{pair.label}: label values outside the label map: {shown}")
-                elif (label_map.apply(values.astype(np.int64)) == 0).all():
-                    problems.append(f"{pair.label}: empty label map (background only)")
+            problems += _label_problems(pair.label, label.data, label_map)
         if image is not None and label is not None:
             if image.data.shape != label.data.shape:
                 problems.append(f"{pair.label}: shape {label.data.shape} differs from its image's {image.data.shape}")
@@ -229,7 +270,29 @@ def scan(pairs: list[Pair], label_map: LabelMap, size: int | None = None) -> lis
             problem = resampling_problem(pair.image, image.data.shape, image.affine, size)
             if problem:
                 problems.append(problem)
-    return problems
+        complete = len(digests) == len(pair.images) and label is not None
+        subjects.append(SubjectId(name, tuple(digests), content_digest(label)) if complete else None)
+        key = tuple(voxels)
+        if complete and key in first_with and Path(first_with[key].image).resolve() != Path(pair.image).resolve():
+            problems.append(f"{pair.image}: the same image voxels as {first_with[key].image} (one scan under two case "
+                            f"names: one copy could be trained on and the other validated on); remove one")
+        first_with.setdefault(key, pair)
+    return ScanResult(problems, subjects)
+
+
+def _label_problems(path: Path, values: np.ndarray, label_map: LabelMap | None) -> list[str]:
+    """Label values that are not integers, outside the label map, or background only."""
+    if not np.isfinite(values).all() or (values != np.round(values)).any():
+        return [f"{path}: label values must be integers"]
+    if label_map is None:
+        return []
+    unknown = label_map.unknown(values.astype(np.int64))
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+        return [f"{path}: label values outside the label map: {shown}"]
+    if (label_map.apply(values.astype(np.int64)) == 0).all():
+        return [f"{path}: empty label map (background only)"]
+    return []
 
 
 def _duplicates(pairs: list[Pair]) -> list[str]:
@@ -244,9 +307,12 @@ def _duplicates(pairs: list[Pair]) -> list[str]:
     return problems
 
 
-def validate(pairs: list[Pair], label_map: LabelMap, size: int | None = None, problems: list[str] | None = None) -> None:
-    """Raise DatasetError listing all problems at once (the given ones, e.g. from find_pairs, first);
-    nothing should be written before this passes."""
-    problems = list(problems or []) + scan(pairs, label_map, size)
+def validate(pairs: list[Pair], label_map: LabelMap | None, size: int | None = None, problems: list[str] | None = None,
+             max_voxels: int = MAX_VOXELS) -> list[SubjectId]:
+    """The pairs' SubjectIds; DatasetError listing all problems at once (the given ones, e.g. from
+    find_pairs or an unreadable label map, first). Nothing should be written before this passes."""
+    result = scan_dataset(pairs, label_map, size, max_voxels)
+    problems = list(problems or []) + result.problems
     if problems:
         raise DatasetError(problems)
+    return [s for s in result.subjects if s is not None]

@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 
 # How far outside the training range a value may lie before segment.py warns (a factor either way).
-TOLERANCE = {"spacing_mm": 1.5, "field_of_view_mm": 1.3, "intensity_p99": 3.0}
+TOLERANCE = {"spacing_mm": 1.5, "field_of_view_mm": 1.3, "thinnest_mm": 1.3, "intensity_p99": 3.0}
 _SAID = {"spacing_mm": ("voxel size", " mm"), "field_of_view_mm": ("field of view", " mm"),
-         "intensity_p99": ("intensity (99th percentile)", "")}
+         "thinnest_mm": ("thinnest extent", " mm"), "intensity_p99": ("intensity (99th percentile)", "")}
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,14 @@ class VolumeFacts:
     field_of_view_mm: float  # the largest extent
     orientation: str  # nibabel's axis codes, e.g. "RAS"
     intensity_p99: float  # 99th percentile of the raw intensities
+    thinnest_mm: float  # the smallest extent (a scan of a few slices is thin)
 
     @classmethod
     def of(cls, data: np.ndarray, affine: np.ndarray) -> "VolumeFacts":
         spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-        return cls(float(spacing.min()), float((spacing * np.array(data.shape[:3])).max()),
-                   "".join(nib.aff2axcodes(affine)), float(np.percentile(data, 99)))
+        extent = spacing * np.array(data.shape[:3])
+        return cls(float(spacing.min()), float(extent.max()), "".join(nib.aff2axcodes(affine)),
+                   float(np.percentile(data, 99)), float(extent.min()))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,9 +43,12 @@ def training_range(facts: list[VolumeFacts]) -> dict:
 
 
 def out_of_range(facts: VolumeFacts, seen: dict) -> list[str]:
-    """What about this volume lies far outside the training range (empty when nothing does)."""
+    """What about this volume lies far outside the training range (empty when nothing does; a measure
+    that the range of an older checkpoint lacks is not checked)."""
     notes = []
     for key, factor in TOLERANCE.items():
+        if key not in seen:
+            continue
         low, high = seen[key]
         value = getattr(facts, key)
         if value < low / factor or value > high * factor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expseg_fast.data.cache import ENTRY_FILES, entry_path, preprocess_pair, read_entry
+from expseg_fast.data.cache import broken_note, build_entry, entry_path, entry_problem, read_entry, remove_orphans
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.facts import training_range
 
@@ -28,23 +28,43 @@ PARALLEL_FROM = 4  # fewer subjects to prepare than this: in this process (start
 
 def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, workers: int | None = None,
             report: bool = True, spacing_mm: float | None = None) -> list[Path]:
-    """The cache entries of the pairs (in their order), preprocessing those missing with `workers`
-    processes (default: the CPU count, at most 8); spacing_mm: the `spacing` preprocessing."""
+    """The cache entries of the pairs (in their order), each checked against its manifest: those missing
+    or broken (rebuilt with a note naming each) are preprocessed with `workers` processes (default: the
+    CPU count, at most 8); spacing_mm: the `spacing` preprocessing. Temporary folders of killed
+    preparations are removed first. ValueError when cache_dir is not a folder; NoSpaceError naming the
+    file when the disk fills up (nothing half-written stays)."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueError(f"{cache_dir}: exists and is not a folder; the preprocessed cache is kept there: move the "
+                         f"file away")
+    if cache_dir.is_dir():
+        for path in remove_orphans(cache_dir):
+            print(f"removed {path} (left by an interrupted preparation)", flush=True)
     entries = [entry_path(p, label_map, size, cache_dir, spacing_mm) for p in pairs]
-    pending = [i for i, e in enumerate(entries) if not all((e / name).exists() for name in ENTRY_FILES)]
+    pending = []
+    for i, entry in enumerate(entries):
+        problem = entry_problem(entry, len(label_map.names))
+        if problem is not None:
+            pending.append(i)
+        if problem not in (None, "missing"):
+            print(broken_note(entry, pairs[i], problem), file=sys.stderr, flush=True)
     workers = min(workers or min(8, os.cpu_count() or 1), len(pending))
     progress = _Progress(len(pending), report and sys.stderr.isatty())
     if workers > 1 and len(pending) >= PARALLEL_FROM:
         # forked (on Linux), like DataLoader workers: a spawned worker would re-run a caller's unguarded
         # script; the children run only numpy, scipy and nibabel, no torch threads
         with ProcessPoolExecutor(workers) as pool:
-            for future in as_completed(pool.submit(preprocess_pair, pairs[i], label_map, size, cache_dir,
-                                                   spacing_mm=spacing_mm) for i in pending):
-                future.result()
-                progress.step()
+            futures = [pool.submit(build_entry, pairs[i], label_map, size, cache_dir, spacing_mm) for i in pending]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    progress.step()
+            except BaseException:  # a full disk, say: the rest is not started
+                pool.shutdown(cancel_futures=True)
+                raise
     else:
         for i in pending:
-            preprocess_pair(pairs[i], label_map, size, cache_dir, spacing_mm=spacing_mm)
+            build_entry(pairs[i], label_map, size, cache_dir, spacing_mm)
             progress.step()
     progress.done()
     if report:

@@ -1,7 +1,9 @@
-"""NIfTI (.nii, .nii.gz) in and out with nibabel; every error names the file."""
+"""NIfTI (.nii, .nii.gz) in and out with nibabel; every error names the file. A volume is read only
+when its header declares at most MAX_VOXELS voxels (a small compressed file can declare gigabytes)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +11,11 @@ import nibabel as nib
 import numpy as np
 
 from expseg_fast.atomic import write_atomic
+
+
+# The most voxels a volume (a file, or a grid it is resampled onto) may have unless the user raises the
+# bound (--max-voxels): 512^3, 0.5 GiB as float32; resampling it takes a few GiB more.
+MAX_VOXELS = 512**3
 
 
 class VolumeError(ValueError):
@@ -39,12 +46,29 @@ def nonfinite_problem(path: str | Path, volume: Volume) -> str | None:
     return f"{path}: {bad} voxels are NaN or Inf" if bad else None
 
 
-def load_volume(path: str | Path, dtype=np.float32) -> Volume:
-    """Reads a 3-d NIfTI volume (a 4-d one with a single volume is squeezed)."""
+def voxel_bound_problem(path: str | Path, shape: tuple[int, ...], max_voxels: int, what: str = "") -> str | None:
+    """One line naming the file when a grid of `shape` holds more than max_voxels voxels, else None."""
+    count = int(np.prod([int(n) for n in shape], dtype=object))
+    if count <= max_voxels:
+        return None
+    shown = "x".join(str(int(n)) for n in shape)
+    return (f"{path}: {what}{shown} = {count:.3g} voxels is more than the limit of {max_voxels:.3g} "
+            f"(raise it with --max-voxels if the memory is there)")
+
+
+def load_volume(path: str | Path, dtype=np.float32, max_voxels: int | None = MAX_VOXELS) -> Volume:
+    """Reads a 3-d NIfTI volume (a 4-d one with a single volume is squeezed); VolumeError naming the file
+    when it cannot be used, before reading any voxel when its header declares more than max_voxels
+    (None: a file the dataset scan has bounded already)."""
     path = Path(path)
     try:
         image = nib.load(str(path))
+        problem = max_voxels is not None and voxel_bound_problem(path, image.shape, max_voxels, "declares ")
+        if problem:
+            raise VolumeError(problem)
         data = np.asanyarray(image.dataobj)
+    except VolumeError:
+        raise
     except Exception as error:  # nibabel raises many types for broken files
         raise VolumeError(f"{path}: unreadable or truncated NIfTI file ({type(error).__name__}: {error})") from error
     if data.dtype.names is not None:  # RGB(A) NIfTI: a structured dtype of colour channels
@@ -59,6 +83,24 @@ def load_volume(path: str | Path, dtype=np.float32) -> Volume:
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(f"{path}: invalid (singular or non-finite) affine")
     return Volume(np.asarray(data, dtype=dtype), affine)
+
+
+def voxel_digest(data: np.ndarray) -> str:
+    """SHA-256 of a volume's voxel values and shape (as float64, so the same values stored with another
+    dtype or compression give the same digest)."""
+    h = hashlib.sha256(repr(tuple(int(n) for n in data.shape)).encode())
+    flat = np.ascontiguousarray(data).reshape(-1)
+    for start in range(0, flat.size, 1 << 22):  # 32 MiB of float64 at a time
+        h.update(np.ascontiguousarray(flat[start:start + (1 << 22)], dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def content_digest(volume: Volume) -> str:
+    """SHA-256 of a volume's voxel values (voxel_digest) and its geometry (the affine to 1e-6 mm): what
+    a run pins of each file it trained on."""
+    h = hashlib.sha256(voxel_digest(volume.data).encode())
+    h.update((np.round(np.asarray(volume.affine, dtype=np.float64), 6) + 0.0).tobytes())  # + 0.0: no -0.0
+    return h.hexdigest()
 
 
 def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:

@@ -211,7 +211,8 @@ def plan_spacing_whole(shape: tuple[int, int, int], affine: np.ndarray, size: in
     extent = np.empty(3)
     for j in range(3):
         extent[canon_axis[j]] = shape[j] * canon_spacing[canon_axis[j]]
-    target = tuple(max(size, int(np.ceil(e / spacing_mm))) for e in extent)
+    # ceil with a tolerance: an oblique affine's voxel sizes carry rounding (96.00000000000001 mm / 3 mm is 32)
+    target = tuple(max(size, int(np.ceil(e / spacing_mm - 1e-6))) for e in extent)
     return plan_spacing(shape, affine, target, spacing_mm, (np.array(shape, dtype=np.float64) - 1) / 2.0)
 
 

@@ -1,0 +1,109 @@
+"""What a run pins of its data, so that it never trains or scores on other data by accident.
+
+Every subject of a dataset scan gets a `SubjectId`: its name and a content digest of each image channel
+and of its label file (voxel values and geometry: a re-compressed copy has the same digest, an edited
+one another). A `DataPin` is what a run stored when it started (in its checkpoints and, like nnU-Net's
+splits_final.json, in OUT/splits.json): the dataset's absolute location, the label map's digest and its
+training and validation subjects. A resumed run and evaluate.py select the pinned subjects by name from
+the dataset as it is now; a pinned subject that is missing or changed, or a changed label map, is an
+error naming it, and subjects added since are never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the dataset module builds SubjectIds in its scan
+    from expseg_fast.data.dataset import LabelMap
+
+
+@dataclass(frozen=True)
+class SubjectId:
+    """name: the case name; images: content digest of each channel file; label: of the label file."""
+
+    name: str
+    images: tuple[str, ...]
+    label: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "images": list(self.images), "label": self.label}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SubjectId":
+        return cls(str(d["name"]), tuple(str(x) for x in d["images"]), str(d["label"]))
+
+    def change(self, now: "SubjectId") -> str | None:
+        """What differs between this pinned subject and the same name scanned now, or None."""
+        changed = [f"image channel {c}" for c, (a, b) in enumerate(zip(self.images, now.images)) if a != b]
+        if len(self.images) != len(now.images):
+            changed.append(f"channel count ({len(self.images)} then, {len(now.images)} now)")
+        if self.label != now.label:
+            changed.append("labels")
+        return ", ".join(changed) or None
+
+
+def label_map_digest(label_map: LabelMap) -> str:
+    """SHA-256 of a label map's meaning (class names and the source ids of each), not of its file's bytes."""
+    text = json.dumps({"names": list(label_map.names), "lookup": sorted(label_map.lookup.items())})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class DataPin:
+    """The data a run started on: root (the dataset folder or list, or the demo dataset's folder,
+    absolute), the label map's file (None for the demo's) and digest, the training and validation
+    subjects (in the order the run uses them), and the split and seed they came from."""
+
+    root: str
+    label_map_file: str | None
+    label_map_digest: str
+    train: tuple[SubjectId, ...]
+    val: tuple[SubjectId, ...]
+    split: int
+    seed: int
+
+    def to_json(self) -> str:
+        return json.dumps({"root": self.root, "label_map_file": self.label_map_file,
+                           "label_map_digest": self.label_map_digest, "split": self.split, "seed": self.seed,
+                           "train": [s.to_dict() for s in self.train], "val": [s.to_dict() for s in self.val]},
+                          indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DataPin":
+        d = json.loads(text)
+        return cls(str(d["root"]), d["label_map_file"], str(d["label_map_digest"]),
+                   tuple(SubjectId.from_dict(s) for s in d["train"]), tuple(SubjectId.from_dict(s) for s in d["val"]),
+                   int(d["split"]), int(d["seed"]))
+
+    def select(self, subjects: list[SubjectId], label_map: LabelMap, where: str) -> tuple[list[int], list[int], int]:
+        """(training indices, validation indices, subjects not pinned) of the pinned subjects among
+        `subjects` (a dataset at `where` scanned now). ValueError naming every pinned subject that is
+        missing or changed, and a label map whose meaning changed."""
+        index = {s.name: i for i, s in enumerate(subjects)}
+        problems = []
+        if label_map_digest(label_map) != self.label_map_digest:
+            problems.append(f"the label map ({self.label_map_file or 'the demo dataset'}'s) has other classes or "
+                            f"ids than the run was trained with")
+        for role, pinned in (("training", self.train), ("validation", self.val)):
+            for subject in pinned:
+                if subject.name not in index:
+                    problems.append(f"{subject.name} (a {role} subject of the run) is missing from {where}")
+                    continue
+                change = subject.change(subjects[index[subject.name]])
+                if change:
+                    problems.append(f"{subject.name} (a {role} subject of the run) has changed since the run "
+                                    f"started: {change}")
+        if problems:
+            raise ValueError(f"{where} is not the data the run was trained on:\n" + "\n".join(f"  {p}" for p in problems))
+        unused = len(subjects) - len(self.train) - len(self.val)
+        return [index[s.name] for s in self.train], [index[s.name] for s in self.val], unused
+
+    def roles(self) -> dict[tuple[tuple[str, ...], str], str]:
+        """{(image digests, label digest): "training" or "validation"} of the pinned subjects, to find
+        them by content in other data."""
+        out = {(s.images, s.label): "training" for s in self.train}
+        out.update({(s.images, s.label): "validation" for s in self.val})
+        return out
