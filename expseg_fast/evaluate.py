@@ -1,10 +1,12 @@
 """Hard Dice of a trained run on its validation subjects in each scan's ORIGINAL space.
 
-The trainer's validation Dice is measured on the preprocessed grid (the size^3 cube), so runs trained at
-different sizes are measured on different grids: a structure of 3 voxels at 32^3 has 24 at 64^3.
-`evaluate` segments each validation subject as segment.py does (the checkpoint's preprocessing,
-prediction mapped back by nearest neighbour) and compares it with the subject's own label file, on its
-own grid, as nnU-Net evaluates; the Dice on the preprocessed grid is reported beside it.
+The trainer's validation Dice is measured on the preprocessed grid (the size^3 training cube: the whole
+scan fitted for `fit`, a crop around the foreground for `spacing`), so runs trained at different sizes
+are measured on different grids: a structure of 3 voxels at 32^3 has 24 at 64^3. `evaluate` segments
+each validation subject as segment.py does (the checkpoint's preprocessing; for `spacing` sliding
+windows over the whole scan; the prediction mapped back by nearest neighbour) and compares it with the
+subject's own label file, on its own grid, as nnU-Net evaluates. Beside it, the trainer's own figure:
+the subject's training cube through the network once, scored on that cube.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from expseg_fast.config import TrainConfig
-from expseg_fast.data import apply_labels, invert_labels, load_volume, random_splits
+from expseg_fast.data import invert_labels, load_volume, preprocess_pair, random_splits
 from expseg_fast.data.identity import DataPin
 from expseg_fast.data.source import Dataset, open_dataset
 from expseg_fast.infer_files import case_image, load_model, predict_labels, predictor_for
@@ -27,7 +29,7 @@ from expseg_fast.metrics import hard_dice
 @dataclass
 class Evaluation:
     """Per subject and label (S, C-1) Dice in [0, 1] without background, NaN where a label is absent from
-    both maps: `original` on the label file's grid, `resampled` on the preprocessed grid."""
+    both maps: `original` on the label file's grid, `resampled` on the training cube (the trainer's)."""
 
     checkpoint: str
     epoch: int  # epochs trained (1 for the first)
@@ -78,16 +80,24 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
         raise ValueError(f"{checkpoint}: trained on classes {names}, the dataset has {list(found.label_map.names)}")
     chosen, source = _subjects(loaded.pin, found, config, other, checkpoint)
     predictor = predictor_for(model, config, dev)
+    on_cube = predictor if predictor.input_shape[0] == 1 else predictor_for(model, config, dev, batch=1)
+    whole_scan = config.preprocessing == "spacing"  # the training cube is a crop: segment the whole scan
     original, resampled, subjects = [], [], []
     for i in chosen:
         pair = found.pairs[i]
-        image, r, _ = case_image((pair.image, *pair.more_channels), config)
-        labels = predict_labels(predictor, image, config, len(names))
+        # the trainer's figure: its own preprocessed sample (the training cube) through the network once
+        sample = preprocess_pair(pair, found.label_map, config.size, spacing_mm=config.spacing())
+        image = sample.image if sample.image.ndim == 4 else sample.image[None]
+        cube_labels = on_cube(torch.from_numpy(np.ascontiguousarray(image))[None])[0].cpu()
+        resampled.append(hard_dice(cube_labels, torch.from_numpy(sample.labels.astype(np.int64)), len(names))[1:])
+        # the user's figure: the prediction segment.py writes, on the label file's grid
+        labels, r = cube_labels.numpy(), sample.resampling
+        if whole_scan:
+            image, r, _ = case_image((pair.image, *pair.more_channels), config)
+            labels = predict_labels(predictor, image, config, len(names))
         truth = found.label_map.apply(load_volume(pair.label, dtype=np.int64, max_voxels=None).data).astype(np.int64)
         pred_original = invert_labels(labels, r).astype(np.int64)
         original.append(hard_dice(torch.from_numpy(pred_original), torch.from_numpy(truth), len(names))[1:])
-        resampled.append(hard_dice(torch.from_numpy(labels.astype(np.int64)),
-                                   torch.from_numpy(apply_labels(truth, r).astype(np.int64)), len(names))[1:])
         subjects.append(pair.image.name)
     return Evaluation(str(checkpoint), epoch, subjects, names[1:], torch.stack(original).numpy(),
                       torch.stack(resampled).numpy(), source)

@@ -29,7 +29,7 @@ from expseg_fast.data.dataset import NIFTI_SUFFIXES, group_channels
 from expseg_fast.data.identity import DataPin
 from expseg_fast.data.nifti import affines_match, nonfinite_problem, voxel_bound_problem
 from expseg_fast.data.facts import VolumeFacts, out_of_range
-from expseg_fast.data.preprocess import plan_spacing_whole, resampling_problem
+from expseg_fast.data.preprocess import ScanStatistics, plan_spacing_whole, resampling_problem
 from expseg_fast.infer import Predictor
 from expseg_fast.machine import torch_device
 from expseg_fast.models import build_model
@@ -124,7 +124,9 @@ def case_image(paths: tuple[Path, ...], config: TrainConfig) -> tuple[np.ndarray
         if problem:
             raise VolumeError(problem)
         r = plan(first.data.shape, first.affine, size)
-    return np.stack([apply_image(c.data, r) for c in channels]), r, VolumeFacts.of(first.data, first.affine)
+    scan_stats = [ScanStatistics.of(c.data) if config.preprocessing == "spacing" else None for c in channels]
+    image = np.stack([apply_image(c.data, r, stats) for c, stats in zip(channels, scan_stats)])
+    return image, r, VolumeFacts.of(first.data, first.affine)
 
 
 def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tuple[str, tuple[Path, ...]]]:
@@ -139,11 +141,13 @@ def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tupl
     return grouped
 
 
-def predictor_for(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> Predictor:
+def predictor_for(model: torch.nn.Module, config: TrainConfig, device: torch.device,
+                  batch: int | None = None) -> Predictor:
     """The checkpoint's predictor on device: its precision on CUDA (fp32 on the CPU), one cube per call
-    for `fit`, WINDOW_BATCH windows for `spacing`."""
+    for `fit`, WINDOW_BATCH windows for `spacing` (or `batch` cubes)."""
     precision = config.precision if device.type == "cuda" else "fp32"
-    batch = WINDOW_BATCH[device.type] if config.preprocessing == "spacing" else 1
+    if batch is None:
+        batch = WINDOW_BATCH[device.type] if config.preprocessing == "spacing" else 1
     return Predictor(model, (batch, config.in_channels, config.size, config.size, config.size), precision=precision,
                      channels_last=config.channels_last)
 

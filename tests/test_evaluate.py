@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from expseg_fast import runlog
 from expseg_fast.config import TrainConfig
@@ -67,6 +68,21 @@ def test_the_original_grid_equals_a_plain_dice_of_segment_outputs(run, tmp_path)
     assert per_label.shape == (len(classes.names) - 1,)
 
 
+class Thresholds:
+    """A 'predictor' whose labels are image > 1 (channel 0), voxel by voxel: perfect on the scans below."""
+
+    def __init__(self, shape, miss: bool = False) -> None:
+        self.input_shape, self.device, self.miss = shape, torch.device("cpu"), miss
+
+    def predict(self, image: torch.Tensor, probabilities: bool = False):
+        labels = torch.zeros_like(image[:, 0], dtype=torch.int64) if self.miss else (image[:, 0] > 1).long()
+        probs = torch.nn.functional.one_hot(labels, 2).permute(0, 4, 1, 2, 3).float()
+        return (labels, probs) if probabilities else labels
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.predict(image)
+
+
 def test_a_perfect_prediction_scores_one_on_both_grids(tmp_path, monkeypatch):
     """Scans already of the training grid (16^3, isotropic): the preprocessing is the identity, so a
     'network' that thresholds the image (truth + a constant per scan) is perfect on both grids."""
@@ -82,10 +98,11 @@ def test_a_perfect_prediction_scores_one_on_both_grids(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(TrainConfig(out=str(out), data=str(data), label_map=str(data / "map.json"), size=16, width=4, epochs=1,
                       loader_workers=0))
-    monkeypatch.setattr(module, "predict_labels", lambda predictor, image, config, n: (image[0] > 1).astype(np.int64))
+    monkeypatch.setattr(module, "predictor_for", lambda model, config, device, batch=None: Thresholds((1, 1, 16, 16, 16)))
     result = module.evaluate(out / "last.pt", device="cpu")
     assert result.original.shape == (1, 1) and result.original[0, 0] == 1.0 and result.resampled[0, 0] == 1.0
-    monkeypatch.setattr(module, "predict_labels", lambda predictor, image, config, n: np.zeros(image[0].shape, np.int64))
+    monkeypatch.setattr(module, "predictor_for",
+                        lambda model, config, device, batch=None: Thresholds((1, 1, 16, 16, 16), miss=True))
     assert module.evaluate(out / "last.pt", device="cpu").original[0, 0] == 0.0  # the box missed: 0, not NaN
 
 

@@ -35,7 +35,15 @@ from expseg_fast.atomic import TEMP_PREFIX, NoSpaceError, folder_mode, is_no_spa
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.facts import VolumeFacts
 from expseg_fast.data.nifti import load_volume
-from expseg_fast.data.preprocess import Resampling, apply_image, apply_labels, foreground_centre, plan, plan_spacing
+from expseg_fast.data.preprocess import (
+    Resampling,
+    ScanStatistics,
+    apply_image,
+    apply_labels,
+    foreground_centre,
+    plan,
+    plan_spacing,
+)
 
 # Bump when the preprocessing's output (or an entry's files) changes for the same inputs and settings.
 PREPROCESS_VERSION = 4
@@ -63,8 +71,9 @@ def _digest(pair: Pair, label_map: LabelMap, size: int, spacing_mm: float | None
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
-    settings = {"size": size, "names": label_map.names, "lookup": sorted(label_map.lookup.items()), "version": PREPROCESS_VERSION}
-    if spacing_mm is not None:  # the `spacing` preprocessing (keys of `fit` entries stay as they were)
+    settings = {"size": size, "names": label_map.names, "lookup": sorted(label_map.lookup.items()),
+                "version": PREPROCESS_VERSION, "normalisation": "fov" if spacing_mm is None else "nonzero"}
+    if spacing_mm is not None:  # the `spacing` preprocessing
         settings["spacing_mm"] = spacing_mm
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
@@ -230,7 +239,7 @@ def _preprocess(pair: Pair, label_map: LabelMap, size: int, spacing_mm: float | 
     else:
         centre = foreground_centre(label_map.apply(label.data))
         r = plan_spacing(image.data.shape, image.affine, (size,) * 3, spacing_mm, centre)
-    more = [load_volume(path, max_voxels=None).data for path in pair.more_channels]
-    channels = [apply_image(image.data, r)] + [apply_image(data, r) for data in more]
+    data = [image.data] + [load_volume(path, max_voxels=None).data for path in pair.more_channels]
+    channels = [apply_image(d, r, None if spacing_mm is None else ScanStatistics.of(d)) for d in data]
     return Preprocessed(channels[0] if len(channels) == 1 else np.stack(channels),
                         apply_labels(label_map.apply(label.data), r), r, VolumeFacts.of(image.data, image.affine))

@@ -10,10 +10,14 @@ from dataclasses import asdict, dataclass
 import nibabel as nib
 import numpy as np
 
+from expseg_fast.data.preprocess import ScanStatistics
+
 # How far outside the training range a value may lie before segment.py warns (a factor either way).
-TOLERANCE = {"spacing_mm": 1.5, "field_of_view_mm": 1.3, "thinnest_mm": 1.3, "intensity_p99": 3.0}
+TOLERANCE = {"spacing_mm": 1.5, "field_of_view_mm": 1.3, "thinnest_mm": 1.3, "intensity_p99": 3.0,
+             "intensity_scale": 3.0}
 _SAID = {"spacing_mm": ("voxel size", " mm"), "field_of_view_mm": ("field of view", " mm"),
-         "thinnest_mm": ("thinnest extent", " mm"), "intensity_p99": ("intensity (99th percentile)", "")}
+         "thinnest_mm": ("thinnest extent", " mm"), "intensity_p99": ("intensity (99th percentile)", ""),
+         "intensity_scale": ("intensity scale (std of the non-zero voxels)", "")}
 
 
 @dataclass(frozen=True)
@@ -23,13 +27,16 @@ class VolumeFacts:
     orientation: str  # nibabel's axis codes, e.g. "RAS"
     intensity_p99: float  # 99th percentile of the raw intensities
     thinnest_mm: float  # the smallest extent (a scan of a few slices is thin)
+    intensity_mean: float  # the raw statistics the `nonzero` normalisation uses (ScanStatistics)
+    intensity_scale: float
 
     @classmethod
     def of(cls, data: np.ndarray, affine: np.ndarray) -> "VolumeFacts":
         spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
         extent = spacing * np.array(data.shape[:3])
+        stats = ScanStatistics.of(data)
         return cls(float(spacing.min()), float(extent.max()), "".join(nib.aff2axcodes(affine)),
-                   float(np.percentile(data, 99)), float(extent.min()))
+                   float(np.percentile(data, 99)), float(extent.min()), stats.mean, stats.std)
 
     def to_dict(self) -> dict:
         return asdict(self)

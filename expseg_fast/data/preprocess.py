@@ -6,8 +6,15 @@ four steps compose into one affine map from target voxels to source voxels, so e
 resampled once: images linearly, labels by nearest neighbour. The inverse maps a predicted label
 volume back onto the ORIGINAL grid (shape and affine) with the inverse map, by nearest neighbour.
 
-Intensity normalisation (our choice; the paper does not say): zero mean and unit variance over the
-voxels inside the original field of view; the padding stays 0.
+Intensity normalisation (our choice; the paper does not say), computed once per scan so that a training
+crop and the whole scan see one scale:
+- `fov` (the `fit` preprocessing): zero mean and unit variance over the voxels of the fit cube that lie
+  inside the original field of view (the fit cube holds the whole scan, so these are the whole scan's
+  statistics on its fit grid); the padding is 0.
+- `nonzero` (the `spacing` preprocessing, as nnU-Net does it for MRI): the mean and standard deviation of
+  the scan's own non-zero voxels on its original grid (ScanStatistics; a scan without zeros: all its
+  voxels; an all-zero one: 0 and 1), applied to every voxel of the resampled grid, the grid beyond the
+  scan counting as intensity 0 (like its background). Multi-channel scans: each channel on its own.
 """
 
 from __future__ import annotations
@@ -140,11 +147,33 @@ def field_of_view(r: Resampling) -> np.ndarray:
     return ((coords >= -0.5) & (coords <= n - 0.5)).all(axis=0)
 
 
-def apply_image(image: np.ndarray, r: Resampling) -> np.ndarray:
-    """Linear resampling onto the target grid, zero outside the field of view, then normalised."""
+@dataclass(frozen=True)
+class ScanStatistics:
+    """The intensity statistics of one scan channel that the `nonzero` normalisation uses: mean and
+    standard deviation of its non-zero voxels (of all voxels when none is zero; 0 and 1 when all are)."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, data: np.ndarray) -> "ScanStatistics":
+        values = np.asarray(data, dtype=np.float64)
+        nonzero = values[values != 0]
+        if nonzero.size == 0:
+            return cls(0.0, 1.0)
+        std = float(nonzero.std())
+        return cls(float(nonzero.mean()), std if std > 0 else 1.0)
+
+
+def apply_image(image: np.ndarray, r: Resampling, statistics: ScanStatistics | None = None) -> np.ndarray:
+    """Linear resampling onto the target grid, then normalised: with the scan's statistics (the `nonzero`
+    rule) every voxel, the grid beyond the scan counting as 0; without them (the `fov` rule) by the
+    statistics of the voxels inside the field of view, the padding 0."""
     coords = _map(r.target_shape, r.matrix, r.offset)
     out = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, mode="nearest")
     inside = field_of_view(r)
+    if statistics is not None:
+        return ((np.where(inside, out, 0.0) - statistics.mean) / statistics.std).astype(np.float32)
     values = out[inside]
     if values.size:
         std = float(values.std())
