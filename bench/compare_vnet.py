@@ -1,6 +1,6 @@
 """Our network vs V-Net: parameters, forward latency per volume, peak memory and bf16 agreement with fp32.
 
-python bench/compare_vnet.py [--device cpu|cuda] [--size N] [--repeats R] [--out DIR]
+python -m bench.compare_vnet [--device cpu|cuda] [--size N] [--repeats R] [--out DIR]
 Variants, same run, same weights: eager fp32 (the baseline), bf16 autocast, bf16 + channels-last, and
 on CUDA the Predictor (bf16 + channels-last + CUDA graph). Each reduced-precision variant's prediction
 is compared with fp32's on the same input (argmax agreement %, max softmax difference, relative L2 error
@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from cpu_memory import reset_peak_kib, status_kib
-from expseg_fast.infer import Predictor
+from bench.cpu_memory import reset_peak_kib, status_kib
+from bench.timing import median_ms
+from expseg_fast.inference.predictor import Predictor
 from expseg_fast.models import ExpLogNet, NetConfig, VNet, count_parameters
+
+ROOT = Path(__file__).parents[1]  # the worker runs as `python -m bench.compare_vnet` from there
 
 NETWORKS = {"ours": lambda: ExpLogNet(NetConfig(num_labels=20)), "vnet": lambda: VNet(num_labels=20)}
 VARIANTS = {  # name -> (precision, channels_last, CUDA graph)
@@ -68,17 +69,7 @@ def agreement(network: str, device: str, variant: str, size: int) -> dict:
 def latency_ms(network: str, device: str, variant: str, size: int, repeats: int) -> float:
     predictor = build(network, device, variant, size)
     image = torch.randn(predictor.input_shape, device=device)
-    times = []
-    for i in range(repeats + 2):  # two warm-ups (graph capture, autotuning)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        predictor.logits(image)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_ms(lambda: predictor.logits(image), repeats, warmup=2, device=device)  # warm-ups: graph, autotuning
 
 
 def peak_mib(network: str, device: str, variant: str, size: int) -> float:
@@ -86,7 +77,7 @@ def peak_mib(network: str, device: str, variant: str, size: int) -> float:
     graph's capture and private pool count), on the CPU over one forward."""
     if device == "cpu":  # the peak resident set only grows: measure in a fresh process
         out = subprocess.run(
-            [sys.executable, __file__, "--worker", network, variant, str(size)],
+            [sys.executable, "-m", "bench.compare_vnet", "--worker", network, variant, str(size)], cwd=ROOT,
             check=True, capture_output=True, text=True,
         )
         return float(out.stdout.strip().splitlines()[-1])

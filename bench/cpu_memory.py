@@ -1,6 +1,6 @@
 """Peak extra host memory of one loss forward + backward, measured in a fresh process.
 
-Usage: python bench/cpu_memory.py BACKEND N C SIZE [DTYPE]
+Usage: python -m bench.cpu_memory BACKEND N C SIZE [DTYPE]
 Prints the peak resident-set growth (MiB) over the inputs alone: the child allocates the inputs, runs
 a small call first (kernels, threads), resets the kernel's peak resident set (Linux /proc/self/clear_refs),
 runs forward + backward once, and reports the new peak (VmHWM) minus the resident set before (VmRSS).
@@ -17,7 +17,8 @@ from pathlib import Path
 def measure(backend: str, n: int, c: int, size: int, dtype: str = "float32") -> float:
     """Peak extra MiB of forward + backward of exp_log_loss on (n, c, size^3) logits."""
     out = subprocess.run(
-        [sys.executable, __file__, backend, str(n), str(c), str(size), dtype],
+        [sys.executable, "-m", "bench.cpu_memory", backend, str(n), str(c), str(size), dtype],
+        cwd=Path(__file__).parents[1],
         check=True,
         capture_output=True,
         text=True,

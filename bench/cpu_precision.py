@@ -1,6 +1,6 @@
 """The main command's training step on the CPU in four numeric formats: is bf16 worth it on this processor?
 
-python bench/cpu_precision.py [--size 48 64] [--width 12] [--rounds 5] [--out DIR]
+python -m bench.cpu_precision [--size 48 64] [--width 12] [--rounds 5] [--out DIR]
 Variants, same run, interleaved round by round (so a busy shared machine slows all alike): fp32 and bf16
 autocast, each with contiguous and channels-last tensors. One step is what the trainer does per subject
 (forward, the exp-log loss with the auto backend, backward, NAdam) at batch 1, 20 classes. bf16 pays only
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from bench.timing import elapsed_ms
 from expseg_fast.config import TrainConfig
 from expseg_fast.machine import cpu_bf16_units, processor_name
 from expseg_fast.losses import loss
@@ -60,9 +60,7 @@ def main() -> None:
         times: dict = {v: [] for v in VARIANTS}
         for _ in range(args.rounds):
             for v, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[v].append((time.perf_counter() - start) * 1e3)
+                times[v].append(elapsed_ms(step))
         base = statistics.median(times[VARIANTS[0]])
         for (precision, cl), t in times.items():
             rows.append({"size": size, "precision": precision, "channels_last": cl, "ms": statistics.median(t),

@@ -1,7 +1,7 @@
 """Where a training epoch's time goes, from trainer logs (log.jsonl): data, augmentation, step,
 validation and report seconds per epoch, the first epoch (cuDNN autotuning, kernel loading) apart.
 
-python bench/epoch_profile.py RUN/log.jsonl [...] [--out FILE.md]
+python -m bench.epoch_profile RUN/log.jsonl [...] [--out FILE.md]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GPU benchmark of the loss: forward + backward at (1, 20, 128^3), every backend, same run, same card.
 
-python bench/gpu_loss.py --out DIR [--smoke]
+python -m bench.gpu_loss --out DIR [--smoke]
 Measures the device-to-device copy bandwidth (the DRAM ceiling), then for fp32 and bf16 logits in both
 layouts: median time (triton.testing.do_bench) and peak extra memory of forward + backward for the
 eager reference, torch.compile(reference) (bf16 only: compiles cost device time), the native CUDA op
@@ -18,13 +18,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
+from bench.timing import elapsed_ms
 from expseg_fast.kernels import explog as triton_explog
 from expseg_fast.losses import LossSpec, loss
 from expseg_fast.losses.reference import reference_loss
@@ -43,9 +43,7 @@ def environment() -> dict:
 
 def wall_clock_ms(fn, **_) -> float:
     """do_bench's stand-in on the CPU: one call, wall clock."""
-    start = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - start)
+    return elapsed_ms(fn)
 
 
 def smoke() -> None:
@@ -178,7 +176,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the CPU rehearsal (interpreter, tiny shape)")
     args = parser.parse_args()
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":  # Triton reads it at import: start again
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
+        os.execve(sys.executable, [sys.executable, "-m", "bench.gpu_loss", *sys.argv[1:]],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
     if args.smoke:
         smoke()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -80,13 +80,13 @@ for part in $PARTS; do
         "${selection[@]}" || rc=1 ;;
     inference)
       size=$([ "$SMOKE" = 1 ] && echo "--size 16 --repeats 1" || echo "--size 128")
-      step inference "$(limit inference 120)" python3 bench/compare_vnet.py --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
+      step inference "$(limit inference 120)" python3 -m bench.compare_vnet --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     train_step)
       size=$([ "$SMOKE" = 1 ] && echo "--size 32 --repeats 1" || echo "--size 128")  # 16^3: bench/NOTES.md
-      step train_step "$(limit train_step 150)" python3 bench/train_step.py --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
+      step train_step "$(limit train_step 150)" python3 -m bench.train_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     loss)
       smoke=$([ "$SMOKE" = 1 ] && echo "--smoke")
-      step loss "$(limit loss 150)" python3 bench/gpu_loss.py $smoke --out "$STAGE" || rc=1 ;;
+      step loss "$(limit loss 150)" python3 -m bench.gpu_loss $smoke --out "$STAGE" || rc=1 ;;
     paper)
       step paper "$(limit paper 330)" bash bench/paper_run.sh "$PRESET" "$(( $(limit paper 330) - 10 ))" "$STAGE" || rc=1 ;;
     *)

@@ -22,4 +22,4 @@ python3 scripts/reproduce_table1.py --preset "$preset" --runs "$runs" --results 
 for case in $cases; do
   cp "$runs/$case-split0/log.jsonl" "$results/$case-split0.jsonl" 2> /dev/null
 done
-python3 bench/epoch_profile.py "$results"/*-split0.jsonl --out "$stage/epoch_profile.md"
+python3 -m bench.epoch_profile "$results"/*-split0.jsonl --out "$stage/epoch_profile.md"

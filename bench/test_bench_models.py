@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expseg_fast.infer import Predictor
+from expseg_fast.inference.predictor import Predictor
 from expseg_fast.models import ExpLogNet, NetConfig, VNet
 
 NETWORKS = {"ours": lambda: ExpLogNet(NetConfig(num_labels=20)), "vnet": lambda: VNet(num_labels=20)}

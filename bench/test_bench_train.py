@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expseg_fast.models import ExpLogNet, NetConfig
-from train_step import step_fn
+from bench.train_step import step_fn
 
 
 @pytest.mark.parametrize("engine", [False, True], ids=["eager-fp32-reference", "engine"])

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif("triton" not in available_backends("cpu") or "na
 def test_phase_sweep_checks_every_configuration_and_writes_its_table(monkeypatch):
     import torch
 
-    import gpu_loss
+    from bench import gpu_loss
 
     monkeypatch.setattr(gpu_loss, "DEVICE", "cpu")
     monkeypatch.setattr(gpu_loss, "SHAPE", (1, 5, 4, 5, 6))

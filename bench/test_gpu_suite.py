@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from train_step import largest_fitting
+from bench.train_step import largest_fitting
 
 ROOT = Path(__file__).parents[1]
 

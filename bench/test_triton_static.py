@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("triton")
 
 PROBE = """
-import json, triton_static
+import json
+from bench import triton_static
 from expseg_fast.kernels import explog
 extra = {"NEED_CROSS": True, "DETERMINISTIC": False}
 print(json.dumps({
@@ -27,7 +28,7 @@ print(json.dumps({
 
 def test_static_profile_of_two_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     profile = json.loads(run.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """One training step (forward, loss, backward, NAdam step) of our network: time and peak memory.
 
-python bench/train_step.py [--device cuda|cpu] [--size 128] [--out DIR]
+python -m bench.train_step [--device cuda|cpu] [--size 128] [--out DIR]
 Variants, same run: the eager fp32 baseline with the reference loss, and the engine (bf16 autocast,
 channels-last, fused loss: the auto backend), each with the paper's deep supervision (levels 0-2) and
 with the 192-channel level fused too; on CUDA the engine is also run under a 12 GB cap
@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from bench.timing import median_ms
 from expseg_fast.losses import exp_log_loss
 from expseg_fast.models import ExpLogNet, NetConfig
 
@@ -74,19 +73,12 @@ def measure(device: str, size: int, fuse: tuple[int, ...], engine: bool, repeats
     optimizer = torch.optim.NAdam(model.parameters(), lr=1e-3)
     step = step_fn(model, optimizer, image, target, engine)
     step()  # optimizer state, kernels
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
-        sync()
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
+    ms = median_ms(step, repeats, device=device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"ms": statistics.median(times), "peak_GiB": peak}
+    return {"ms": ms, "peak_GiB": peak}
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Static profile of the Triton loss kernels, compiled for a GPU without one (no timings).
 
-python bench/triton_static.py [--arch 90] [--out DIR]
+python -m bench.triton_static [--arch 90] [--out DIR]
 Compiles the statistics and gradient kernels of both designs ("tiles", "rows") at (1, 20, 128^3) bf16
 for the given architecture with the specialisation a real launch gets (integer arguments equal to 1
 become constants, multiples of 16 are marked divisible by 16, pointers 16-byte aligned), then reads the

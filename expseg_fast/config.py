@@ -12,16 +12,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from expseg_fast import machine
+from expseg_fast.data.augment import AugmentConfig
 from expseg_fast.data.demo import DemoSettings
 from expseg_fast.data.nifti import MAX_VOXELS
+from expseg_fast.data.plans import PLANS, Plan, plan_of
 from expseg_fast.losses import LossSpec
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-PREPROCESSINGS = ("fit", "spacing")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
+PRECISIONS = tuple(DTYPES)
+PREPROCESSINGS = tuple(PLANS)
 MODELS = ("ours", "vnet")
 BOTTOM_FACTOR = {"ours": 8, "vnet": 16}  # cube edge / the edge of the network's bottom level
 
@@ -97,46 +102,81 @@ LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice,
 }
 
 
+@dataclass(frozen=True)
+class PredictorDefaults:
+    """The Predictor's defaults (expseg_fast/inference/predictor.py): precision, channels-last, a CUDA
+    graph on CUDA; window_batch: windows per call when segment.py and evaluate.py slide over a scan."""
+
+    precision: str = "bf16"
+    channels_last: bool = True
+    cuda_graph: bool = True
+    window_batch: tuple[tuple[str, int], ...] = (("cuda", 4), ("cpu", 1))
+
+
+PREDICTOR = PredictorDefaults()
+WINDOW_BATCH = dict(PREDICTOR.window_batch)
+
 # settings a resumed run may take from the command line (a moved dataset: its pinned identity is checked)
-RESUME_MAY_CHANGE = ("epochs", "device", "deterministic", "loader_workers", "data", "label_map", "max_voxels")
+RESUME_MAY_CHANGE = ("epochs", "device", "deterministic", "loader_workers", "data", "label_map", "max_voxels",
+                     "keep_checkpoints")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
           "tuple[int, ...]": (tuple, list)}
 
 
+_LOSS = LossSpec()  # the loss's defaults: the paper's best L_Exp
+
+
+def _option(default, help: str, choices=None, command_line: bool = True):
+    """A TrainConfig field with its documentation, which scripts/train.py turns into an option."""
+    return field(default=default, metadata={"help": help, "choices": choices, "command_line": command_line})
+
+
 @dataclass
 class TrainConfig:
-    """One training run: what the trainer reads, what a checkpoint stores (as JSON)."""
+    """One training run: what the trainer reads, what a checkpoint stores (as JSON). Each field's help is
+    its command-line option's (scripts/train.py generates the options from the fields)."""
 
-    out: str = "runs/demo"
-    data: str | None = None  # dataset folder or list; None: the synthetic demo dataset
-    label_map: str | None = None
-    demo_preset: str = "cpu"
-    size: int = _DEFAULT.size
-    model: str = "ours"  # ours | vnet
-    width: int = _DEFAULT.width
-    fuse_levels: tuple[int, ...] = (0, 1, 2)
-    loss: str = "exp"
-    gamma_dice: float = 0.3
-    gamma_cross: float = 0.3
-    w_dice: float = 0.8
-    w_cross: float = 0.2
-    eps: float = 1.0  # the Dice smoothing (the paper's 1)
-    epochs: int = _DEFAULT.epochs
-    lr: float = 1e-3
-    precision: str = _DEFAULT.precision  # fp32 | bf16 | fp16 (with a grad scaler)
-    channels_last: bool = _DEFAULT.channels_last
-    augment_probability: float = 0.8
-    seed: int = 0
-    splits: int = 5
-    split: int = 0
-    device: str = "auto"
-    deterministic: bool = False
-    limit_subjects: int | None = None  # use only the first N subjects (tests, quick looks)
-    loader_workers: int = 2  # background processes reading the subjects from the cache (0: the trainer's own)
-    in_channels: int = 1  # image channels per case; the trainer sets it from the data
-    preprocessing: str = "fit"  # fit: the paper's (pad to a cube, resize); spacing: voxels of spacing_mm, cropped
-    spacing_mm: float = 1.0  # the voxel size of the `spacing` preprocessing
-    max_voxels: int = MAX_VOXELS  # the most voxels a scan may have (the dataset scan refuses larger ones)
+    out: str = _option("runs/demo", "output folder: checkpoints, log, plots (the demo data and the cache go "
+                                    "beside it)")
+    data: str | None = _option(None, "dataset folder (imagesTr/, labelsTr/) or .json/.csv list; default: the "
+                                     "synthetic demo dataset")
+    label_map: str | None = _option(None, "JSON label map naming the classes (required with --data)")
+    demo_preset: str = _option("cpu", "the preset whose demo data the run uses", command_line=False)
+    size: int = _option(_DEFAULT.size, "edge of the training cube in voxels (a multiple of 16)")
+    model: str = _option("ours", "network: ours (the paper's) or vnet", MODELS)
+    width: int = _option(_DEFAULT.width, "channels of the network's first level (the paper: 24)")
+    fuse_levels: tuple[int, ...] = _option((0, 1, 2), "decoder levels fused for deep supervision (0: full "
+                                                      "resolution; the paper: 0 1 2)")
+    loss: str = _option("exp", "loss: exp (L_Exp), log_dice (L_Dice), linear_dice, cross (L_Cross)", tuple(LOSSES))
+    gamma_dice: float = _option(_LOSS.gamma_dice, "γ of the Dice term")
+    gamma_cross: float = _option(_LOSS.gamma_cross, "γ of the cross-entropy term")
+    w_dice: float = _option(_LOSS.w_dice, "weight of the Dice term in L_Exp")
+    w_cross: float = _option(_LOSS.w_cross, "weight of the cross-entropy term in L_Exp")
+    eps: float = _option(_LOSS.eps, "Dice smoothing epsilon (the paper's 1)")
+    epochs: int = _option(_DEFAULT.epochs, "epochs to train (in all, counting those a resumed run has done)")
+    lr: float = _option(1e-3, "NAdam learning rate")
+    precision: str = _option(_DEFAULT.precision, "fp32, bf16 or fp16 (with a grad scaler)", PRECISIONS)
+    channels_last: bool = _option(_DEFAULT.channels_last, "channels-last 3D memory format")
+    augment_probability: float = _option(0.8, "probability of the rigid augmentation of a step's subject")
+    augment_rotation_deg: float = _option(30.0, "largest rotation (degrees) about the axial axis")
+    augment_shift: float = _option(0.2, "largest shift, as a fraction of the extent along each axis")
+    augment_scale_min: float = _option(0.8, "smallest isotropic scaling")
+    augment_scale_max: float = _option(1.2, "largest isotropic scaling")
+    seed: int = _option(0, "seed of every random draw (model, split, order, augmentation)")
+    splits: int = _option(5, "number of random 70/30 splits drawn")
+    split: int = _option(0, "which of the random 70/30 splits")
+    device: str = _option("auto", "auto (CUDA where a GPU is seen), cpu or cuda")
+    deterministic: bool = _option(False, "deterministic algorithms (bitwise repeatable on the CPU)")
+    limit_subjects: int | None = _option(None, "only the first N subjects (N >= 2; tests, quick looks)")
+    loader_workers: int = _option(2, "background processes reading the subjects from the cache (0: the trainer's own)")
+    in_channels: int = _option(1, "image channels per case (the trainer sets it from the data)", command_line=False)
+    preprocessing: str = _option("fit", "fit: the paper's (pad to a cube, resize to --size); spacing: voxels of "
+                                        "--spacing-mm, the --size cube cropped around the foreground "
+                                        "(segment.py then slides windows over whole scans)", PREPROCESSINGS)
+    spacing_mm: float = _option(1.0, "voxel size (mm) of --preprocessing spacing")
+    max_voxels: int = _option(MAX_VOXELS, "the most voxels a scan may have; larger ones are reported with the "
+                                          "dataset's problems")
+    keep_checkpoints: bool = _option(False, "also keep every epoch's checkpoint (OUT/epoch_NNN.pt), for studies")
 
     @classmethod
     def for_preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -145,6 +185,11 @@ class TrainConfig:
         values = dict(demo_preset=p.demo_of or name, size=p.size, width=p.width, epochs=p.epochs, precision=p.precision,
                       channels_last=p.channels_last)
         return cls(**{**values, **overrides})
+
+    @staticmethod
+    def command_line_fields() -> list[dataclasses.Field]:
+        """The fields scripts/train.py offers as options (all but those the run sets itself)."""
+        return [f for f in dataclasses.fields(TrainConfig) if f.metadata["command_line"]]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -184,9 +229,14 @@ class TrainConfig:
         return dataclasses.replace(self, **{k: str(Path(v).resolve()) for k in ("data", "label_map")
                                             if (v := getattr(self, k)) is not None})
 
-    def spacing(self) -> float | None:
-        """The voxel size of the `spacing` preprocessing, None for `fit`."""
-        return self.spacing_mm if self.preprocessing == "spacing" else None
+    def plan(self) -> Plan:
+        """The preprocessing plan of this configuration (expseg_fast/data/plans.py)."""
+        return plan_of(self.preprocessing, self)
+
+    def augment_config(self) -> AugmentConfig:
+        """The rigid augmentation of this configuration (expseg_fast/data/augment.py)."""
+        return AugmentConfig(self.augment_probability, self.augment_rotation_deg, self.augment_shift,
+                             (self.augment_scale_min, self.augment_scale_max))
 
     def loss_spec(self) -> LossSpec:
         return LOSSES[self.loss](self.gamma_dice, self.gamma_cross, self.w_dice, self.w_cross, self.eps)
@@ -206,7 +256,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.preprocessing not in PREPROCESSINGS:
-            problems.append(f"preprocessing must be 'fit' or 'spacing', got {self.preprocessing!r}")
+            problems.append(f"preprocessing must be one of {', '.join(PREPROCESSINGS)}, got {self.preprocessing!r}")
         if self.demo_preset not in PRESETS:
             problems.append(f"demo_preset must be one of {sorted(PRESETS)}, got {self.demo_preset!r}")
         if self.size < 16 or self.size % 16:
@@ -223,6 +273,11 @@ class TrainConfig:
                 problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.augment_probability <= 1:
             problems.append(f"augment_probability must be in [0, 1], got {self.augment_probability}")
+        if not (0 <= self.augment_rotation_deg <= 180 and 0 <= self.augment_shift < 1
+                and 0 < self.augment_scale_min <= self.augment_scale_max < math.inf):
+            problems.append(f"augmentation: rotation in [0, 180] degrees, shift in [0, 1) and 0 < scale_min <= "
+                            f"scale_max required, got {self.augment_rotation_deg}, {self.augment_shift}, "
+                            f"[{self.augment_scale_min}, {self.augment_scale_max}]")
         for name, low in (("epochs", 1), ("width", 1), ("loader_workers", 0), ("max_voxels", 1), ("in_channels", 1)):
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")

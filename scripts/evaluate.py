@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from expseg_fast.atomic import write_atomic
-from expseg_fast.evaluate import evaluate
+from expseg_fast.inference.evaluation import evaluate
 
 
 def main() -> None:

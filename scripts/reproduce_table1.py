@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from expseg_fast import table1, table1_run
+from expseg_fast.experiments import table1, table1_run
 from expseg_fast.config import PRESETS
-from expseg_fast.run_folder import RunError
+from expseg_fast.training.run_folder import RunError
 
 
 def main(argv=None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from expseg_fast.infer_files import segment
+from expseg_fast.inference.files import segment
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ from expseg_fast.config import TrainConfig
 from expseg_fast.data import DatasetError, find_pairs, load_volume, save_volume
 from expseg_fast.data.preprocess import plan_spacing_whole
 from expseg_fast.data.source import open_dataset
-from expseg_fast.infer_files import SegmentationError, segment
-from expseg_fast.train import train
+from expseg_fast.inference.files import SegmentationError, segment
+from expseg_fast.training import train
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 FP32 = ("--precision", "fp32")  # the scripts' preset follows the machine

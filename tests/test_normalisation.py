@@ -18,12 +18,13 @@ from helpers import write_case
 from expseg_fast import runlog
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import LabelMap, find_pairs, load_volume, preprocess_pair, save_volume
+from expseg_fast.data.plans import SpacingPlan
 from expseg_fast.data.preprocess import ScanStatistics, invert_labels
-from expseg_fast.evaluate import evaluate
-from expseg_fast.infer import Predictor
-from expseg_fast.infer_files import case_image, predict_labels
+from expseg_fast.inference.evaluation import evaluate
+from expseg_fast.inference.predictor import Predictor
+from expseg_fast.inference.files import case_image, predict_labels
 from expseg_fast.metrics import hard_dice
-from expseg_fast.train import train
+from expseg_fast.training import train
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
@@ -81,16 +82,16 @@ def test_a_training_crop_and_the_whole_scan_get_the_same_prediction(tmp_path):
     small_object_in_a_large_field_of_view(tmp_path)
     pair = find_pairs(tmp_path)[0]
     label_map = LabelMap.identity(3)
-    config = TrainConfig(size=16, preprocessing="spacing", spacing_mm=2.0)
-    sample = preprocess_pair(pair, label_map, 16, spacing_mm=2.0)  # what the trainer sees
+    plan = SpacingPlan(16, 2.0)
+    sample = preprocess_pair(pair, label_map, plan)  # what the trainer sees
     levels = [float(np.median(sample.image[sample.labels == c])) for c in range(3)]
     model = VoxelModel((levels[0] + levels[1]) / 2, (levels[1] + levels[2]) / 2)  # 'trained' on the crop
     predictor = Predictor(model, (1, 1, 16, 16, 16), precision="fp32", channels_last=False)
     crop_labels = predictor(torch.from_numpy(sample.image)[None, None])[0]
     on_crop = hard_dice(crop_labels, torch.from_numpy(sample.labels.astype(np.int64)), 3)
-    image, r, _ = case_image((pair.image,), config)  # what segment.py and evaluate.py see
+    image, r, _ = case_image((pair.image,), plan, 10**6)  # what segment.py and evaluate.py see
     assert image.shape == (1, 48, 48, 48)
-    whole = invert_labels(predict_labels(predictor, image, config, 3), r)
+    whole = invert_labels(predict_labels(predictor, image, plan, 3), r)
     truth = load_volume(pair.label, dtype=np.int64).data
     on_scan = hard_dice(torch.from_numpy(whole.astype(np.int64)), torch.from_numpy(truth), 3)
     assert on_crop.tolist() == on_scan.tolist() == [1.0, 1.0, 1.0]

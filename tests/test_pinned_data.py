@@ -19,8 +19,8 @@ from helpers import write_case, write_dataset
 from expseg_fast import runlog
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import DatasetError, LabelMap, find_pairs, load_volume, random_splits, save_volume, validate
-from expseg_fast.evaluate import evaluate
-from expseg_fast.train import train
+from expseg_fast.inference.evaluation import evaluate
+from expseg_fast.training import train
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 TIMING = ("seconds", "phase_seconds")

@@ -1,5 +1,6 @@
-"""Sliding-window inference against the answer a perfect per-voxel model gives, on grids that the
-windows do not tile evenly; and the `spacing` preprocessing's geometry."""
+"""Sliding-window inference: against the answer a perfect per-voxel model gives, on grids that the windows
+do not tile evenly, against an independent float64 blending of windows that disagree, and end to end
+(a spacing-mode run segmenting a scan larger than its cube)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from expseg_fast.data.preprocess import apply_labels, foreground_centre, plan_spacing, plan_spacing_whole
-from expseg_fast.sliding_window import gaussian_weights, sliding_window_labels, window_starts
-
-
-def test_window_starts_cover_every_voxel_and_end_at_the_end():
-    for length in (16, 17, 23, 40, 41):
-        starts = window_starts(length, 16)
-        covered = np.zeros(length, bool)
-        for s in starts:
-            covered[s:s + 16] = True
-        assert covered.all() and starts[0] == 0 and starts[-1] == length - 16
-        assert all(b - a <= 8 for a, b in zip(starts, starts[1:]))  # half overlap
-    with pytest.raises(ValueError, match="shorter than the window"):
-        window_starts(10, 16)
+from expseg_fast.data.plans import window_starts
+from expseg_fast.inference.sliding_window import gaussian_weights, sliding_window_labels
 
 
 def test_gaussian_weights_peak_in_the_centre_and_never_vanish():
     w = gaussian_weights(16)
     assert w.shape == (16, 16, 16) and float(w.max()) == pytest.approx(1.0, rel=0.05)
     assert float(w.min()) > 0 and w[8, 8, 8] > w[0, 8, 8] > w[0, 0, 0]
+
+
+def corners(grid, window=16):
+    return [(a, b, c) for a in window_starts(grid[0], window) for b in window_starts(grid[1], window)
+            for c in window_starts(grid[2], window)]
 
 
 @pytest.mark.parametrize("grid", [(16, 16, 16), (20, 27, 33), (41, 17, 16)])
@@ -39,24 +33,48 @@ def test_sliding_window_labels_match_a_per_voxel_model(grid, batch):
         assert windows.shape == (batch, 3, 16, 16, 16)
         return torch.softmax(20 * windows, dim=1)
 
-    assert torch.equal(sliding_window_labels(probabilities, image, 16, batch, num_labels=3), truth)
+    found = sliding_window_labels(probabilities, image, 16, batch, 3, corners(grid))
+    assert torch.equal(found, truth)
 
 
-def test_spacing_plan_has_the_asked_voxel_size_and_centres_the_foreground():
-    rng = np.random.default_rng(7)
-    affine = np.array([[0, 0, -2.0, 50], [1.5, 0, 0, -10], [0, 1.0, 0, 3], [0, 0, 0, 1]])  # permuted, flipped
-    labels = np.zeros((40, 60, 30), np.uint8)
-    lo = rng.integers(5, 15, 3)
-    labels[lo[0]:lo[0] + 8, lo[1]:lo[1] + 8, lo[2]:lo[2] + 8] = 1
-    centre = foreground_centre(labels)
-    r = plan_spacing(labels.shape, affine, (16, 16, 16), 2.0, centre)
-    assert np.allclose(np.linalg.norm(r.target_affine[:3, :3], axis=0), 2.0)
-    assert np.allclose(r.target_affine @ [7.5, 7.5, 7.5, 1], affine @ [*centre, 1])  # the cube's centre
-    out = apply_labels(labels, r)
-    assert np.allclose(np.argwhere(out).mean(axis=0), 7.5, atol=1.0)
-    whole = plan_spacing_whole(labels.shape, affine, 16, 2.0)  # 60 mm along every world axis
-    assert whole.target_shape == (30, 30, 30)
-    assert apply_labels(labels, whole).sum() == pytest.approx(labels.sum() * (1.5 * 1.0 * 2.0) / 8, rel=0.3)
+def blended_reference(votes: list[np.ndarray], starts: list[tuple[int, int, int]], grid, window: int,
+                      gaussian: bool) -> np.ndarray:
+    """Arg max over classes of sum_w g(x - corner_w) p_w / sum_w g, in float64 with explicit loops; g is a
+    Gaussian of sigma window/8 around the window's centre, scaled to 1 at its peak and held >= 1e-4 (or 1)."""
+    centre, sigma = (window - 1) / 2, window / 8
+    axis = np.exp(-0.5 * ((np.arange(window) - centre) / sigma) ** 2)
+    g = axis[:, None, None] * axis[None, :, None] * axis[None, None, :]
+    g = np.maximum(g / g.max(), 1e-4) if gaussian else np.ones_like(g)
+    total = np.zeros((votes[0].shape[0], *grid))
+    norm = np.zeros(grid)
+    for p, (a, b, c) in zip(votes, starts):
+        total[:, a:a + window, b:b + window, c:c + window] += p[:, None, None, None] * g
+        norm[a:a + window, b:b + window, c:c + window] += g
+    return (total / norm).argmax(0)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_overlapping_windows_that_disagree_are_blended_by_their_gaussian_weights(batch):
+    """Each window votes one random class distribution for all its voxels: the label of a voxel covered by
+    several windows is decided by how close it lies to each window's centre. Uniform weights give other
+    labels, so the test tells the Gaussian blending from any other."""
+    grid, rng = (20, 27, 33), np.random.default_rng(11)
+    starts = corners(grid)
+    votes = [rng.dirichlet(np.ones(4)) for _ in starts]
+    seen = iter(range(len(starts)))
+
+    def probabilities(windows):  # the window's vote, whatever it sees; padding windows vote nothing useful
+        out = torch.zeros((batch, 4, 16, 16, 16))
+        for i in range(batch):
+            index = next(seen, None)
+            if index is not None:
+                out[i] = torch.tensor(votes[index], dtype=torch.float32)[:, None, None, None]
+        return out
+
+    found = sliding_window_labels(probabilities, torch.zeros((1, *grid)), 16, batch, 4, starts).numpy()
+    expected = blended_reference(votes, starts, grid, 16, gaussian=True)
+    assert (found == expected).mean() > 0.999  # float32 against float64: ties may round either way
+    assert (blended_reference(votes, starts, grid, 16, gaussian=False) != expected).mean() > 0.05
 
 
 def test_spacing_mode_trains_on_crops_and_segments_a_larger_scan_whole(tmp_path):
@@ -64,8 +82,8 @@ def test_spacing_mode_trains_on_crops_and_segments_a_larger_scan_whole(tmp_path)
     from expseg_fast.config import TrainConfig
     from expseg_fast.data import save_volume
     from expseg_fast.data.nifti import load_volume
-    from expseg_fast.infer_files import segment
-    from expseg_fast.train import train
+    from expseg_fast.inference.files import segment
+    from expseg_fast.training import train
 
     rng = np.random.default_rng(8)
     data = tmp_path / "data"

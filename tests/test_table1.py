@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expseg_fast import table1, table1_run
+from expseg_fast.experiments import table1, table1_run
 from expseg_fast.config import PRESETS, Table1Settings
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "reproduce_table1.py"

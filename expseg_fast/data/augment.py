@@ -1,7 +1,8 @@
 """The paper's rigid augmentation (section 2.3), batched, on the tensors' device, in one resampling.
 
-Each volume, with probability p (0.8), gets a rotation about the axial axis (within +-30 degrees), a
-shift (within +-20 % of the extent per axis) and an isotropic scaling (in [0.8, 1.2]); images are
+Each volume, with probability p, gets a rotation about the axial axis (within +-max_rotation_deg), a
+shift (within +-max_shift of the extent per axis) and an isotropic scaling (within `scale`) — the paper's
+0.8, 30 degrees, 20 % and [0.8, 1.2] are TrainConfig's defaults (expseg_fast/config.py); images are
 resampled trilinearly and labels by nearest neighbour from ONE sampling grid per volume, so they stay
 aligned. Volumes are in canonical (RAS) voxel order, as the preprocessing leaves them: the axial
 (superior) axis is the last one, so the rotation turns the first two axes.
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    probability: float = 0.8
-    max_rotation_deg: float = 30.0
-    max_shift: float = 0.2  # fraction of the extent
-    scale: tuple[float, float] = (0.8, 1.2)
+    probability: float
+    max_rotation_deg: float
+    max_shift: float  # fraction of the extent
+    scale: tuple[float, float]
 
 
 def sampling_matrix(angle_rad: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def random_matrices(n: int, config: AugmentConfig, generator: torch.Generator) -
 
 
 def augment(
-    images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, config: AugmentConfig = AugmentConfig()
+    images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, config: AugmentConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """images (N, C, D, H, W) float, labels (N, D, H, W) integer -> the same shapes, augmented on
     their device (zeros / label 0 where the transform leaves the volume)."""

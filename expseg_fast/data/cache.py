@@ -35,15 +35,8 @@ from expseg_fast.atomic import TEMP_PREFIX, NoSpaceError, folder_mode, is_no_spa
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.facts import VolumeFacts
 from expseg_fast.data.nifti import load_volume
-from expseg_fast.data.preprocess import (
-    Resampling,
-    ScanStatistics,
-    apply_image,
-    apply_labels,
-    foreground_centre,
-    plan,
-    plan_spacing,
-)
+from expseg_fast.data.plans import Plan
+from expseg_fast.data.preprocess import Resampling, apply_labels
 
 # Bump when the preprocessing's output (or an entry's files) changes for the same inputs and settings.
 PREPROCESS_VERSION = 4
@@ -65,23 +58,21 @@ class Preprocessed:
     facts: VolumeFacts
 
 
-def _digest(pair: Pair, label_map: LabelMap, size: int, spacing_mm: float | None = None) -> str:
+def _digest(pair: Pair, label_map: LabelMap, plan: Plan) -> str:
     h = hashlib.sha256()
     for path in (*pair.images, pair.label):
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
-    settings = {"size": size, "names": label_map.names, "lookup": sorted(label_map.lookup.items()),
-                "version": PREPROCESS_VERSION, "normalisation": "fov" if spacing_mm is None else "nonzero"}
-    if spacing_mm is not None:  # the `spacing` preprocessing
-        settings["spacing_mm"] = spacing_mm
+    settings = {"plan": plan.key(), "names": label_map.names, "lookup": sorted(label_map.lookup.items()),
+                "version": PREPROCESS_VERSION}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def entry_path(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path, spacing_mm: float | None = None) -> Path:
+def entry_path(pair: Pair, label_map: LabelMap, plan: Plan, cache_dir: str | Path) -> Path:
     """The cache folder of a pair's preprocessing (it may not exist yet)."""
-    return Path(cache_dir) / _digest(pair, label_map, size, spacing_mm)
+    return Path(cache_dir) / _digest(pair, label_map, plan)
 
 
 def read_entry(entry: Path, mmap: bool = True) -> Preprocessed:
@@ -201,21 +192,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def preprocess_pair(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path | None = None,
-                    mmap: bool = False, spacing_mm: float | None = None) -> Preprocessed:
-    """The preprocessed pair, from the cache when its key (file contents + settings) is there and the
-    entry passes its check (written there otherwise; a broken entry is rebuilt with a note); mmap:
-    return the cached arrays memory-mapped. spacing_mm: the `spacing` preprocessing (voxels of that
-    size, the size^3 cube centred on the foreground) instead of `fit`."""
+def preprocess_pair(pair: Pair, label_map: LabelMap, plan: Plan, cache_dir: str | Path | None = None,
+                    mmap: bool = False) -> Preprocessed:
+    """The pair preprocessed as the plan's training grid says, from the cache when its key (file contents
+    + settings) is there and the entry passes its check (written there otherwise; a broken entry is
+    rebuilt with a note); mmap: return the cached arrays memory-mapped."""
     if cache_dir is None:
-        return _preprocess(pair, label_map, size, spacing_mm)
-    entry = entry_path(pair, label_map, size, cache_dir, spacing_mm)
+        return _preprocess(pair, label_map, plan)
+    entry = entry_path(pair, label_map, plan, cache_dir)
     problem = entry_problem(entry, len(label_map.names))
     if problem is None:
         return read_entry(entry, mmap)
     if problem != "missing":
         print(broken_note(entry, pair, problem), file=sys.stderr, flush=True)
-    result = build_entry(pair, label_map, size, cache_dir, spacing_mm)
+    result = build_entry(pair, label_map, plan, cache_dir)
     return read_entry(entry, mmap) if mmap else result
 
 
@@ -224,22 +214,18 @@ def broken_note(entry: Path, pair: Pair, problem: str) -> str:
     return f"note: cache entry {entry} (of {pair.label}) failed its check: {problem}; rebuilt from its source files"
 
 
-def build_entry(pair: Pair, label_map: LabelMap, size: int, cache_dir: str | Path,
-                spacing_mm: float | None = None) -> Preprocessed:
+def build_entry(pair: Pair, label_map: LabelMap, plan: Plan, cache_dir: str | Path) -> Preprocessed:
     """Preprocesses the pair and writes its cache entry (replacing a broken one); returns the result."""
-    result = _preprocess(pair, label_map, size, spacing_mm)
-    _write_entry(entry_path(pair, label_map, size, cache_dir, spacing_mm), result, len(label_map.names))
+    result = _preprocess(pair, label_map, plan)
+    _write_entry(entry_path(pair, label_map, plan, cache_dir), result, len(label_map.names))
     return result
 
 
-def _preprocess(pair: Pair, label_map: LabelMap, size: int, spacing_mm: float | None) -> Preprocessed:
+def _preprocess(pair: Pair, label_map: LabelMap, plan: Plan) -> Preprocessed:
     image, label = load_volume(pair.image, max_voxels=None), load_volume(pair.label, dtype=np.int64, max_voxels=None)
-    if spacing_mm is None:
-        r = plan(image.data.shape, image.affine, size)
-    else:
-        centre = foreground_centre(label_map.apply(label.data))
-        r = plan_spacing(image.data.shape, image.affine, (size,) * 3, spacing_mm, centre)
+    classes = label_map.apply(label.data)
+    r = plan.training_grid(image.data.shape, image.affine, classes)
     data = [image.data] + [load_volume(path, max_voxels=None).data for path in pair.more_channels]
-    channels = [apply_image(d, r, None if spacing_mm is None else ScanStatistics.of(d)) for d in data]
-    return Preprocessed(channels[0] if len(channels) == 1 else np.stack(channels),
-                        apply_labels(label_map.apply(label.data), r), r, VolumeFacts.of(image.data, image.affine))
+    channels = plan.image(data, r)
+    return Preprocessed(channels[0] if len(channels) == 1 else channels, apply_labels(classes, r), r,
+                        VolumeFacts.of(image.data, image.affine))

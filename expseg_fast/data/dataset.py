@@ -26,7 +26,7 @@ from expseg_fast.data.nifti import (
     nonfinite_problem,
     voxel_digest,
 )
-from expseg_fast.data.preprocess import resampling_problem
+from expseg_fast.data.plans import Plan
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -219,19 +219,19 @@ class ScanResult:
     subjects: list[SubjectId | None]
 
 
-def scan(pairs: list[Pair], label_map: LabelMap | None, size: int | None = None,
+def scan(pairs: list[Pair], label_map: LabelMap | None, plan: Plan | None = None,
          max_voxels: int = MAX_VOXELS) -> list[str]:
     """Every problem of every pair (reads all files), one message each naming the file (scan_dataset)."""
-    return scan_dataset(pairs, label_map, size, max_voxels).problems
+    return scan_dataset(pairs, label_map, plan, max_voxels).problems
 
 
-def scan_dataset(pairs: list[Pair], label_map: LabelMap | None, size: int | None = None,
+def scan_dataset(pairs: list[Pair], label_map: LabelMap | None, plan: Plan | None = None,
                  max_voxels: int = MAX_VOXELS) -> ScanResult:
     """Every problem of every pair (reads all files, none declaring more than max_voxels), one message
-    each naming the file, and each pair's content digests. With size, also the volumes that resampling
-    to size^3 would lose (resampling_problem); without a label map (an unreadable one, reported
-    elsewhere), the checks of label values against it are left out. The same image voxels under two
-    case names are a problem (one copy could land in training, the other in validation)."""
+    each naming the file, and each pair's content digests. With a plan, also the scans it would lose or
+    whose grid would cost more than max_voxels (Plan.scan_problem); without a label map (an unreadable
+    one, reported elsewhere), the checks of label values against it are left out. The same image voxels
+    under two case names are a problem (one copy could land in training, the other in validation)."""
     problems = _duplicates(pairs)
     channel_counts = {len(pair.images) for pair in pairs}
     if len(channel_counts) > 1:
@@ -266,10 +266,8 @@ def scan_dataset(pairs: list[Pair], label_map: LabelMap | None, size: int | None
                 problems.append(f"{pair.label}: shape {label.data.shape} differs from its image's {image.data.shape}")
             elif not affines_match(image, label):
                 problems.append(f"{pair.label}: affine differs from its image's ({pair.image})")
-        if image is not None and size is not None:
-            problem = resampling_problem(pair.image, image.data.shape, image.affine, size)
-            if problem:
-                problems.append(problem)
+        if image is not None and plan is not None:
+            problems += filter(None, [plan.scan_problem(pair.image, image.data.shape, image.affine, max_voxels)])
         complete = len(digests) == len(pair.images) and label is not None
         subjects.append(SubjectId(name, tuple(digests), content_digest(label)) if complete else None)
         key = tuple(voxels)
@@ -307,11 +305,11 @@ def _duplicates(pairs: list[Pair]) -> list[str]:
     return problems
 
 
-def validate(pairs: list[Pair], label_map: LabelMap | None, size: int | None = None, problems: list[str] | None = None,
-             max_voxels: int = MAX_VOXELS) -> list[SubjectId]:
+def validate(pairs: list[Pair], label_map: LabelMap | None, plan: Plan | None = None,
+             problems: list[str] | None = None, max_voxels: int = MAX_VOXELS) -> list[SubjectId]:
     """The pairs' SubjectIds; DatasetError listing all problems at once (the given ones, e.g. from
     find_pairs or an unreadable label map, first). Nothing should be written before this passes."""
-    result = scan_dataset(pairs, label_map, size, max_voxels)
+    result = scan_dataset(pairs, label_map, plan, max_voxels)
     problems = list(problems or []) + result.problems
     if problems:
         raise DatasetError(problems)

@@ -22,15 +22,16 @@ import torch
 from expseg_fast.data.cache import broken_note, build_entry, entry_path, entry_problem, read_entry, remove_orphans
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.facts import training_range
+from expseg_fast.data.plans import Plan
 
 PARALLEL_FROM = 4  # fewer subjects to prepare than this: in this process (starting workers costs seconds)
 
 
-def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, workers: int | None = None,
-            report: bool = True, spacing_mm: float | None = None) -> list[Path]:
+def prepare(pairs: list[Pair], label_map: LabelMap, plan: Plan, cache_dir: Path, workers: int | None = None,
+            report: bool = True) -> list[Path]:
     """The cache entries of the pairs (in their order), each checked against its manifest: those missing
     or broken (rebuilt with a note naming each) are preprocessed with `workers` processes (default: the
-    CPU count, at most 8); spacing_mm: the `spacing` preprocessing. Temporary folders of killed
+    CPU count, at most 8) as the plan's training grid says. Temporary folders of killed
     preparations are removed first. ValueError when cache_dir is not a folder; NoSpaceError naming the
     file when the disk fills up (nothing half-written stays)."""
     cache_dir = Path(cache_dir)
@@ -40,7 +41,7 @@ def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, 
     if cache_dir.is_dir():
         for path in remove_orphans(cache_dir):
             print(f"removed {path} (left by an interrupted preparation)", flush=True)
-    entries = [entry_path(p, label_map, size, cache_dir, spacing_mm) for p in pairs]
+    entries = [entry_path(p, label_map, plan, cache_dir) for p in pairs]
     pending = []
     for i, entry in enumerate(entries):
         problem = entry_problem(entry, len(label_map.names))
@@ -54,7 +55,7 @@ def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, 
         # forked (on Linux), like DataLoader workers: a spawned worker would re-run a caller's unguarded
         # script; the children run only numpy, scipy and nibabel, no torch threads
         with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(build_entry, pairs[i], label_map, size, cache_dir, spacing_mm) for i in pending]
+            futures = [pool.submit(build_entry, pairs[i], label_map, plan, cache_dir) for i in pending]
             try:
                 for future in as_completed(futures):
                     future.result()
@@ -64,7 +65,7 @@ def prepare(pairs: list[Pair], label_map: LabelMap, size: int, cache_dir: Path, 
                 raise
     else:
         for i in pending:
-            build_entry(pairs[i], label_map, size, cache_dir, spacing_mm)
+            build_entry(pairs[i], label_map, plan, cache_dir)
             progress.step()
     progress.done()
     if report:

@@ -10,6 +10,7 @@ from expseg_fast.data import demo
 from expseg_fast.data.dataset import DatasetError, LabelMap, Pair, find_pairs, validate
 from expseg_fast.data.identity import SubjectId
 from expseg_fast.data.nifti import MAX_VOXELS
+from expseg_fast.data.plans import Plan
 
 
 @dataclass
@@ -25,10 +26,10 @@ class Dataset:
 
 
 def open_dataset(data: str | None, label_map: str | None, demo_settings: demo.DemoSettings, demo_name: str,
-                 demo_root: Path, limit_subjects: int | None = None, size: int | None = None,
+                 demo_root: Path, limit_subjects: int | None = None, plan: Plan | None = None,
                  max_voxels: int = MAX_VOXELS) -> Dataset:
     """The dataset, scanned (every problem at once, the label map's with the data's, before anything is
-    written; with size, also the volumes that resampling to size^3 would lose). data: a dataset folder
+    written; with a plan, also the scans it would lose or that would cost too much). data: a dataset folder
     or list, with its JSON label_map; None: the demo dataset of demo_settings, built once in
     demo_root/demo-data-NAME-SUBJECTS. limit_subjects: only the first N pairs (and only N demo
     subjects built). DatasetError listing the problems."""
@@ -55,5 +56,5 @@ def open_dataset(data: str | None, label_map: str | None, demo_settings: demo.De
         raise DatasetError(problems + [p for p in error.problems if p not in problems]) from None
     if limit_subjects:
         pairs = pairs[:limit_subjects]
-    subjects = validate(pairs, labels, size, problems, max_voxels)
+    subjects = validate(pairs, labels, plan, problems, max_voxels)
     return Dataset(pairs, labels, subjects, Path(root).resolve(), map_file.resolve() if map_file else None)

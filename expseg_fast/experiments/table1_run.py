@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from expseg_fast.config import Table1Settings
-from expseg_fast.table1 import CASES, config_for, is_complete, run_dir
-from expseg_fast.train import train
+from expseg_fast.experiments.table1 import CASES, config_for, is_complete, run_dir
+from expseg_fast.training import train
 
 
 def run_all(preset: Table1Settings, runs: Path, cases=CASES, splits: range | None = None) -> None:

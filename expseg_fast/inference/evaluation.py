@@ -19,9 +19,12 @@ import torch
 
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import invert_labels, load_volume, preprocess_pair, random_splits
+from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.identity import DataPin
+from expseg_fast.data.plans import Plan
 from expseg_fast.data.source import Dataset, open_dataset
-from expseg_fast.infer_files import case_image, load_model, predict_labels, predictor_for
+from expseg_fast.inference.files import case_image, load_model, predict_labels, predictor_for
+from expseg_fast.inference.predictor import Predictor
 from expseg_fast.machine import torch_device
 from expseg_fast.metrics import hard_dice
 
@@ -67,40 +70,41 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
     checkpoint = Path(checkpoint)
     dev = torch_device(device)
     loaded = load_model(checkpoint, dev)
-    model, config, names, epoch = loaded.model, loaded.config, loaded.names, loaded.epochs
-    if max_voxels is not None:
-        config.max_voxels = max_voxels
+    config, plan, names = loaded.config, loaded.plan, loaded.names
+    max_voxels = max_voxels or config.max_voxels
     other = data is not None
     if other:
         config.data, config.label_map = data, label_map
     found = open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset,
                          checkpoint.resolve().parent.parent, None if other else config.limit_subjects,
-                         max_voxels=config.max_voxels)
+                         max_voxels=max_voxels)
     if list(found.label_map.names) != names:
         raise ValueError(f"{checkpoint}: trained on classes {names}, the dataset has {list(found.label_map.names)}")
     chosen, source = _subjects(loaded.pin, found, config, other, checkpoint)
-    predictor = predictor_for(model, config, dev)
-    on_cube = predictor if predictor.input_shape[0] == 1 else predictor_for(model, config, dev, batch=1)
-    whole_scan = config.preprocessing == "spacing"  # the training cube is a crop: segment the whole scan
-    original, resampled, subjects = [], [], []
-    for i in chosen:
-        pair = found.pairs[i]
-        # the trainer's figure: its own preprocessed sample (the training cube) through the network once
-        sample = preprocess_pair(pair, found.label_map, config.size, spacing_mm=config.spacing())
-        image = sample.image if sample.image.ndim == 4 else sample.image[None]
-        cube_labels = on_cube(torch.from_numpy(np.ascontiguousarray(image))[None])[0].cpu()
-        resampled.append(hard_dice(cube_labels, torch.from_numpy(sample.labels.astype(np.int64)), len(names))[1:])
-        # the user's figure: the prediction segment.py writes, on the label file's grid
-        labels, r = cube_labels.numpy(), sample.resampling
-        if whole_scan:
-            image, r, _ = case_image((pair.image, *pair.more_channels), config)
-            labels = predict_labels(predictor, image, config, len(names))
-        truth = found.label_map.apply(load_volume(pair.label, dtype=np.int64, max_voxels=None).data).astype(np.int64)
-        pred_original = invert_labels(labels, r).astype(np.int64)
-        original.append(hard_dice(torch.from_numpy(pred_original), torch.from_numpy(truth), len(names))[1:])
-        subjects.append(pair.image.name)
-    return Evaluation(str(checkpoint), epoch, subjects, names[1:], torch.stack(original).numpy(),
-                      torch.stack(resampled).numpy(), source)
+    predictors = (predictor_for(loaded.model, config, plan, dev), predictor_for(loaded.model, config, plan, dev, 1))
+    scores = [_score(found.pairs[i], found.label_map, plan, predictors, max_voxels) for i in chosen]
+    return Evaluation(str(checkpoint), loaded.epochs, [found.pairs[i].image.name for i in chosen], names[1:],
+                      torch.stack([o for o, _ in scores]).numpy(), torch.stack([c for _, c in scores]).numpy(),
+                      source)
+
+
+def _score(pair: Pair, label_map: LabelMap, plan: Plan, predictors: tuple[Predictor, Predictor],
+           max_voxels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Dice on the label file's grid, Dice on the training cube) of one subject, without background.
+    predictors: the plan's windows per call, and one cube per call."""
+    windows, one_cube = predictors
+    num_classes = len(label_map.names)
+    # the user's figure: the prediction segment.py writes, on the label file's grid
+    image, r, _ = case_image(pair.images, plan, max_voxels)
+    predicted = invert_labels(predict_labels(windows, image, plan, num_classes), r).astype(np.int64)
+    truth = label_map.apply(load_volume(pair.label, dtype=np.int64, max_voxels=None).data).astype(np.int64)
+    original = hard_dice(torch.from_numpy(predicted), torch.from_numpy(truth), num_classes)[1:]
+    # the trainer's figure: its own preprocessed sample (the training cube) through the network once
+    sample = preprocess_pair(pair, label_map, plan)
+    cube = sample.image if sample.image.ndim == 4 else sample.image[None]
+    cube_labels = one_cube(torch.from_numpy(np.ascontiguousarray(cube))[None])[0].cpu()
+    on_cube = hard_dice(cube_labels, torch.from_numpy(sample.labels.astype(np.int64)), num_classes)[1:]
+    return original, on_cube
 
 
 def _subjects(pin: DataPin | None, found: Dataset, config: TrainConfig, other: bool, checkpoint: Path) -> tuple[list[int], str]:

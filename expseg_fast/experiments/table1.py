@@ -27,12 +27,13 @@ from expseg_fast.config import Table1Settings, TrainConfig
 from expseg_fast.machine import processor_name
 from expseg_fast.data import preprocess_pair
 from expseg_fast.data.demo import CLASS_NAMES, PAPER_SIZES
+from expseg_fast.data.plans import FitPlan
 from expseg_fast.data.source import open_dataset
 
 
 @dataclass(frozen=True)
 class Case:
-    """One row group of Table 1(b): a network and a loss (w_Dice 0.8, w_Cross 0.2 for L_Exp)."""
+    """One row group of Table 1(b): a network and a loss (L_Exp with LossSpec's weights, the paper's)."""
 
     key: str
     title: str
@@ -87,7 +88,7 @@ def config_for(case: Case, split: int, preset: Table1Settings, runs: Path) -> Tr
     return TrainConfig(
         out=str(run_dir(runs, case, split)), demo_preset=preset.demo, size=preset.size, model=case.model,
         width=preset.width_vnet if case.model == "vnet" else preset.width_ours, loss=case.loss,
-        gamma_dice=case.gamma, gamma_cross=case.gamma, w_dice=0.8, w_cross=0.2, epochs=preset.epochs,
+        gamma_dice=case.gamma, gamma_cross=case.gamma, epochs=preset.epochs,
         precision=preset.precision, channels_last=preset.channels_last, seed=0, splits=preset.splits, split=split,
         limit_subjects=preset.subjects,
     )
@@ -125,7 +126,7 @@ def label_voxels(preset: Table1Settings, runs: Path) -> list[float]:
     pairs, label_map = data.pairs, data.label_map
     totals = [0.0] * (len(CLASS_NAMES) - 1)
     for pair in pairs:
-        labels = torch.from_numpy(preprocess_pair(pair, label_map, preset.size, runs / "cache", mmap=True).labels.astype("int64"))
+        labels = torch.from_numpy(preprocess_pair(pair, label_map, FitPlan(preset.size), runs / "cache", mmap=True).labels.astype("int64"))
         counts = torch.bincount(labels.reshape(-1), minlength=len(CLASS_NAMES))[1:]
         totals = [t + float(c) / len(pairs) for t, c in zip(totals, counts)]
     return totals

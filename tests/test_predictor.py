@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expseg_fast.infer import Predictor
+from expseg_fast.inference.predictor import Predictor
 from expseg_fast.models import ExpLogNet, NetConfig
 
 

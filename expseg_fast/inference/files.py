@@ -1,8 +1,8 @@
 """Segment NIfTI files with a trained checkpoint; outputs land in each input's ORIGINAL space.
 
-The checkpoint's preprocessing is applied: `fit` (the paper's: the whole volume padded to a cube and
-resized to the training edge) or `spacing` (voxels of the training spacing; a volume larger than the
-training cube is segmented whole by sliding windows, nothing outside the cube dropped).
+The checkpoint's preprocessing plan (expseg_fast/data/plans.py) is applied: its inference grid of the
+whole scan, its normalisation, and its windows (one cube for `fit`; for `spacing` Gaussian-weighted
+sliding windows, nothing of the scan dropped).
 Inputs follow the checkpoint's channel count: one file per case for single-channel models (the output
 keeps the input's name), and nnU-Net's NAME_0000, NAME_0001, ... files per case otherwise (the output
 is NAME). Every case is checked on its own (readable, one real intensity per voxel, finite, channels
@@ -23,19 +23,18 @@ import torch
 
 from expseg_fast.atomic import NoSpaceError, write_atomic
 from expseg_fast.checkpoint import checkpoint_config, checkpoint_pin, load_checkpoint, non_finite_weights
-from expseg_fast.config import TrainConfig
-from expseg_fast.data import VolumeError, apply_image, load_volume, plan, write_prediction
+from expseg_fast.config import WINDOW_BATCH, TrainConfig
+from expseg_fast.data import VolumeError, load_volume, write_prediction
 from expseg_fast.data.dataset import NIFTI_SUFFIXES, group_channels
-from expseg_fast.data.identity import DataPin
-from expseg_fast.data.nifti import affines_match, nonfinite_problem, voxel_bound_problem
 from expseg_fast.data.facts import VolumeFacts, out_of_range
-from expseg_fast.data.preprocess import ScanStatistics, plan_spacing_whole, resampling_problem
-from expseg_fast.infer import Predictor
+from expseg_fast.data.identity import DataPin
+from expseg_fast.data.nifti import affines_match, nonfinite_problem
+from expseg_fast.data.plans import Plan
+from expseg_fast.data.preprocess import Resampling
+from expseg_fast.inference.predictor import Predictor
+from expseg_fast.inference.sliding_window import sliding_window_labels
 from expseg_fast.machine import torch_device
 from expseg_fast.models import build_model
-from expseg_fast.sliding_window import sliding_window_labels
-
-WINDOW_BATCH = {"cuda": 4, "cpu": 1}  # windows per predictor call in sliding-window inference
 
 
 class SegmentationError(ValueError):
@@ -48,11 +47,12 @@ class SegmentationError(ValueError):
 
 
 class LoadedModel(NamedTuple):
-    """A checkpoint read once: the network (eval mode, on the device), its settings, its class names,
-    the range of its training data (None for checkpoints older than that), the epochs it had run and
-    the data its run pinned (None for checkpoints older than that)."""
+    """A checkpoint read once: the network (eval mode, on the device), its settings, its preprocessing
+    plan, its class names, the range of its training data (None for checkpoints older than that), the
+    epochs it had run and the data its run pinned (None for checkpoints older than that)."""
     model: torch.nn.Module
     config: TrainConfig
+    plan: Plan
     names: list[str]
     data_range: dict | None
     epochs: int
@@ -73,11 +73,12 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
         model.load_state_dict(state["model"])
         seen = json.loads(state["data_range"]) if "data_range" in state else None
         epochs = int(state["epoch"]) + 1
+        plan = Plan.from_record(json.loads(state["plan"])) if "plan" in state else config.plan()
     except (RuntimeError, TypeError, ValueError, KeyError, RecursionError) as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise ValueError(f"{checkpoint}: its weights, class names or records do not fit its configuration "
                          f"({reason})") from None
-    return LoadedModel(model.to(device).eval(), config, names, seen, epochs, checkpoint_pin(state, checkpoint))
+    return LoadedModel(model.to(device).eval(), config, plan, names, seen, epochs, checkpoint_pin(state, checkpoint))
 
 
 def input_files(inputs: Path) -> list[Path]:
@@ -99,34 +100,25 @@ def check_output_folder(out_dir: Path, inputs: Path) -> None:
                          f"(they keep the input names): choose another output folder")
 
 
-def case_image(paths: tuple[Path, ...], config: TrainConfig) -> tuple[np.ndarray, object, VolumeFacts]:
-    """The preprocessed image (K, ...) of one case's channel files, its resampling and what the original
-    is like; VolumeError naming the file if one is unusable. `fit`: the size^3 cube; `spacing`: the
-    whole volume at the checkpoint's voxel size (each edge at least the cube's)."""
+def case_image(paths: tuple[Path, ...], plan: Plan, max_voxels: int) -> tuple[np.ndarray, Resampling, VolumeFacts]:
+    """The preprocessed image (K, ...) of one case's channel files on the plan's inference grid, its
+    resampling and what the original is like; VolumeError naming the file if one is unusable (what
+    the plan would lose, or past max_voxels)."""
     channels = []
     for path in paths:
-        volume = load_volume(path, max_voxels=config.max_voxels)
+        volume = load_volume(path, max_voxels=max_voxels)
         problem = nonfinite_problem(path, volume)
         if problem:
             raise VolumeError(problem)
         if channels and (volume.data.shape != channels[0].data.shape or not affines_match(channels[0], volume)):
             raise VolumeError(f"{path}: shape or affine differs from channel 0 ({paths[0]})")
         channels.append(volume)
-    first, size = channels[0], config.size
-    if config.preprocessing == "spacing":
-        r = plan_spacing_whole(first.data.shape, first.affine, size, config.spacing_mm)
-        problem = voxel_bound_problem(paths[0], r.target_shape, config.max_voxels,
-                                      f"resampled to {config.spacing_mm:g} mm voxels, a grid of ")
-        if problem:
-            raise VolumeError(problem)
-    else:
-        problem = resampling_problem(paths[0], first.data.shape, first.affine, size)
-        if problem:
-            raise VolumeError(problem)
-        r = plan(first.data.shape, first.affine, size)
-    scan_stats = [ScanStatistics.of(c.data) if config.preprocessing == "spacing" else None for c in channels]
-    image = np.stack([apply_image(c.data, r, stats) for c, stats in zip(channels, scan_stats)])
-    return image, r, VolumeFacts.of(first.data, first.affine)
+    first = channels[0]
+    problem = plan.scan_problem(paths[0], first.data.shape, first.affine, max_voxels)
+    if problem:
+        raise VolumeError(problem)
+    r = plan.inference_grid(first.data.shape, first.affine)
+    return plan.image([c.data for c in channels], r), r, VolumeFacts.of(first.data, first.affine)
 
 
 def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tuple[str, tuple[Path, ...]]]:
@@ -141,26 +133,24 @@ def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tupl
     return grouped
 
 
-def predictor_for(model: torch.nn.Module, config: TrainConfig, device: torch.device,
+def predictor_for(model: torch.nn.Module, config: TrainConfig, plan: Plan, device: torch.device,
                   batch: int | None = None) -> Predictor:
-    """The checkpoint's predictor on device: its precision on CUDA (fp32 on the CPU), one cube per call
-    for `fit`, WINDOW_BATCH windows for `spacing` (or `batch` cubes)."""
+    """The checkpoint's predictor on device: its precision on CUDA (fp32 on the CPU), `batch` cubes per
+    call (default: WINDOW_BATCH, at most the plan's windows of one scan)."""
     precision = config.precision if device.type == "cuda" else "fp32"
     if batch is None:
-        batch = WINDOW_BATCH[device.type] if config.preprocessing == "spacing" else 1
-    return Predictor(model, (batch, config.in_channels, config.size, config.size, config.size), precision=precision,
+        batch = min(WINDOW_BATCH[device.type], plan.max_windows or WINDOW_BATCH[device.type])
+    return Predictor(model, (batch, config.in_channels, plan.size, plan.size, plan.size), precision=precision,
                      channels_last=config.channels_last)
 
 
-def predict_labels(predictor: Predictor, image: np.ndarray, config: TrainConfig, num_classes: int) -> np.ndarray:
-    """The label volume on the preprocessed grid of one case's preprocessed image (K, ...) (case_image):
-    the cube for `fit`, sliding windows over the whole resampled volume for `spacing`."""
-    if config.preprocessing == "spacing":
-        labels = sliding_window_labels(lambda w: predictor.predict(w, probabilities=True)[1],
-                                       torch.from_numpy(image).to(predictor.device), config.size,
-                                       predictor.input_shape[0], num_classes)
-        return labels.cpu().numpy()
-    return predictor(torch.from_numpy(image)[None])[0].cpu().numpy()
+def predict_labels(predictor: Predictor, image: np.ndarray, plan: Plan, num_classes: int) -> np.ndarray:
+    """The label volume on the inference grid of one case's preprocessed image (K, ...) (case_image):
+    the plan's windows through the predictor, blended (expseg_fast/inference/sliding_window.py)."""
+    labels = sliding_window_labels(lambda w: predictor.predict(w, probabilities=True)[1],
+                                   torch.from_numpy(image).to(predictor.device), plan.size,
+                                   predictor.input_shape[0], num_classes, plan.windows(image.shape[1:]))
+    return labels.cpu().numpy()
 
 
 def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
@@ -170,12 +160,11 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
     written. max_voxels: the largest scan (and resampled grid) taken, default the checkpoint's."""
     dev = torch_device(device)
     inputs, out_dir = Path(inputs), Path(out_dir)
-    model, config, names, seen, *_ = load_model(Path(checkpoint), dev)  # first: a refused checkpoint says so at once
-    if max_voxels is not None:
-        config.max_voxels = max_voxels
+    model, config, plan, names, seen, *_ = load_model(Path(checkpoint), dev)  # a refused checkpoint says so at once
+    max_voxels = max_voxels or config.max_voxels
     files = input_files(inputs)
     check_output_folder(out_dir, inputs)
-    predictor = predictor_for(model, config, dev)
+    predictor = predictor_for(model, config, plan, dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {f.resolve() for f in files}
     written, problems = [], []
@@ -189,10 +178,10 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             problems.append(f"{target}: exists; not replaced (use --overwrite to replace outputs)")
             continue
         try:
-            image, r, facts = case_image(paths, config)
+            image, r, facts = case_image(paths, plan, max_voxels)
             for note in out_of_range(facts, seen) if seen else []:
                 print(f"warning: {paths[0]}: {note}; the segmentation may be poor", file=sys.stderr, flush=True)
-            write_prediction(target, predict_labels(predictor, image, config, len(names)), r)
+            write_prediction(target, predict_labels(predictor, image, plan, len(names)), r)
         except (VolumeError, OSError) as error:
             problems.append(str(error) if isinstance(error, (VolumeError, NoSpaceError)) else f"{target}: {error}")
             continue

@@ -15,8 +15,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from expseg_fast.config import DTYPES, PREDICTOR
+
 Precision = Literal["fp32", "bf16", "fp16"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Predictor:
@@ -27,18 +28,18 @@ class Predictor:
         self,
         model: nn.Module,
         input_shape: tuple[int, int, int, int, int],
-        precision: Precision = "bf16",
-        channels_last: bool = True,
-        cuda_graph: bool = True,
+        precision: Precision = PREDICTOR.precision,  # type: ignore[assignment]
+        channels_last: bool = PREDICTOR.channels_last,
+        cuda_graph: bool = PREDICTOR.cuda_graph,
     ) -> None:
-        if precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {tuple(_DTYPES)}, got {precision!r}")
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {precision!r}")
         if len(input_shape) != 5:
             raise ValueError(f"input_shape must be (N, C, D, H, W), got {tuple(input_shape)}")
         self.model = copy.deepcopy(model).eval()
         self.device = next(model.parameters()).device
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.dtype = _DTYPES[precision]
+        self.dtype = DTYPES[precision]
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last_3d)

@@ -55,3 +55,13 @@ def label_table(record: dict, names: tuple[str, ...]) -> str:
         lines.append(f"| {name} | {mean:.3f} ± {std:.3f} |")
     lines.append(f"| **average** | {record['val_dice_mean']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def write_reports(out: Path, names: tuple[str, ...], case: tuple, prediction, records: list[dict]) -> None:
+    """Refreshes dice_curve.png (Fig. 3), overlay.png (Fig. 4) of a validation case (image (1, K, ...),
+    labels (1, ...) and its prediction (1, ...), tensors) and dice_table.md from the epoch records."""
+    plot_dice_curve(records, out / "dice_curve.png")
+    image, labels = case
+    plot_overlay(image[0, 0].float().cpu().numpy(), labels[0].cpu().numpy(), prediction[0].cpu().numpy(),
+                 out / "overlay.png", len(names))
+    write_atomic(out / "dice_table.md", lambda tmp: Path(tmp).write_text(label_table(records[-1], names)), ".md")

@@ -1,28 +1,17 @@
 """Sliding-window inference: a volume larger than the network's cube segmented whole.
 
-Windows of the cube's edge overlap by half along every axis (the last window of an axis ends at its
-end); their softmax outputs are weighted by a Gaussian centred in the window (sigma = edge / 8, so the
+The windows are the plan's (expseg_fast/data/plans.py: for `spacing`, cube-sized windows overlapping by
+half along every axis, the last of an axis ending at its end; for `fit`, the one cube); their softmax
+outputs are weighted by a Gaussian centred in the window (sigma = edge / 8, so the
 unreliable borders count little, as nnU-Net and MONAI do), summed and normalised by the summed weights,
 then the arg max gives the labels. Windows go through the predictor in batches of its input shape.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
-
-
-def window_starts(length: int, window: int, overlap: float = 0.5) -> list[int]:
-    """Start indices of windows covering [0, length): a step of window * (1 - overlap), the last at the end."""
-    if length < window:
-        raise ValueError(f"a volume of {length} voxels along an axis is shorter than the window ({window})")
-    step = max(1, int(window * (1 - overlap)))
-    starts = list(range(0, length - window + 1, step))
-    if starts[-1] != length - window:
-        starts.append(length - window)
-    return starts
 
 
 def gaussian_weights(window: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -34,8 +23,9 @@ def gaussian_weights(window: int, device: torch.device | str = "cpu") -> torch.T
 
 
 def sliding_window_labels(probabilities: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, window: int,
-                          batch: int, num_labels: int, overlap: float = 0.5) -> torch.Tensor:
-    """Labels (D, H, W) of an image (K, D, H, W) every edge of which is >= window.
+                          batch: int, num_labels: int, corners: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Labels (D, H, W) of an image (K, D, H, W) covered by windows of edge `window` at `corners` (a
+    plan's windows, expseg_fast/data/plans.py).
 
     probabilities: (batch, K, window, window, window) -> softmax (batch, C, window, window, window)."""
     _, *grid = image.shape
@@ -43,7 +33,6 @@ def sliding_window_labels(probabilities: Callable[[torch.Tensor], torch.Tensor],
     weights = gaussian_weights(window, device)
     total = torch.zeros((num_labels, *grid), dtype=torch.float32, device=device)
     norm = torch.zeros(grid, dtype=torch.float32, device=device)
-    corners = list(itertools.product(*(window_starts(n, window, overlap) for n in grid)))
     for first in range(0, len(corners), batch):
         chunk = corners[first:first + batch]
         windows = torch.zeros((batch, image.shape[0], window, window, window), dtype=image.dtype, device=device)

@@ -1,0 +1,166 @@
+"""The preprocessing plan: one object, one class per mode, that the cache, the trainer, segment.py and
+evaluate.py all ask (as nnU-Net's plans). It answers everything that depends on the mode: the intensity
+normalisation, the cache key, the training grid of a subject, the inference grid and windows of a whole
+scan, what a scan would lose or cost, and its own record for the checkpoint (rebuilt by `from_record`).
+No other module branches on the mode; a new mode is one new class in PLANS.
+
+- FitPlan (`fit`, the paper's section 3.1): the whole scan padded to a cube and resized to size^3, in
+  training and at inference alike; the `fov` normalisation; one window.
+- SpacingPlan (`spacing`, as nnU-Net and MONAI): voxels of spacing_mm; in training the size^3 cube
+  around the foreground, at inference the whole scan at that voxel size under half-overlapping windows;
+  the `nonzero` normalisation (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from expseg_fast.data.nifti import voxel_bound_problem
+from expseg_fast.data.preprocess import (
+    Resampling,
+    ScanStatistics,
+    apply_image,
+    foreground_centre,
+    plan,
+    plan_spacing,
+    plan_spacing_whole,
+    resampling_problem,
+)
+
+WINDOW_OVERLAP = 0.5  # of the windows sliding over a whole scan, along every axis
+
+
+def window_starts(length: int, window: int, overlap: float = WINDOW_OVERLAP) -> list[int]:
+    """Start indices of windows covering [0, length): a step of window * (1 - overlap), the last at the end."""
+    if length < window:
+        raise ValueError(f"a volume of {length} voxels along an axis is shorter than the window ({window})")
+    step = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, length - window + 1, step))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+class Plan(ABC):
+    """What every mode answers. size: the training cube's edge (voxels), which is also the window edge."""
+
+    mode: ClassVar[str]  # the --preprocessing name
+    normalisation: ClassVar[str]  # the intensity rule: `fov` or `nonzero` (expseg_fast/data/preprocess.py)
+    max_windows: ClassVar[int | None]  # windows of one scan at inference (None: as many as it needs)
+    size: int
+
+    @classmethod
+    @abstractmethod
+    def of(cls, settings) -> "Plan":
+        """The plan of a configuration (any object with the fields the mode needs, e.g. a TrainConfig)."""
+
+    @abstractmethod
+    def training_grid(self, shape: tuple[int, int, int], affine: np.ndarray, classes: np.ndarray) -> Resampling:
+        """The resampling of a training subject (its class-index labels given) onto the training cube."""
+
+    @abstractmethod
+    def inference_grid(self, shape: tuple[int, int, int], affine: np.ndarray) -> Resampling:
+        """The resampling of a whole scan for inference (every edge at least size)."""
+
+    @abstractmethod
+    def statistics(self, data: np.ndarray) -> ScanStatistics | None:
+        """The scan statistics its normalisation uses (None: those of the grid's field of view)."""
+
+    @abstractmethod
+    def scan_problem(self, path, shape: tuple[int, int, int], affine: np.ndarray, max_voxels: int) -> str | None:
+        """One line naming the file when the plan would lose the scan or its grid would cost more than
+        max_voxels, else None."""
+
+    def image(self, channels: list[np.ndarray], r: Resampling) -> np.ndarray:
+        """The channels (original grid) resampled by r and normalised, stacked (K, ...) float32."""
+        return np.stack([apply_image(data, r, self.statistics(data)) for data in channels])
+
+    def windows(self, grid: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+        """The corners of the size^3 windows that cover a grid (one when the grid is the cube)."""
+        return list(itertools.product(*(window_starts(n, self.size) for n in grid)))
+
+    def record(self) -> dict:
+        """What a checkpoint stores of the plan (from_record rebuilds it)."""
+        return {"mode": self.mode, **asdict(self)}
+
+    def key(self) -> dict:
+        """What decides a cache entry's content besides the source files and the label map."""
+        return {**self.record(), "normalisation": self.normalisation}
+
+    @staticmethod
+    def from_record(record: dict) -> "Plan":
+        """The plan a checkpoint stored; ValueError for an unknown mode or settings."""
+        settings = dict(record)
+        mode = settings.pop("mode", None)
+        if mode not in PLANS:
+            raise ValueError(f"unknown preprocessing mode {mode!r} (known: {', '.join(PLANS)})")
+        try:
+            return PLANS[mode](**settings)
+        except TypeError as error:
+            raise ValueError(f"preprocessing {mode}: {error}") from None
+
+
+@dataclass(frozen=True)
+class FitPlan(Plan):
+    mode: ClassVar[str] = "fit"
+    normalisation: ClassVar[str] = "fov"
+    max_windows: ClassVar[int | None] = 1
+    size: int
+
+    @classmethod
+    def of(cls, settings) -> "FitPlan":
+        return cls(int(settings.size))
+
+    def training_grid(self, shape, affine, classes) -> Resampling:
+        return plan(shape, affine, self.size)
+
+    def inference_grid(self, shape, affine) -> Resampling:
+        return plan(shape, affine, self.size)
+
+    def statistics(self, data) -> None:
+        return None
+
+    def scan_problem(self, path, shape, affine, max_voxels) -> str | None:
+        return resampling_problem(path, shape, affine, self.size)  # the grid is size^3, within the bound
+
+
+@dataclass(frozen=True)
+class SpacingPlan(Plan):
+    mode: ClassVar[str] = "spacing"
+    normalisation: ClassVar[str] = "nonzero"
+    max_windows: ClassVar[int | None] = None
+    size: int
+    spacing_mm: float
+
+    @classmethod
+    def of(cls, settings) -> "SpacingPlan":
+        return cls(int(settings.size), float(settings.spacing_mm))
+
+    def training_grid(self, shape, affine, classes) -> Resampling:
+        return plan_spacing(shape, affine, (self.size,) * 3, self.spacing_mm, foreground_centre(classes))
+
+    def inference_grid(self, shape, affine) -> Resampling:
+        return plan_spacing_whole(shape, affine, self.size, self.spacing_mm)
+
+    def statistics(self, data) -> ScanStatistics:
+        return ScanStatistics.of(data)
+
+    def scan_problem(self, path, shape, affine, max_voxels) -> str | None:
+        return voxel_bound_problem(path, self.inference_grid(shape, affine).target_shape, max_voxels,
+                                   f"resampled to {self.spacing_mm:g} mm voxels, a grid of ")
+
+
+PLANS: dict[str, type[Plan]] = {p.mode: p for p in (FitPlan, SpacingPlan)}
+
+
+def plan_of(mode: str, settings) -> Plan:
+    """The plan of a mode name for a configuration; ValueError for an unknown mode."""
+    if mode not in PLANS:
+        raise ValueError(f"preprocessing must be one of {', '.join(PLANS)}, got {mode!r}")
+    return PLANS[mode].of(settings)
+
