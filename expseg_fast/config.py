@@ -22,11 +22,14 @@ from expseg_fast.data.augment import AugmentConfig
 from expseg_fast.data.demo import DemoSettings
 from expseg_fast.data.nifti import MAX_VOXELS
 from expseg_fast.data.plans import PLANS, Plan, plan_of
+from expseg_fast.data.source import SYNTH
+from expseg_fast.data.synth import CONTRASTS, SynthSettings
 from expseg_fast.losses import LossSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
 PRECISIONS = tuple(DTYPES)
 PREPROCESSINGS = tuple(PLANS)
+STEP_MODES = ("eager", "compiled", "cuda_graph")  # the forms of a training step (expseg_fast/training/step.py)
 MODELS = ("ours", "vnet")
 BOTTOM_FACTOR = {"ours": 8, "vnet": 16}  # cube edge / the edge of the network's bottom level
 
@@ -60,6 +63,7 @@ class Preset:
     channels_last: bool
     table1: Table1Settings
     demo_of: str | None = None  # the preset whose demo data this one shares (None: its own)
+    settings: tuple[tuple[str, object], ...] = ()  # further TrainConfig settings of the main command
 
 
 _CPU_DEMO = DemoSettings(spacing_mm=3.0, field_of_view_mm=None)  # coarse voxels, a tight field of view
@@ -78,20 +82,37 @@ PRESETS = {
 # epochs at 64^3 (results/table1-cpu/ablations.md, section 5)
 PRESETS["cpu-bf16"] = dataclasses.replace(PRESETS["cpu"], size=48, epochs=32, precision="bf16", channels_last=True,
                                           demo_of="cpu")
+# images drawn from 20 real subjects' label maps (expseg_fast/data/synth.py), segmenting real T1 scans: voxels of
+# 2.5 mm, the 64^3 window (160 mm) on the brain, the generator's own spatial augmentation instead of the
+# trainer's; 14 training maps x 4 draws = 56 steps an epoch (results/real-scans/)
+_SYNTH = (("data", SYNTH), ("preprocessing", "spacing"), ("spacing_mm", 2.5), ("augment_probability", 0.0),
+          ("synth_repeats", 4))
+PRESETS["synth-cpu"] = dataclasses.replace(PRESETS["cpu-bf16"], size=64, epochs=60, settings=_SYNTH)
+# the same on a GPU at the paper's width: 1.5 mm voxels, 128^3 (192 mm)
+PRESETS["synth-paper"] = dataclasses.replace(PRESETS["paper"], size=128, epochs=300, demo_of="paper",
+                                             settings=(*_SYNTH[:2], ("spacing_mm", 1.5), *_SYNTH[3:]))
 _DEFAULT = PRESETS["cpu"]
 
 
-def main_preset(cuda: bool) -> str:
-    """The main command's preset on this machine: `paper` on a GPU; on the CPU `cpu-bf16` where the
-    processor multiplies bf16 natively (machine.cpu_bf16_units), else `cpu`."""
+def main_preset(cuda: bool, own_data: bool = False) -> str:
+    """The preset of a run that names none. The main command (no --data, or --data synth) trains on images
+    drawn from the 20 real subjects' label maps, so that its model segments real T1 scans (the atlas
+    demo's does not: results/real-scans/README.md): `synth-paper` on a GPU, `synth-cpu` on the CPU. A
+    run on the user's own data (own_data) takes the machine's: `paper` on a GPU; on the CPU `cpu-bf16`
+    where the processor multiplies bf16 natively (machine.cpu_bf16_units), else `cpu`."""
+    if not own_data:
+        return "synth-paper" if cuda else "synth-cpu"
     return "paper" if cuda else ("cpu-bf16" if machine.cpu_bf16_units() else "cpu")
 
 
 def preset_precision(name: str, size: int, model: str, device_type: str) -> tuple[str, str | None]:
     """(precision, note): the preset's precision for a run of that size and model on device_type, or
-    fp32 with a note saying why where the preset's cannot train there (TrainConfig.device_problem)."""
+    fp32 with a note saying why where the preset's cannot train there (TrainConfig.device_problem) or
+    is bf16 on a CPU that does not multiply bf16 natively (machine.cpu_bf16_units; fp32 steps faster)."""
     precision = PRESETS[name].precision
     problem = TrainConfig(precision=precision, size=size, model=model).device_problem(device_type)
+    if not problem and precision == "bf16" and device_type == "cpu" and not machine.cpu_bf16_units():
+        problem = "this processor does not multiply bf16 natively (no avx512_bf16 or amx_bf16 flag)"
     return ("fp32", f"{problem}; training in fp32 (the {name} preset's {precision} does not apply)") if problem else (precision, None)
 
 LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice, w_cross, eps)
@@ -105,11 +126,14 @@ LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice,
 @dataclass(frozen=True)
 class PredictorDefaults:
     """The Predictor's defaults (expseg_fast/inference/predictor.py): precision, channels-last, a CUDA
-    graph on CUDA; window_batch: windows per call when segment.py and evaluate.py slide over a scan."""
+    graph on CUDA, BatchNorm folding, torch.compile; window_batch: windows per call when segment.py and
+    evaluate.py slide over a scan."""
 
     precision: str = "bf16"
     channels_last: bool = True
     cuda_graph: bool = True
+    fold_bn: bool = False  # BatchNorm folded into the convolutions (bench/NOTES.md: no gain on the CPU yet)
+    compiled: bool = False  # torch.compile (2.6x slower on the 2-core CPU; the GPU is to measure)
     window_batch: tuple[tuple[str, int], ...] = (("cuda", 4), ("cpu", 1))
 
 
@@ -118,7 +142,7 @@ WINDOW_BATCH = dict(PREDICTOR.window_batch)
 
 # settings a resumed run may take from the command line (a moved dataset: its pinned identity is checked)
 RESUME_MAY_CHANGE = ("epochs", "device", "deterministic", "loader_workers", "data", "label_map", "max_voxels",
-                     "keep_checkpoints")
+                     "keep_checkpoints", "val_data", "val_label_map")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
           "tuple[int, ...]": (tuple, list)}
 
@@ -138,8 +162,9 @@ class TrainConfig:
 
     out: str = _option("runs/demo", "output folder: checkpoints, log, plots (the demo data and the cache go "
                                     "beside it)")
-    data: str | None = _option(None, "dataset folder (imagesTr/, labelsTr/) or .json/.csv list; default: the "
-                                     "synthetic demo dataset")
+    data: str | None = _option(None, "dataset folder (imagesTr/, labelsTr/) or .json/.csv list, or `synth`: images "
+                                     "drawn from 20 real subjects' label maps (SynthSeg); default: the synthetic "
+                                     "demo dataset")
     label_map: str | None = _option(None, "JSON label map naming the classes (required with --data)")
     demo_preset: str = _option("cpu", "the preset whose demo data the run uses", command_line=False)
     size: int = _option(_DEFAULT.size, "edge of the training cube in voxels (a multiple of 16)")
@@ -177,13 +202,23 @@ class TrainConfig:
     max_voxels: int = _option(MAX_VOXELS, "the most voxels a scan may have; larger ones are reported with the "
                                           "dataset's problems")
     keep_checkpoints: bool = _option(False, "also keep every epoch's checkpoint (OUT/epoch_NNN.pt), for studies")
+    val_data: str | None = _option(None, "validate on this dataset folder or list (e.g. real scans) instead of a "
+                                         "split of --data; all of --data is then trained on")
+    val_label_map: str | None = _option(None, "the JSON label map of --val-data (its classes a subset of --data's; "
+                                              "\"unlisted\": \"ignore\" leaves other ids unscored)")
+    synth_contrast: str = _option("t1", "--data synth: the generator's contrasts: t1 (the T1 priors) or random "
+                                        "(any contrast)", CONTRASTS)
+    synth_repeats: int = _option(4, "--data synth: images drawn from each training label map per epoch")
+    step_mode: str = _option("eager", "the training step: eager, compiled (torch.compile of forward and backward) "
+                                      "or cuda_graph (the whole step replayed from one CUDA graph; CUDA, batch 1)",
+                             STEP_MODES)
 
     @classmethod
     def for_preset(cls, name: str, **overrides) -> "TrainConfig":
         """The main command's configuration on a preset's machine, with overrides."""
         p = PRESETS[name]
         values = dict(demo_preset=p.demo_of or name, size=p.size, width=p.width, epochs=p.epochs, precision=p.precision,
-                      channels_last=p.channels_last)
+                      channels_last=p.channels_last, **dict(p.settings))
         return cls(**{**values, **overrides})
 
     @staticmethod
@@ -215,9 +250,13 @@ class TrainConfig:
             (applied if f.name in RESUME_MAY_CHANGE else refused).append(f"{f.name}={mine!r} (the run has {theirs!r})")
         return refused, applied
 
-    def device_problem(self, device_type: str) -> str | None:
-        """Why this configuration cannot train on device_type, or None: bf16 on the CPU at a 2^3 bottom
-        level, where oneDNN's bf16 conv3d weight gradient reads uninitialised memory (bench/NOTES.md)."""
+    def device_problem(self, device_type: str, processes: int = 1) -> str | None:
+        """Why this configuration cannot train on device_type (with that many processes), or None: bf16
+        on the CPU at a 2^3 bottom level, where oneDNN's bf16 conv3d weight gradient reads uninitialised
+        memory (bench/NOTES.md); a CUDA-graph step off CUDA, with fp16's grad scaler or under torchrun."""
+        if self.step_mode == "cuda_graph" and (device_type != "cuda" or self.precision == "fp16" or processes > 1):
+            return (f"step_mode cuda_graph needs one CUDA device and fp32 or bf16 (got {device_type}, "
+                    f"{self.precision}, {processes} process(es))")
         if device_type == "cpu" and self.precision == "bf16" and self.size // BOTTOM_FACTOR[self.model] <= 2:
             return (f"precision bf16 on the CPU needs size > {2 * BOTTOM_FACTOR[self.model]} for {self.model}, got "
                     f"{self.size}: oneDNN's bf16 conv3d weight gradient is unreliable at the network's 2^3 bottom level")
@@ -226,8 +265,9 @@ class TrainConfig:
     def with_absolute_paths(self) -> "TrainConfig":
         """This configuration with data and label_map absolute (a checkpoint never re-reads them
         against another current folder)."""
-        return dataclasses.replace(self, **{k: str(Path(v).resolve()) for k in ("data", "label_map")
-                                            if (v := getattr(self, k)) is not None})
+        return dataclasses.replace(self, **{k: str(Path(v).resolve()) for k in ("data", "label_map", "val_data",
+                                                                                 "val_label_map")
+                                            if (v := getattr(self, k)) is not None and v != SYNTH})
 
     def plan(self) -> Plan:
         """The preprocessing plan of this configuration (expseg_fast/data/plans.py)."""
@@ -237,6 +277,10 @@ class TrainConfig:
         """The rigid augmentation of this configuration (expseg_fast/data/augment.py)."""
         return AugmentConfig(self.augment_probability, self.augment_rotation_deg, self.augment_shift,
                              (self.augment_scale_min, self.augment_scale_max))
+
+    def synth_settings(self) -> SynthSettings:
+        """The label-map generator's settings (its defaults in SynthSettings, the contrast from here)."""
+        return SynthSettings(contrast=self.synth_contrast)
 
     def loss_spec(self) -> LossSpec:
         return LOSSES[self.loss](self.gamma_dice, self.gamma_cross, self.w_dice, self.w_cross, self.eps)
@@ -285,6 +329,14 @@ class TrainConfig:
             problems.append(f"limit_subjects must be >= 2 (a training and a validation subject), got {self.limit_subjects}")
         if not set(self.fuse_levels) <= {0, 1, 2, 3} or not self.fuse_levels:
             problems.append(f"fuse_levels must be some of 0, 1, 2, 3, got {list(self.fuse_levels)}")
+        if self.data == SYNTH and self.label_map is not None:
+            problems.append("label_map does not apply to data synth (its classes are the packaged label maps')")
+        if (self.val_data is None) != (self.val_label_map is None):
+            problems.append("val_data and val_label_map go together")
+        if self.step_mode not in STEP_MODES:
+            problems.append(f"step_mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}")
+        if self.synth_repeats < 1:
+            problems.append(f"synth_repeats must be >= 1, got {self.synth_repeats}")
         if self.splits < 1 or not 0 <= self.split < self.splits:
             problems.append(f"split must be in [0, {self.splits}), got {self.split}")
         if problems:

@@ -2,7 +2,10 @@
 
 python scripts/evaluate.py CHECKPOINT [--data FOLDER --label-map JSON] [--device cpu|cuda] [--json FILE]
 Scores the run's pinned validation subjects (a missing or changed one is an error); --data scores other
-data on purpose (the run's training subjects left out) and says so. Prints one line per label (mean over
+data on purpose (the run's training subjects left out) and says so. Its label map may follow another
+protocol (FreeSurfer aseg, AAL): it names some of the model's classes ("unlisted": "ignore" leaves the
+voxels of ids it does not list unscored); the model's classes it lacks are printed as not in the data,
+never scored as 0. Prints one line per label (mean over
 the subjects, %) and the average over labels; --json writes every figure (per subject too). Runs trained
 at different sizes are compared on one grid this way.
 """
@@ -41,7 +44,10 @@ def main() -> None:
     print(f"data: {result.source}")
     print(f"{'label':<26}{'original grid':>14}{'preprocessed':>14}")
     for name, a, b in zip(result.names, original, resampled):
-        print(f"{name:<26}{a:>14.1f}{b:>14.1f}")
+        if name in result.not_in_protocol:
+            print(f"{name:<26}{'not in the data':>28}")
+        else:
+            print(f"{name:<26}{a:>14.1f}{b:>14.1f}")
     print(f"{'average':<26}{average:>14.2f}{average_resampled:>14.2f}")
     if args.json:  # after the table: a file that cannot be written loses no figure
         text = json.dumps(result.to_dict(), indent=1)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from expseg_fast.checkpoint import checkpoint_config, load_checkpoint
-from expseg_fast.config import RESUME_MAY_CHANGE, TrainConfig, main_preset, preset_precision
+from expseg_fast.config import PRESETS, RESUME_MAY_CHANGE, SYNTH, TrainConfig, main_preset, preset_precision
 from expseg_fast.machine import torch_device
 from expseg_fast.training import train
 from expseg_fast.training.run_folder import RunError
@@ -54,8 +54,15 @@ def parser(defaults: TrainConfig, preset: str) -> argparse.ArgumentParser:
 
 def parse(argv=None) -> tuple[TrainConfig, bool]:
     device_type = torch_device("auto").type
-    preset = main_preset(device_type == "cuda")
+    chosen = argparse.ArgumentParser(add_help=False)
+    chosen.add_argument("--preset", choices=sorted(PRESETS))
+    chosen.add_argument("--data")
+    known = chosen.parse_known_args(argv)[0]
+    preset = known.preset or main_preset(device_type == "cuda", own_data=known.data not in (None, SYNTH))
     p = parser(TrainConfig.for_preset(preset), preset)  # every default, from the preset
+    p.add_argument("--preset", choices=sorted(PRESETS), default=preset,
+                   help="the settings every default comes from (expseg_fast/config.py); default: the generator's "
+                        "(synth-cpu, synth-paper on a GPU), or with --data FOLDER this machine's (cpu-bf16, cpu, paper)")
     a = p.parse_args(argv)
     if a.resume:
         return _resumed(p, a, argv if argv is not None else sys.argv[1:]), True
@@ -84,7 +91,7 @@ def _resumed(p: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str])
         sys.exit(f"error: {error}")
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
     for action in p._actions:
-        if set(action.option_strings) & given and action.dest not in ("resume", "help"):
+        if set(action.option_strings) & given and action.dest not in ("resume", "help", "preset"):
             value = getattr(a, action.dest)
             setattr(config, action.dest, tuple(value) if isinstance(value, list) else value)
     config.out = a.out

@@ -108,7 +108,7 @@ def test_a_run_never_trains_on_a_damaged_entry(tmp_path, capsys):
     train(config(tmp_path / "damaged", 1))
     pin = json.loads((tmp_path / "damaged" / "splits.json").read_text())
     pairs = find_pairs(tmp_path / "data")
-    victim = next(p for p in pairs if p.label.name == f"{pin['val'][0]['name']}.nii.gz")
+    victim = next(p for p in pairs if p.label.name == f"{pin['val']['subjects'][0]['name']}.nii.gz")
     entry = entry_path(victim, LabelMap.from_json(label_map), FitPlan(16), tmp_path / "cache")
     _labels_out_of_range(entry)
     capsys.readouterr()

@@ -42,7 +42,7 @@ def test_script_defaults_come_from_the_preset_and_options_reach_the_config(monke
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(machine, "cpu_bf16_units", lambda: [])  # a CPU without bf16 units: the cpu preset
-    config, resume = script.parse(["--eps", "1e-5", "--loss", "log_dice", "--preprocessing", "spacing"])
+    config, resume = script.parse(["--data", "mine", "--eps", "1e-5", "--loss", "log_dice", "--preprocessing", "spacing"])
     assert not resume and (config.size, config.width, config.epochs, config.precision, config.channels_last) == (
         48, 12, 12, "fp32", False)
     assert (config.eps, config.loss, config.preprocessing) == (1e-5, "log_dice", "spacing")
@@ -116,13 +116,20 @@ def test_torch_device_resolves_auto_and_names_a_bad_device_in_one_line(monkeypat
                     torch_device(name)
 
 
-def test_the_main_preset_follows_the_machine(monkeypatch):
+def test_the_main_command_trains_on_the_generator_at_the_precision_the_machine_multiplies(monkeypatch):
     from expseg_fast import machine
-    from expseg_fast.config import main_preset
+    from expseg_fast.config import main_preset, preset_precision
 
-    for units, want in [([], "cpu"), (["avx512_bf16"], "cpu-bf16"), (["avx512_bf16", "amx_bf16"], "cpu-bf16")]:
+    assert main_preset(cuda=False) == "synth-cpu" and main_preset(cuda=True) == "synth-paper"
+    for name in ("synth-cpu", "synth-paper"):
+        config = TrainConfig.for_preset(name)
+        assert (config.data, config.preprocessing) == ("synth", "spacing")
+    for units, want in [([], "fp32"), (["avx512_bf16"], "bf16"), (["avx512_bf16", "amx_bf16"], "bf16")]:
         monkeypatch.setattr(machine, "cpu_bf16_units", lambda units=units: units)
-        assert main_preset(cuda=False) == want and main_preset(cuda=True) == "paper"
+        precision, note = preset_precision("synth-cpu", 64, "ours", "cpu")
+        assert precision == want and (note is None) == (want == "bf16")
+        assert want == "bf16" or "does not multiply bf16 natively" in note
+        assert preset_precision("synth-paper", 128, "ours", "cuda") == ("bf16", None)  # a GPU's bf16 is its own
     bf16 = TrainConfig.for_preset("cpu-bf16")
     assert (bf16.precision, bf16.channels_last, bf16.demo_preset) == ("bf16", True, "cpu")  # the cpu demo data
     assert bf16.demo_settings() == PRESETS["cpu"].demo and bf16.device_problem("cpu") is None
@@ -144,7 +151,7 @@ def test_the_script_refuses_cpu_bf16_at_16_before_writing(tmp_path):
 
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "train.py"), "--out", str(out),
-                           "--size", "16", "--precision", "bf16", "--limit-subjects", "3"],
+                           "--preset", "cpu", "--size", "16", "--precision", "bf16", "--limit-subjects", "3"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 1 and "needs size > 16" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
@@ -155,12 +162,26 @@ def test_the_presets_bf16_gives_way_to_fp32_where_it_cannot_train_unless_asked_f
     from expseg_fast import machine
     from expseg_fast.config import preset_precision
 
+    monkeypatch.setattr(machine, "cpu_bf16_units", lambda: ["avx512_bf16"])
     assert preset_precision("cpu-bf16", 48, "ours", "cpu") == ("bf16", None)
     precision, note = preset_precision("cpu-bf16", 32, "vnet", "cpu")
     assert precision == "fp32" and "needs size > 32 for vnet" in note and "cpu-bf16 preset's bf16" in note
     assert preset_precision("paper", 16, "ours", "cuda") == ("bf16", None) and preset_precision("cpu", 16, "ours", "cpu") == ("fp32", None)
-    monkeypatch.setattr(machine, "cpu_bf16_units", lambda: ["avx512_bf16"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert script.parse([])[0].precision == "bf16" and "note" not in capsys.readouterr().err
     assert script.parse(["--size", "16"])[0].precision == "fp32" and "training in fp32" in capsys.readouterr().err
     assert script.parse(["--size", "16", "--precision", "bf16"])[0].precision == "bf16"  # the trainer refuses it
+
+
+def test_a_preset_named_on_the_command_line_gives_every_default(monkeypatch):
+    import train as script
+    from expseg_fast import machine
+
+    monkeypatch.setattr(machine, "cpu_bf16_units", lambda: ["amx_bf16"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config, _ = script.parse(["--preset", "synth-cpu", "--epochs", "3"])
+    assert (config.data, config.preprocessing, config.spacing_mm, config.size, config.augment_probability) == (
+        "synth", "spacing", 2.5, 64, 0.0)
+    assert (config.epochs, config.synth_repeats, config.precision) == (3, 4, "bf16")
+    paper = TrainConfig.for_preset("synth-paper")
+    assert (paper.size, paper.spacing_mm, paper.width, paper.data) == (128, 1.5, 24, "synth")

@@ -171,7 +171,7 @@ def test_a_second_trainer_is_locked_out(tmp_path):
 
 def test_divergence_stops_loudly_and_no_checkpoint_holds_non_finite_weights(tmp_path):
     out = tmp_path / "run"
-    done = run_script("train.py", "--out", str(out), "--size", "16", "--width", "4", "--epochs", "3",
+    done = run_script("train.py", "--out", str(out), "--preset", "cpu", "--size", "16", "--width", "4", "--epochs", "3",
                       "--limit-subjects", "4", "--lr", "1e8")
     assert done.returncode != 0 and "diverged" in done.stderr and "Traceback" not in done.stderr, done.stderr
     for name in ("last.pt", "best.pt"):

@@ -55,7 +55,7 @@ def copy_data(reference: dict, to: Path) -> tuple[Path, Path]:
 
 
 def pinned_names(out: Path, role: str) -> list[str]:
-    return [s["name"] for s in json.loads((out / "splits.json").read_text())[role]]
+    return [s["name"] for s in json.loads((out / "splits.json").read_text())[role]["subjects"]]
 
 
 def test_a_new_run_pins_todays_split_with_the_datas_identity(reference, tmp_path):
@@ -67,8 +67,9 @@ def test_a_new_run_pins_todays_split_with_the_datas_identity(reference, tmp_path
     assert pinned_names(out, "train") == [names[i] for i in train_idx]
     assert pinned_names(out, "val") == [names[i] for i in val_idx]
     pin = json.loads((out / "splits.json").read_text())
-    assert pin["root"] == str(data.resolve()) and pin["label_map_file"] == str(label_map.resolve())
-    digests = [d for s in pin["train"] + pin["val"] for d in (*s["images"], s["label"])]
+    for role in ("train", "val"):
+        assert pin[role]["root"] == str(data.resolve()) and pin[role]["label_map_file"] == str(label_map.resolve())
+    digests = [d for s in pin["train"]["subjects"] + pin["val"]["subjects"] for d in (*s["images"], s["label"])]
     assert len(set(digests)) == len(digests) == 12 and all(len(d) == 64 for d in digests)
 
 

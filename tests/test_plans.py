@@ -76,3 +76,18 @@ def test_each_plan_names_what_it_would_lose_or_what_would_cost_too_much():
     huge = np.diag([200.0, 200.0, 200.0, 1.0])
     assert "a grid of 1200x1200x1200" in SpacingPlan(16, 2.0).scan_problem("huge.nii", (12, 12, 12), huge, 10**8)
     assert SpacingPlan(16, 2.0).scan_problem("fine.nii", (64, 64, 1), eye, 10**8) is None  # windows keep a slab
+
+
+def test_the_generators_windows_are_drawn_among_those_inference_slides_over():
+    """Centred on the foreground without a generator; with one, every corner of the grid is drawn."""
+    import torch
+
+    plan, grid = SpacingPlan(16, 2.0), (20, 27, 16)
+    classes = torch.zeros(grid, dtype=torch.uint8)
+    classes[2:6, 20:25, 3:9] = 1
+    centred = plan.training_window(grid, classes)
+    assert [s.start for s in centred] == [0, 11, 0]  # centre (3.5, 22, 5.5) - 7.5, held inside the grid
+    gen = torch.Generator().manual_seed(0)
+    corners = [tuple(s.start for s in plan.training_window(grid, classes, gen)) for _ in range(400)]
+    assert {c[0] for c in corners} == set(range(5)) and {c[1] for c in corners} == set(range(12))
+    assert {c[2] for c in corners} == {0} and FitPlan(16).training_window((16,) * 3, classes, gen) == (slice(None),) * 3

@@ -52,7 +52,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     full = tmp_path / "full"
     train(tiny(full, 4))
     killed = tmp_path / "killed"
-    args = [sys.executable, str(SCRIPT), "--out", str(killed), "--size", "16", "--width", "4", "--epochs", "4",
+    args = [sys.executable, str(SCRIPT), "--out", str(killed), "--preset", "cpu", "--size", "16", "--width", "4", "--epochs", "4",
             "--limit-subjects", "5", "--deterministic", "--seed", "3",
             "--precision", "fp32", "--no-channels-last"]  # tiny()'s: the script's preset follows the machine
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,7 +130,7 @@ def test_two_processes_with_torchrun_gloo(tmp_path):
     """DDP on the CPU (gloo): the shards train one model, validation is gathered, only rank 0 writes."""
     out = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-            "--out", str(out), "--size", "16", "--width", "4", "--epochs", "2", "--limit-subjects", "6", "--seed", "3"]
+            "--out", str(out), "--preset", "cpu", "--size", "16", "--width", "4", "--epochs", "2", "--limit-subjects", "6", "--seed", "3"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = log(out)

@@ -36,7 +36,7 @@ from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.facts import VolumeFacts
 from expseg_fast.data.nifti import load_volume
 from expseg_fast.data.plans import Plan
-from expseg_fast.data.preprocess import Resampling, apply_labels
+from expseg_fast.data.preprocess import IGNORE, Resampling, apply_labels
 
 # Bump when the preprocessing's output (or an entry's files) changes for the same inputs and settings.
 PREPROCESS_VERSION = 4
@@ -109,7 +109,8 @@ def entry_problem(entry: Path, num_classes: int) -> str | None:
             array = np.load(entry / name, mmap_mode="r")
             if list(array.shape) != manifest[name]["shape"] or str(array.dtype) != manifest[name]["dtype"]:
                 return f"{name} has shape {array.shape} {array.dtype}, not the manifest's"
-        if not 0 <= manifest["labels.npy"]["max"] < num_classes or not manifest["image.npy"]["finite"]:
+        top = manifest["labels.npy"]["max"]
+        if not (0 <= top < num_classes or top == IGNORE) or not manifest["image.npy"]["finite"]:
             return "its labels or intensities are out of range"
         Resampling.from_dict(json.loads((entry / "resampling.json").read_text()))
         VolumeFacts(**json.loads((entry / "facts.json").read_text()))

@@ -27,6 +27,7 @@ from expseg_fast.data.nifti import (
     voxel_digest,
 )
 from expseg_fast.data.plans import Plan
+from expseg_fast.data.preprocess import IGNORE
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -55,11 +56,14 @@ class Pair:
 
 @dataclass(frozen=True)
 class LabelMap:
-    """Training classes: names[c] is class c; source ids (FreeSurfer, Neuromorphometrics, ...) map to
-    classes through `lookup`. JSON form: {"classes": [{"name": "background", "ids": [0]}, ...]}."""
+    """Classes: names[c] is class c; source ids (FreeSurfer, AAL, Neuromorphometrics, ...) map to classes
+    through `lookup`. JSON form: {"classes": [{"name": "background", "ids": [0]}, ...]}, and for a map
+    that scores another protocol's labels, "unlisted": "ignore": ids it does not list are not scored
+    (they become IGNORE) instead of being an error."""
 
     names: tuple[str, ...]
     lookup: dict[int, int]
+    ignore_unlisted: bool = False
 
     @classmethod
     def identity(cls, num_classes: int) -> "LabelMap":
@@ -71,6 +75,8 @@ class LabelMap:
         try:
             spec = json.loads(path.read_text())
             classes = spec["classes"]
+            if spec.get("unlisted", "error") not in ("error", "ignore"):
+                raise ValueError(f"unlisted must be 'error' or 'ignore', got {spec['unlisted']!r}")
             names = tuple(str(c["name"]) for c in classes)
             lookup: dict[int, int] = {}
             for index, c in enumerate(classes):
@@ -87,17 +93,33 @@ class LabelMap:
                              '{"classes": [{"name": ..., "ids": [...]}, ...]}') from error
         if len(names) < 2:
             raise ValueError(f"{path}: a label map needs at least 2 classes, got {len(names)}")
-        return cls(names, lookup)
+        if len(set(names)) != len(names):
+            raise ValueError(f"{path}: a class name is listed twice")
+        return cls(names, lookup, spec.get("unlisted") == "ignore")
 
     def unknown(self, values: np.ndarray) -> list[int]:
-        """The values (sorted) that the map does not know."""
+        """The values (sorted) that the map does not know (none when it ignores unlisted ids)."""
+        if self.ignore_unlisted:
+            return []
         return sorted(int(v) for v in np.unique(values) if int(v) not in self.lookup)
 
+    def aligned_to(self, names: tuple[str, ...] | list[str], where: str) -> tuple["LabelMap", list[int]]:
+        """(this map with its ids mapped onto the classes `names` (a model's), the indices of the classes
+        of names that this map lacks). ValueError naming a class of this map that names lacks."""
+        position = {name: i for i, name in enumerate(names)}
+        extra = [name for name in self.names if name not in position]
+        if extra:
+            raise ValueError(f"{where}: classes {extra} are not among the model's {list(names)}")
+        lookup = {source: position[self.names[c]] for source, c in self.lookup.items()}
+        lacking = [i for i, name in enumerate(names) if name not in self.names]
+        return LabelMap(tuple(names), lookup, self.ignore_unlisted), lacking
+
     def apply(self, labels: np.ndarray) -> np.ndarray:
-        """Source ids -> class indices (uint8 for up to 256 classes, else int16)."""
+        """Source ids -> class indices (uint8 for up to 255 classes, else int16); ids the map does not
+        list become IGNORE when it ignores them."""
         values, inverse = np.unique(labels, return_inverse=True)
-        classes = np.array([self.lookup[int(v)] for v in values])
-        dtype = np.uint8 if len(self.names) <= 256 else np.int16
+        classes = np.array([self.lookup.get(int(v), IGNORE) for v in values])
+        dtype = np.uint8 if len(self.names) < IGNORE else np.int16
         return classes[inverse].reshape(labels.shape).astype(dtype)
 
 

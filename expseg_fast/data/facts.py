@@ -49,12 +49,13 @@ def training_range(facts: list[VolumeFacts]) -> dict:
     return out
 
 
-def out_of_range(facts: VolumeFacts, seen: dict) -> list[str]:
-    """What about this volume lies far outside the training range (empty when nothing does; a measure
-    that the range of an older checkpoint lacks is not checked)."""
+def out_of_range(facts: VolumeFacts, seen: dict, absorbed: tuple[str, ...] = ()) -> list[str]:
+    """What about this volume lies far outside the training range (empty when nothing does). Not
+    checked: what the preprocessing absorbs (`absorbed`, the plan's), and a measure the range lacks (an
+    older checkpoint's, or the label-map generator's, which draws any intensity)."""
     notes = []
     for key, factor in TOLERANCE.items():
-        if key not in seen:
+        if key not in seen or key in absorbed:
             continue
         low, high = seen[key]
         value = getattr(facts, key)

@@ -3,10 +3,10 @@
 Every subject of a dataset scan gets a `SubjectId`: its name and a content digest of each image channel
 and of its label file (voxel values and geometry: a re-compressed copy has the same digest, an edited
 one another). A `DataPin` is what a run stored when it started (in its checkpoints and, like nnU-Net's
-splits_final.json, in OUT/splits.json): the dataset's absolute location, the label map's digest and its
-training and validation subjects. A resumed run and evaluate.py select the pinned subjects by name from
-the dataset as it is now; a pinned subject that is missing or changed, or a changed label map, is an
-error naming it, and subjects added since are never used.
+splits_final.json, in OUT/splits.json): for its training and for its validation subjects, the data's
+absolute location, the label map's digest and the subjects. A resumed run and evaluate.py select the
+pinned subjects by name from the data as it is now; a pinned subject that is missing or changed, or a
+changed label map, is an error naming it, and subjects added since are never used.
 """
 
 from __future__ import annotations
@@ -52,58 +52,74 @@ def label_map_digest(label_map: LabelMap) -> str:
 
 
 @dataclass(frozen=True)
-class DataPin:
-    """The data a run started on: root (the dataset folder or list, or the demo dataset's folder,
-    absolute), the label map's file (None for the demo's) and digest, the training and validation
-    subjects (in the order the run uses them), and the split and seed they came from."""
+class PinnedSubjects:
+    """One role's subjects as a run pinned them: where they lie (the dataset folder or list, the demo
+    dataset's folder or the packaged label maps, absolute), the label map's file (None for the demo's
+    and the packaged maps') and digest, and the subjects in the order the run uses them."""
 
     root: str
     label_map_file: str | None
     label_map_digest: str
-    train: tuple[SubjectId, ...]
-    val: tuple[SubjectId, ...]
+    subjects: tuple[SubjectId, ...]
+
+    def to_dict(self) -> dict:
+        return {"root": self.root, "label_map_file": self.label_map_file, "label_map_digest": self.label_map_digest,
+                "subjects": [s.to_dict() for s in self.subjects]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PinnedSubjects":
+        return cls(str(d["root"]), d["label_map_file"], str(d["label_map_digest"]),
+                   tuple(SubjectId.from_dict(s) for s in d["subjects"]))
+
+
+@dataclass(frozen=True)
+class DataPin:
+    """The data a run started on: its training and validation subjects (each role from its own data:
+    the same dataset, or label maps and real scans), and the split and seed they came from."""
+
+    train: PinnedSubjects
+    val: PinnedSubjects
     split: int
     seed: int
 
     def to_json(self) -> str:
-        return json.dumps({"root": self.root, "label_map_file": self.label_map_file,
-                           "label_map_digest": self.label_map_digest, "split": self.split, "seed": self.seed,
-                           "train": [s.to_dict() for s in self.train], "val": [s.to_dict() for s in self.val]},
-                          indent=1)
+        return json.dumps({"train": self.train.to_dict(), "val": self.val.to_dict(), "split": self.split,
+                           "seed": self.seed}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "DataPin":
         d = json.loads(text)
-        return cls(str(d["root"]), d["label_map_file"], str(d["label_map_digest"]),
-                   tuple(SubjectId.from_dict(s) for s in d["train"]), tuple(SubjectId.from_dict(s) for s in d["val"]),
-                   int(d["split"]), int(d["seed"]))
+        if "root" in d:  # the first format (2026-11-30): one dataset for both roles
+            side = {k: d[k] for k in ("root", "label_map_file", "label_map_digest")}
+            d = {**d, "train": {**side, "subjects": d["train"]}, "val": {**side, "subjects": d["val"]}}
+        return cls(PinnedSubjects.from_dict(d["train"]), PinnedSubjects.from_dict(d["val"]), int(d["split"]),
+                   int(d["seed"]))
 
-    def select(self, subjects: list[SubjectId], label_map: LabelMap, where: str) -> tuple[list[int], list[int], int]:
-        """(training indices, validation indices, subjects not pinned) of the pinned subjects among
-        `subjects` (a dataset at `where` scanned now). ValueError naming every pinned subject that is
-        missing or changed, and a label map whose meaning changed."""
+    def select(self, role: str, subjects: list[SubjectId], label_map: LabelMap, where: str) -> tuple[list[int], int]:
+        """(indices of the pinned `role` ("training" or "validation") subjects among `subjects` (data at
+        `where` scanned now), how many subjects there are not pinned for it). ValueError naming every
+        pinned subject that is missing or changed, and a label map whose meaning changed."""
+        pinned = self.train if role == "training" else self.val
         index = {s.name: i for i, s in enumerate(subjects)}
         problems = []
-        if label_map_digest(label_map) != self.label_map_digest:
-            problems.append(f"the label map ({self.label_map_file or 'the demo dataset'}'s) has other classes or "
+        if label_map_digest(label_map) != pinned.label_map_digest:
+            problems.append(f"the label map ({pinned.label_map_file or 'the packaged one'}) has other classes or "
                             f"ids than the run was trained with")
-        for role, pinned in (("training", self.train), ("validation", self.val)):
-            for subject in pinned:
-                if subject.name not in index:
-                    problems.append(f"{subject.name} (a {role} subject of the run) is missing from {where}")
-                    continue
-                change = subject.change(subjects[index[subject.name]])
-                if change:
-                    problems.append(f"{subject.name} (a {role} subject of the run) has changed since the run "
-                                    f"started: {change}")
+        for subject in pinned.subjects:
+            if subject.name not in index:
+                problems.append(f"{subject.name} (a {role} subject of the run) is missing from {where}")
+                continue
+            change = subject.change(subjects[index[subject.name]])
+            if change:
+                problems.append(f"{subject.name} (a {role} subject of the run) has changed since the run "
+                                f"started: {change}")
         if problems:
             raise ValueError(f"{where} is not the data the run was trained on:\n" + "\n".join(f"  {p}" for p in problems))
-        unused = len(subjects) - len(self.train) - len(self.val)
-        return [index[s.name] for s in self.train], [index[s.name] for s in self.val], unused
+        return [index[s.name] for s in pinned.subjects], len(subjects) - len(pinned.subjects)
 
     def roles(self) -> dict[tuple[tuple[str, ...], str], str]:
         """{(image digests, label digest): "training" or "validation"} of the pinned subjects, to find
         them by content in other data."""
-        out = {(s.images, s.label): "training" for s in self.train}
-        out.update({(s.images, s.label): "validation" for s in self.val})
+        out = {(s.images, s.label): "training" for s in self.train.subjects}
+        out.update({(s.images, s.label): "validation" for s in self.val.subjects})
         return out

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from expseg_fast.data.nifti import voxel_bound_problem
 from expseg_fast.data.preprocess import (
@@ -52,6 +53,7 @@ class Plan(ABC):
     mode: ClassVar[str]  # the --preprocessing name
     normalisation: ClassVar[str]  # the intensity rule: `fov` or `nonzero` (expseg_fast/data/preprocess.py)
     max_windows: ClassVar[int | None]  # windows of one scan at inference (None: as many as it needs)
+    absorbed: ClassVar[tuple[str, ...]]  # what about a scan (expseg_fast/data/facts.py) the plan makes alike
     size: int
 
     @classmethod
@@ -75,6 +77,18 @@ class Plan(ABC):
     def scan_problem(self, path, shape: tuple[int, int, int], affine: np.ndarray, max_voxels: int) -> str | None:
         """One line naming the file when the plan would lose the scan or its grid would cost more than
         max_voxels, else None."""
+
+    @abstractmethod
+    def normalise(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        """A whole scan on the plan's grid (and the mask of its voxels inside the original) normalised by
+        the plan's rule, in torch (the label-map generator's; `image` is the files' numpy path)."""
+
+    @abstractmethod
+    def training_window(self, grid: tuple[int, int, int], classes: torch.Tensor,
+                        gen: torch.Generator | None = None) -> tuple[slice, slice, slice]:
+        """The training cube within the plan's whole-scan grid of a subject (its class indices given):
+        centred on the foreground, or, with a generator, drawn among the windows inference slides over
+        the grid (so that training also sees the scan's edges)."""
 
     def image(self, channels: list[np.ndarray], r: Resampling) -> np.ndarray:
         """The channels (original grid) resampled by r and normalised, stacked (K, ...) float32."""
@@ -110,6 +124,7 @@ class FitPlan(Plan):
     mode: ClassVar[str] = "fit"
     normalisation: ClassVar[str] = "fov"
     max_windows: ClassVar[int | None] = 1
+    absorbed: ClassVar[tuple[str, ...]] = ()  # the anatomy's scale follows the field of view
     size: int
 
     @classmethod
@@ -128,12 +143,21 @@ class FitPlan(Plan):
     def scan_problem(self, path, shape, affine, max_voxels) -> str | None:
         return resampling_problem(path, shape, affine, self.size)  # the grid is size^3, within the bound
 
+    def normalise(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        values = image[inside]
+        mean, std = (values.mean(), values.std(unbiased=False)) if values.numel() else (image.new_zeros(()),) * 2
+        return torch.where(inside, (image - mean) / torch.where(std > 0, std, 1.0), 0.0)
+
+    def training_window(self, grid, classes, gen=None) -> tuple[slice, slice, slice]:
+        return (slice(None),) * 3  # the grid is the cube
+
 
 @dataclass(frozen=True)
 class SpacingPlan(Plan):
     mode: ClassVar[str] = "spacing"
     normalisation: ClassVar[str] = "nonzero"
     max_windows: ClassVar[int | None] = None
+    absorbed: ClassVar[tuple[str, ...]] = ("spacing_mm", "field_of_view_mm")  # resampled; windows slide over any
     size: int
     spacing_mm: float
 
@@ -153,6 +177,22 @@ class SpacingPlan(Plan):
     def scan_problem(self, path, shape, affine, max_voxels) -> str | None:
         return voxel_bound_problem(path, self.inference_grid(shape, affine).target_shape, max_voxels,
                                    f"resampled to {self.spacing_mm:g} mm voxels, a grid of ")
+
+    def normalise(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        image = torch.where(inside, image, 0.0)
+        values = image[image != 0]
+        mean, std = (values.mean(), values.std(unbiased=False)) if values.numel() else (0.0, 1.0)
+        return (image - mean) / (std if float(std) > 0 else 1.0)
+
+    def training_window(self, grid, classes, gen=None) -> tuple[slice, slice, slice]:
+        if gen is not None:
+            corners = [int(torch.randint(n - self.size + 1, (), generator=gen, device=gen.device)) for n in grid]
+            return tuple(slice(c, c + self.size) for c in corners)
+        where = torch.nonzero(classes != 0)
+        centre = ((where.min(0).values + where.max(0).values).float() / 2).tolist() if where.numel() else \
+            [(n - 1) / 2 for n in grid]
+        corners = [min(max(int(round(c - (self.size - 1) / 2)), 0), n - self.size) for c, n in zip(centre, grid)]
+        return tuple(slice(c, c + self.size) for c in corners)
 
 
 PLANS: dict[str, type[Plan]] = {p.mode: p for p in (FitPlan, SpacingPlan)}

@@ -26,6 +26,9 @@ import numpy as np
 from scipy import ndimage
 
 
+IGNORE = 255  # the class index of voxels that are not scored (source ids an evaluation map leaves out)
+
+
 @dataclass(frozen=True)
 class Resampling:
     """Target voxel t -> source voxel s = matrix @ t + offset, and the grids on both sides."""
@@ -246,8 +249,9 @@ def plan_spacing_whole(shape: tuple[int, int, int], affine: np.ndarray, size: in
 
 
 def foreground_centre(labels: np.ndarray) -> np.ndarray:
-    """The centre (source voxel coordinates) of the voxels labelled non-zero, or of the volume if none are."""
-    where = np.argwhere(labels != 0)
+    """The centre (source voxel coordinates) of the voxels of a class other than background (and not
+    IGNORE), or of the volume if there are none."""
+    where = np.argwhere((labels != 0) & (labels != IGNORE))
     if where.size == 0:
         return (np.array(labels.shape, dtype=np.float64) - 1) / 2.0
     return (where.min(axis=0) + where.max(axis=0)) / 2.0

@@ -3,26 +3,61 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from expseg_fast.data import demo
-from expseg_fast.data.dataset import DatasetError, LabelMap, Pair, find_pairs, validate
+from expseg_fast.data.dataset import DatasetError, LabelMap, Pair, find_pairs, plain_name, validate
 from expseg_fast.data.identity import SubjectId
-from expseg_fast.data.nifti import MAX_VOXELS
+from expseg_fast.data.nifti import MAX_VOXELS, VolumeError, content_digest, load_volume
 from expseg_fast.data.plans import Plan
 
 
 @dataclass
 class Dataset:
     """A scanned dataset: its pairs with their SubjectIds (same order), the label map, where it lies
-    (root: the folder or list, absolute) and the label map's file (None for the demo dataset's own)."""
+    (root: the folder or list, absolute) and the label map's file (None for the demo dataset's own).
+    The label maps the generator draws from (synth) have no pairs: their files are `maps`."""
 
     pairs: list[Pair]
     label_map: LabelMap
     subjects: list[SubjectId]
     root: Path
     label_map_file: Path | None
+    maps: list[Path] = field(default_factory=list)
+    lacking: list[int] = field(default_factory=list)  # classes (of the model it is aligned to) its labels lack
+
+    @property
+    def channels(self) -> int:
+        """Image channels per case (the generator draws one)."""
+        return len(self.pairs[0].images) if self.pairs else 1
+
+
+SYNTH = "synth"  # the --data that trains on images drawn from the packaged label maps (expseg_fast/data/synth.py)
+
+
+def open_synth(limit: int | None = None) -> Dataset:
+    """The packaged label maps (expseg_fast/data/anatomy/) as the generator's dataset: each checked
+    (integer values the generation table knows) and digested; the first `limit` only."""
+    from expseg_fast.data import anatomy
+
+    files = anatomy.label_map_files()[:limit]
+    table, problems, subjects = anatomy.GenerationTable.read(), [], []
+    for path in files:
+        try:
+            volume = load_volume(path, dtype=np.float64, max_voxels=None)
+        except VolumeError as error:
+            problems.append(str(error))
+            continue
+        outside = sorted({int(v) for v in np.unique(volume.data)} - set(range(len(table.freesurfer_ids))))
+        if outside:
+            problems.append(f"{path}: label values outside the generation table: {outside[:10]}")
+        subjects.append(SubjectId(plain_name(path), (), content_digest(volume)))
+    if problems or len(files) < 2:
+        raise DatasetError(problems or [f"{anatomy.MAPS}: fewer than 2 label maps"])
+    return Dataset([], LabelMap.from_json(anatomy.CLASSES_FILE), subjects, anatomy.MAPS.resolve(), None, list(files))
 
 
 def open_dataset(data: str | None, label_map: str | None, demo_settings: demo.DemoSettings, demo_name: str,

@@ -11,7 +11,8 @@ the subject's training cube through the network once, scored on that cube.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from expseg_fast.data import invert_labels, load_volume, preprocess_pair, random
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.identity import DataPin
 from expseg_fast.data.plans import Plan
-from expseg_fast.data.source import Dataset, open_dataset
+from expseg_fast.data.preprocess import IGNORE
+from expseg_fast.data.source import SYNTH, Dataset, open_dataset
 from expseg_fast.inference.files import case_image, load_model, predict_labels, predictor_for
 from expseg_fast.inference.predictor import Predictor
 from expseg_fast.machine import torch_device
@@ -41,17 +43,19 @@ class Evaluation:
     original: np.ndarray
     resampled: np.ndarray
     source: str = ""  # which subjects of which data were scored, and why
-
+    not_in_protocol: list[str] = field(default_factory=list)  # model classes the data's labels lack (NaN)
 
     @staticmethod
     def average(dice: np.ndarray) -> tuple[np.ndarray, float]:
         """(per-label mean over subjects (C-1,), their mean over labels) in %, NaN ignored (Table 1's)."""
-        per_label = 100 * np.nanmean(dice, axis=0)
+        with warnings.catch_warnings():  # a class not in the data is NaN for every subject
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_label = 100 * np.nanmean(dice, axis=0)
         return per_label, float(np.nanmean(per_label))
 
     def to_dict(self) -> dict:
         out = {"checkpoint": self.checkpoint, "epoch": self.epoch, "source": self.source, "subjects": self.subjects,
-               "labels": self.names}
+               "labels": self.names, "not_in_protocol": self.not_in_protocol}
         for grid in ("original", "resampled"):
             per_label, average = self.average(getattr(self, grid))
             out[grid] = {"average": average, "per_label": [float(x) for x in per_label],
@@ -73,19 +77,34 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
     config, plan, names = loaded.config, loaded.plan, loaded.names
     max_voxels = max_voxels or config.max_voxels
     other = data is not None
-    if other:
-        config.data, config.label_map = data, label_map
-    found = open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset,
-                         checkpoint.resolve().parent.parent, None if other else config.limit_subjects,
-                         max_voxels=max_voxels)
-    if list(found.label_map.names) != names:
+    found = _dataset(config, data, label_map, checkpoint, max_voxels)
+    protocol, lacking = found.label_map.aligned_to(names, str(found.label_map_file or found.root))
+    if not other and config.val_data is None and list(found.label_map.names) != names:
         raise ValueError(f"{checkpoint}: trained on classes {names}, the dataset has {list(found.label_map.names)}")
+    found.label_map = protocol
     chosen, source = _subjects(loaded.pin, found, config, other, checkpoint)
     predictors = (predictor_for(loaded.model, config, plan, dev), predictor_for(loaded.model, config, plan, dev, 1))
-    scores = [_score(found.pairs[i], found.label_map, plan, predictors, max_voxels) for i in chosen]
+    scores = [_score(found.pairs[i], protocol, plan, predictors, max_voxels) for i in chosen]
+    original, on_cube = (torch.stack([s[k] for s in scores]) for k in (0, 1))
+    original[:, [c - 1 for c in lacking]] = on_cube[:, [c - 1 for c in lacking]] = float("nan")
     return Evaluation(str(checkpoint), loaded.epochs, [found.pairs[i].image.name for i in chosen], names[1:],
-                      torch.stack([o for o, _ in scores]).numpy(), torch.stack([c for _, c in scores]).numpy(),
-                      source)
+                      original.numpy(), on_cube.numpy(), source, [names[c] for c in lacking])
+
+
+def _dataset(config: TrainConfig, data: str | None, label_map: str | None, checkpoint: Path,
+             max_voxels: int) -> Dataset:
+    """The data to score, scanned: other data when given, else the run's validation data (its own
+    dataset, the demo dataset beside the run folder, or its --val-data)."""
+    if data is None and config.data == SYNTH and config.val_data is None:
+        raise ValueError(f"{checkpoint}: its run validated on images generated from label maps; score real scans "
+                         f"with --data FOLDER --label-map MAP")
+    if data is None and config.val_data is not None:
+        data, label_map = config.val_data, config.val_label_map
+    if data is not None:
+        return open_dataset(data, label_map, config.demo_settings(), config.demo_preset, checkpoint.parent,
+                            max_voxels=max_voxels)
+    return open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset,
+                        checkpoint.resolve().parent.parent, config.limit_subjects, max_voxels=max_voxels)
 
 
 def _score(pair: Pair, label_map: LabelMap, plan: Plan, predictors: tuple[Predictor, Predictor],
@@ -98,23 +117,27 @@ def _score(pair: Pair, label_map: LabelMap, plan: Plan, predictors: tuple[Predic
     image, r, _ = case_image(pair.images, plan, max_voxels)
     predicted = invert_labels(predict_labels(windows, image, plan, num_classes), r).astype(np.int64)
     truth = label_map.apply(load_volume(pair.label, dtype=np.int64, max_voxels=None).data).astype(np.int64)
-    original = hard_dice(torch.from_numpy(predicted), torch.from_numpy(truth), num_classes)[1:]
+    original = hard_dice(torch.from_numpy(predicted), torch.from_numpy(truth), num_classes, IGNORE)[1:]
     # the trainer's figure: its own preprocessed sample (the training cube) through the network once
     sample = preprocess_pair(pair, label_map, plan)
     cube = sample.image if sample.image.ndim == 4 else sample.image[None]
     cube_labels = one_cube(torch.from_numpy(np.ascontiguousarray(cube))[None])[0].cpu()
-    on_cube = hard_dice(cube_labels, torch.from_numpy(sample.labels.astype(np.int64)), num_classes)[1:]
+    on_cube = hard_dice(cube_labels, torch.from_numpy(sample.labels.astype(np.int64)), num_classes, IGNORE)[1:]
     return original, on_cube
 
 
 def _subjects(pin: DataPin | None, found: Dataset, config: TrainConfig, other: bool, checkpoint: Path) -> tuple[list[int], str]:
     """(indices of the subjects to score, a line saying what they are)."""
+    if pin is None and other:
+        return list(range(len(found.pairs))), (f"{found.root}: OTHER data than the run's, scored on purpose: all its "
+                                               f"{len(found.pairs)} subjects ({checkpoint} predates pinned splits, so "
+                                               f"its training subjects cannot be told apart)")
     if pin is None:  # a checkpoint older than pinning
         _, val_idx = random_splits(len(found.pairs), config.splits, seed=config.seed)[config.split]
         return val_idx, (f"{found.root}: the validation split recomputed from the subject count ({checkpoint} "
                          f"predates pinned splits: right only if the dataset is unchanged)")
     if not other:
-        _, val_idx, _ = pin.select(found.subjects, found.label_map, str(found.root))
+        val_idx, _ = pin.select("validation", found.subjects, found.label_map, str(found.root))
         return val_idx, f"{found.root}: the run's {len(val_idx)} pinned validation subjects"
     roles = pin.roles()
     role = [roles.get((s.images, s.label)) for s in found.subjects]

@@ -179,7 +179,7 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             continue
         try:
             image, r, facts = case_image(paths, plan, max_voxels)
-            for note in out_of_range(facts, seen) if seen else []:
+            for note in out_of_range(facts, seen, plan.absorbed) if seen else []:
                 print(f"warning: {paths[0]}: {note}; the segmentation may be poor", file=sys.stderr, flush=True)
             write_prediction(target, predict_labels(predictor, image, plan, len(names)), r)
         except (VolumeError, OSError) as error:

@@ -2,9 +2,11 @@
 
 Eval mode, the chosen precision (autocast; normalisation statistics stay float32), channels-last. On
 CUDA the forward is captured in a CUDA graph on first use (static input and output buffers, warm-up on
-a side stream) and replayed afterwards; on the CPU it runs eagerly. The predictor works on its own copy
-of the model: the caller's model keeps its mode, memory format and weights, and later changes to it
-do not reach the predictor (build a new one).
+a side stream) and replayed afterwards; on the CPU it runs eagerly. Options: BatchNorm folded into the
+convolutions (fold_bn, exact in float32: expseg_fast/models/folding.py) and a compiled graph (compiled:
+torch.compile fuses the pointwise ops; on CUDA with its own CUDA graphs instead of ours). The predictor
+works on its own copy of the model: the caller's model keeps its mode, memory format and weights, and
+later changes to it do not reach the predictor (build a new one).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from expseg_fast.config import DTYPES, PREDICTOR
+from expseg_fast.models.folding import fold_batchnorm
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -31,19 +34,24 @@ class Predictor:
         precision: Precision = PREDICTOR.precision,  # type: ignore[assignment]
         channels_last: bool = PREDICTOR.channels_last,
         cuda_graph: bool = PREDICTOR.cuda_graph,
+        fold_bn: bool = PREDICTOR.fold_bn,
+        compiled: bool = PREDICTOR.compiled,
     ) -> None:
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {precision!r}")
         if len(input_shape) != 5:
             raise ValueError(f"input_shape must be (N, C, D, H, W), got {tuple(input_shape)}")
-        self.model = copy.deepcopy(model).eval()
+        self.model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
         self.device = next(model.parameters()).device
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dtype = DTYPES[precision]
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
-        self.use_graph = cuda_graph and self.device.type == "cuda"
+        self.use_graph = cuda_graph and self.device.type == "cuda" and not compiled
+        if compiled:  # inductor fuses the pointwise ops; on CUDA its own CUDA graphs ("reduce-overhead")
+            mode = "reduce-overhead" if cuda_graph and self.device.type == "cuda" else "default"
+            self.model = torch.compile(self.model, mode=mode, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_input: torch.Tensor | None = None
         self._static_logits: torch.Tensor | None = None

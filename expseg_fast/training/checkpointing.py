@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 
 def check_resume(config: TrainConfig, state: dict, path: Path, main: bool) -> None:
     """A resumed run keeps its configuration: ValueError naming every setting that differs, except those
-    it may take (RESUME_MAY_CHANGE), which are applied with a message. The channel count is the data's."""
+    it may take (RESUME_MAY_CHANGE), which are applied with a message. The channel count is the data's.
+    An inference-only copy (checkpoint.for_inference) cannot be resumed."""
+    if state.get("inference_only"):
+        raise ValueError(f"{path}: an inference-only copy without the optimizer's state; resume from the run's own "
+                         f"last.pt")
     saved = checkpoint_config(state, path)
     refused, applied = dataclasses.replace(config, in_channels=saved.in_channels).resume_differences(saved)
     if refused:
@@ -46,6 +50,7 @@ def restore(run: Run, state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
     if run.device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"])
+    run.train_source.set_state(state)
     run.start_epoch, run.best = int(state["epoch"]) + 1, float(state["best"])
     run.best_epoch = int(state.get("best_epoch", -1))
     if run.main:  # a kill between the log line and the checkpoint left a record the run will redo
@@ -64,7 +69,7 @@ def state_of(run: Run, epoch: int) -> dict:
     }
     if run.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state()
-    return state
+    return {**state, **run.train_source.state()}
 
 
 def check_weights(run: Run, epoch: int) -> None:

@@ -1,5 +1,6 @@
 """Everything a run needs before its first step, in one `Run`: the checked configuration, the device and
-processes, the scanned data with its pinned split, the preprocessed cache and its loader, the loss's
+processes, the scanned data (a dataset, or the packaged label maps for the generator, and the data it
+validates on) with its pinned split, the sources of its subjects (training/sources.py), the loss's
 label weights, the model, optimizer and random generators, restored from the last checkpoint when the
 run resumes. Option errors (a resumed run's differences included) come before the data is read; the
 data's problems before anything of the run is written."""
@@ -17,22 +18,27 @@ from expseg_fast.atomic import NoSpaceError, write_atomic
 from expseg_fast.checkpoint import checkpoint_pin, load_checkpoint
 from expseg_fast.config import DTYPES, TrainConfig
 from expseg_fast.data import AugmentConfig, random_splits
-from expseg_fast.data.identity import DataPin, label_map_digest
-from expseg_fast.data.loader import CachedSubjects, OrderSampler, facts_range, prepare, subject_loader
+from expseg_fast.data.identity import DataPin, PinnedSubjects, label_map_digest
+from expseg_fast.data.loader import prepare
 from expseg_fast.data.plans import Plan
-from expseg_fast.data.source import Dataset, open_dataset
-from expseg_fast.losses import LossSpec, label_counts, label_weights
+from expseg_fast.data.source import SYNTH, Dataset, open_dataset, open_synth
+from expseg_fast.losses import LossSpec, label_weights
 from expseg_fast.machine import torch_device
 from expseg_fast.models import build_model
 from expseg_fast.runlog import read_log
 from expseg_fast.training import checkpointing, distributed
 from expseg_fast.training.run_folder import RunError, RunFolder
+from expseg_fast.training.sources import CacheSource, SynthSource
+from expseg_fast.training.step import TrainStep
+
 
 @dataclass
 class Run:
     """A run between its epochs. rank/world: this process among those of torchrun (main writes);
-    train_idx/val_idx: the pinned split's subjects (indices of data.pairs and of subjects);
-    data_range: what segment.py warns outside of; best, best_epoch: the best validation Dice so far."""
+    data/val_data: the training and validation data (one dataset for a split of it); train_idx/val_idx:
+    the pinned subjects (indices of train_source and val_source); val_lacking: classes the validation
+    labels do not have (not scored); data_range: what segment.py warns outside of; best, best_epoch: the
+    best validation Dice so far."""
 
     config: TrainConfig
     plan: Plan
@@ -41,12 +47,13 @@ class Run:
     rank: int
     world: int
     data: Dataset
+    val_data: Dataset
     train_idx: list[int]
     val_idx: list[int]
+    val_lacking: list[int]
     pin: DataPin
-    subjects: CachedSubjects
-    sampler: OrderSampler
-    loader: torch.utils.data.DataLoader
+    train_source: CacheSource | SynthSource
+    val_source: CacheSource | SynthSource
     weights: torch.Tensor
     spec: LossSpec
     augment: AugmentConfig
@@ -55,6 +62,7 @@ class Run:
     net: torch.nn.Module  # the model, wrapped for DDP under torchrun
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    step: TrainStep
     aug_gen: torch.Generator
     order_gen: torch.Generator
     start_epoch: int = 0
@@ -78,10 +86,6 @@ class Run:
     def num_labels(self) -> int:
         return len(self.data.label_map.names)
 
-    def on_device(self, image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A subject (image (K, ...), labels) as a batch of one on the device."""
-        return image[None].to(self.device, non_blocking=True), labels[None].to(self.device, non_blocking=True)
-
 
 def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
     """The run of config in folder (new, or resumed from its last.pt); ValueError / RunError naming
@@ -92,7 +96,7 @@ def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
     device = torch_device(config.device)
     rank, world = distributed.setup(device.type)
     device = distributed.device_for(device)
-    problem = config.device_problem(device.type)
+    problem = config.device_problem(device.type, world)
     if problem:  # before anything is written
         raise ValueError(problem)
     state = load_checkpoint(out / "last.pt") if resume and (out / "last.pt").exists() else None
@@ -103,16 +107,17 @@ def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
     if rank != 0:
         distributed.barrier()  # the first process builds the demo data and the cache
     plan = config.plan()
-    data = open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset, out.parent,
-                        config.limit_subjects, plan, config.max_voxels)  # scanned before anything is written
+    data, val_data = _datasets(config, out, plan)  # scanned before anything is written
     if rank == 0:
         folder.open(resume)  # locked; a new run never replaces one, resume needs a checkpoint
-    config = dataclasses.replace(config, in_channels=len(data.pairs[0].images))  # a property of the data
-    train_idx, val_idx, pin = pinned_split(config, data, state, out, rank == 0)
-    entries = _cache(data, plan, out.parent / "cache", rank == 0)
+    config = dataclasses.replace(config, in_channels=data.channels)  # a property of the data
+    train_idx, val_idx, pin = pinned_split(config, data, val_data, state, out, rank == 0)
+    train_source, val_source = _sources(config, plan, data, val_data, val_idx, device, out.parent / "cache",
+                                        rank == 0)
     if rank == 0:
         distributed.barrier()
-    run = _assemble(config, plan, out, device, rank, world, data, train_idx, val_idx, pin, entries)
+    run = _assemble(config, plan, out, device, rank, world, (data, val_data), (train_idx, val_idx), pin,
+                    (train_source, val_source))
     if state is not None:
         checkpointing.restore(run, state)
     elif run.main:
@@ -121,59 +126,99 @@ def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
     return run
 
 
-def _cache(data: Dataset, plan: Plan, cache_dir: Path, main: bool) -> list[Path]:
-    """The cache entries of the data's subjects (preprocessing those missing): the run's source, read
-    one subject per step, memory-mapped, by background workers; labels stay uint8 to the loss."""
+def _datasets(config: TrainConfig, out: Path, plan: Plan) -> tuple[Dataset, Dataset]:
+    """(the training data, the validation data: the same dataset for a split of it), each scanned; the
+    validation data's label map aligned to the training classes."""
+    if config.data == SYNTH:
+        data = open_synth(config.limit_subjects)
+    else:
+        data = open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset, out.parent,
+                            config.limit_subjects, plan, config.max_voxels)
+    if config.val_data is None:
+        return data, data
+    val = open_dataset(config.val_data, config.val_label_map, config.demo_settings(), config.demo_preset,
+                       out.parent, None, plan, config.max_voxels)
+    val.label_map, val.lacking = val.label_map.aligned_to(data.label_map.names, config.val_label_map)
+    if val.channels != data.channels:
+        raise ValueError(f"{config.val_data}: {val.channels} channel(s) per case, the training data has {data.channels}")
+    return data, val
+
+
+def _sources(config: TrainConfig, plan: Plan, data: Dataset, val_data: Dataset, val_idx: list[int],
+             device: torch.device, cache_dir: Path, main: bool):
+    """(the training source, the validation source): the generator for synth, else the data's cache
+    (prepared now: subjects missing from it are preprocessed)."""
     try:
-        return prepare(data.pairs, data.label_map, plan, cache_dir, report=main)
+        if data.maps:
+            train = SynthSource(data.maps, data.label_map, plan, config.synth_settings(), device, config.seed,
+                                val_idx if val_data is data else [], config.synth_repeats)
+        else:
+            train = CacheSource(prepare(data.pairs, data.label_map, plan, cache_dir, report=main), device,
+                                config.loader_workers)
+        if val_data is data:
+            return train, train
+        return train, CacheSource(prepare(val_data.pairs, val_data.label_map, plan, cache_dir, report=main), device, 0)
     except NoSpaceError as error:
         raise RunError(f"{error}; nothing half-written was kept: free some space and run again") from error
 
 
 def _assemble(config: TrainConfig, plan: Plan, out: Path, device: torch.device, rank: int, world: int,
-              data: Dataset, train_idx: list[int], val_idx: list[int], pin: DataPin, entries: list[Path]) -> Run:
-    """The run's loader, label weights, model, optimizer and generators (seeded: a new run's start)."""
-    subjects, sampler = CachedSubjects(entries), OrderSampler()
-    loader = subject_loader(subjects, sampler, config.loader_workers, pin=device.type == "cuda")
+              datasets: tuple[Dataset, Dataset], split: tuple[list[int], list[int]], pin: DataPin,
+              sources: tuple) -> Run:
+    """The run's label weights, model, optimizer and generators (seeded: a new run's start)."""
+    (data, val_data), (train_idx, val_idx), (train_source, val_source) = datasets, split, sources
     num_labels = len(data.label_map.names)
-    counts = sum(label_counts([subjects[i][1]], num_labels) for i in train_idx)  # one subject in memory at a time
+    counts = train_source.label_counts(train_idx, num_labels)
     weights = label_weights(counts.clamp_min(1)).to(device)  # labels absent from the split get the largest weight
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_labels, config.width, config.fuse_levels, config.in_channels).to(device)
-    model = model.to(memory_format=torch.channels_last_3d if config.channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr, capturable=config.step_mode == "cuda_graph")
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    step = TrainStep(model, net, optimizer, scaler, weights, config.loss_spec(), DTYPES[config.precision],
+                     memory_format, config.step_mode)
     return Run(
-        config=config, plan=plan, out=out, device=device, rank=rank, world=world, data=data, train_idx=train_idx,
-        val_idx=val_idx, pin=pin, subjects=subjects, sampler=sampler, loader=loader, weights=weights,
-        spec=config.loss_spec(), augment=config.augment_config(),
-        data_range=facts_range([entries[i] for i in train_idx]), model=model,
-        net=torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model,
-        optimizer=torch.optim.NAdam(model.parameters(), lr=config.lr),
-        scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
-        aug_gen=torch.Generator().manual_seed(config.seed + 1 + rank),
+        config=config, plan=plan, out=out, device=device, rank=rank, world=world, data=data, val_data=val_data,
+        train_idx=train_idx, val_idx=val_idx, val_lacking=val_data.lacking, pin=pin, train_source=train_source,
+        val_source=val_source,
+        weights=weights, spec=config.loss_spec(), augment=config.augment_config(),
+        data_range=train_source.data_range(train_idx), model=model, net=net, optimizer=optimizer, scaler=scaler,
+        step=step, aug_gen=torch.Generator().manual_seed(config.seed + 1 + rank),
         order_gen=torch.Generator().manual_seed(config.seed + 2),
     )
 
 
-def pinned_split(config: TrainConfig, data: Dataset, state: dict | None, out: Path,
+def _pinned(data: Dataset, indices: list[int]) -> PinnedSubjects:
+    return PinnedSubjects(str(data.root), str(data.label_map_file) if data.label_map_file else None,
+                          label_map_digest(data.label_map), tuple(data.subjects[i] for i in indices))
+
+
+def pinned_split(config: TrainConfig, data: Dataset, val_data: Dataset, state: dict | None, out: Path,
                  main: bool) -> tuple[list[int], list[int], DataPin]:
     """(training indices, validation indices, the pin) of a run: a new run draws its split (one of
-    `splits` random 70/30 splits) and pins it with the data's identity in OUT/splits.json; a resumed one
-    takes the pinned subjects from the data as it is now (ValueError naming what changed), never one
-    added since. A checkpoint older than pinning has its split recomputed, with a warning."""
+    `splits` random 70/30 splits of the data, or all of it with separate validation data) and pins it
+    with the data's identity in OUT/splits.json; a resumed one takes the pinned subjects from the data as
+    it is now (ValueError naming what changed), never one added since. A checkpoint older than pinning
+    has its split recomputed, with a warning."""
     pin = checkpoint_pin(state, out / "last.pt") if state is not None else None
     if pin is not None:
-        train_idx, val_idx, unused = pin.select(data.subjects, data.label_map, str(data.root))
+        train_idx, unused = pin.select("training", data.subjects, data.label_map, str(data.root))
+        val_idx, val_unused = pin.select("validation", val_data.subjects, val_data.label_map, str(val_data.root))
+        unused = unused - len(val_idx) if val_data is data else unused + val_unused
         if unused and main:
-            print(f"note: {unused} subject(s) of {data.root} are not in the run's pinned split ({out / 'splits.json'}) "
+            print(f"note: {unused} subject(s) of the data are not in the run's pinned split ({out / 'splits.json'}) "
                   f"and are not used by this resumed run", flush=True)
         return train_idx, val_idx, pin
     if state is not None and main:
         print(f"warning: {out / 'last.pt'} predates pinned splits: its split is recomputed from the subject count "
               f"(the same only if the dataset is unchanged)", file=sys.stderr, flush=True)
-    train_idx, val_idx = random_splits(len(data.pairs), config.splits, seed=config.seed)[config.split]
-    pin = DataPin(str(data.root), str(data.label_map_file) if data.label_map_file else None,
-                  label_map_digest(data.label_map), tuple(data.subjects[i] for i in train_idx),
-                  tuple(data.subjects[i] for i in val_idx), config.split, config.seed)
+    if val_data is data:
+        train_idx, val_idx = random_splits(len(data.subjects), config.splits, seed=config.seed)[config.split]
+    else:
+        train_idx, val_idx = list(range(len(data.subjects))), list(range(len(val_data.subjects)))
+    pin = DataPin(_pinned(data, train_idx), _pinned(val_data, val_idx), config.split, config.seed)
     if main and (state is None or not (out / "splits.json").exists()):
         text = pin.to_json()
         write_atomic(out / "splits.json", lambda tmp: Path(tmp).write_text(text), ".json")

@@ -67,7 +67,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
     with checkpointing.full_disk_stops_the_run(run.out):
         from expseg_fast.training import reports  # matplotlib: loaded when the first epoch is over
 
-        reports.write_reports(run.out, run.data.label_map.names, run.on_device(*run.subjects[run.val_idx[0]]),
+        reports.write_reports(run.out, run.data.label_map.names, run.val_source.sample(run.val_idx[0]),
                               first_prediction, run.history)
         clock.lap("report")
         record["phase_seconds"] = clock.seconds

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from expseg_fast.data.preprocess import IGNORE
 from expseg_fast.metrics import hard_dice, nanstd
 from expseg_fast.training import distributed
 
@@ -22,12 +23,14 @@ def validate(run: Run) -> tuple[torch.Tensor, torch.Tensor | None]:
     dice, first = [], None
     with torch.no_grad(), torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
         for j in run.val_idx[run.rank::run.world]:
-            image, labels = run.on_device(*run.subjects[j])
+            image, labels = run.val_source.sample(j)
             pred = run.model(image.contiguous(memory_format=run.memory_format)).argmax(1)
-            dice.append(hard_dice(pred, labels, run.num_labels))
+            dice.append(hard_dice(pred, labels, run.num_labels, IGNORE))
             if j == run.val_idx[0]:
                 first = pred
-    return torch.stack([d.cpu() for d in distributed.gather(dice)]), first
+    dice = torch.stack([d.cpu() for d in distributed.gather(dice)])
+    dice[:, run.val_lacking] = float("nan")  # classes the validation labels do not have: not scored
+    return dice, first
 
 
 def epoch_record(run: Run, epoch: int, losses: list[float], steps: int, dice: torch.Tensor) -> dict:

@@ -1,0 +1,78 @@
+"""The label-map generator's time per training example against the network's training step, in the same
+run, at a preset's settings (it must not dominate the step).
+
+python -m bench.synth_step [--preset synth-cpu] [--size N] [--device cpu|cuda] [--repeats 5] [--out DIR]
+Prints one table: generator ms per example (the plan's whole-scan grid, then the window), network step
+ms (forward, fused loss, backward, NAdam) at the preset's size, width and precision, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bench.timing import median_ms
+from expseg_fast.config import DTYPES, TrainConfig
+from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
+from expseg_fast.data.dataset import LabelMap
+from expseg_fast.data.synth import Generator, LabelMapSource
+from expseg_fast.losses import loss as loss_fn
+from expseg_fast.models import build_model
+
+
+def measure(preset: str, device: str, repeats: int, size: int | None = None) -> dict:
+    config = TrainConfig.for_preset(preset, **({"size": size} if size else {}))
+    dev, plan = torch.device(device), config.plan()
+    table, classes = GenerationTable.read(), LabelMap.from_json(CLASSES_FILE)
+    source = LabelMapSource(label_map_files()[0], plan, dev, config.synth_settings().field_of_view_mm)
+    generator = Generator(table, classes, plan, config.synth_settings(), dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    image, labels = generator(source, gen)
+    generate_ms = median_ms(lambda: generator(source, gen), repeats, warmup=1, device=device)
+    model = build_model(config.model, len(classes.names), config.width, config.fuse_levels, 1).to(dev)
+    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train()
+    optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
+    weights = torch.ones(len(classes.names), device=dev)
+    batch, target = image[None].contiguous(memory_format=memory_format), labels[None]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        dtype = DTYPES[config.precision]
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(batch)
+        loss_fn(logits, target, weights, config.loss_spec(), validate=False).backward()
+        optimizer.step()
+
+    step_ms = median_ms(step, repeats, warmup=1, device=device)
+    return {"preset": preset, "device": device, "grid": list(source.grid.target_shape), "size": plan.size,
+            "width": config.width, "precision": config.precision, "generator_ms": generate_ms, "step_ms": step_ms,
+            "generator_share": generate_ms / (generate_ms + step_ms), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="synth-cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=None, help="the window's edge (default: the preset's)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    row = measure(args.preset, args.device, args.repeats, args.size)
+    table = ("| preset | device | whole-scan grid | window | generator ms | step ms | generator share |\n"
+             "|---|---|---|---|---|---|---|\n"
+             f"| {row['preset']} | {row['device']} | {'x'.join(map(str, row['grid']))} | {row['size']}^3 | "
+             f"{row['generator_ms']:.0f} | {row['step_ms']:.0f} | {100 * row['generator_share']:.0f} % |\n")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "synth_step.json").write_text(json.dumps(row, indent=1))
+        (args.out / "synth_step.md").write_text("## The label-map generator against the training step\n\n" + table)
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Graph-level options (issue 25): BatchNorm folded into the convolutions and the compiled Predictor, equal
+to the plain one (fp32 to rounding, bf16 by the arg max); the compiled training step equal to the eager
+one over a few steps; the whole step in one CUDA graph (CUDA tests) equal to eager, and stopped on a
+non-finite step without spoiling the weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from expseg_fast.config import TrainConfig
+from expseg_fast.inference.predictor import Predictor
+from expseg_fast.losses import LossSpec
+from expseg_fast.models import ExpLogNet, NetConfig, VNet
+from expseg_fast.models.folding import fold_batchnorm
+from expseg_fast.training.step import TrainStep
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def with_random_statistics(model: nn.Module, seed: int) -> nn.Module:
+    """The model with BatchNorm statistics and affine parameters far from their defaults."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm3d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=gen))
+                module.running_var.copy_(torch.rand(n, generator=gen) * 3 + 0.2)
+                module.weight.copy_(torch.randn(n, generator=gen))
+                module.bias.copy_(torch.randn(n, generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("network", ["ours", "vnet"])
+def test_folded_batchnorm_equals_the_network_in_float32(network):
+    torch.manual_seed(0)
+    model = ExpLogNet(NetConfig(num_labels=5, width=4)) if network == "ours" else VNet(num_labels=5, width=4)
+    model = with_random_statistics(model, 1)
+    before = copy.deepcopy(model.state_dict())
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm3d) for m in model.modules())  # the caller's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    image = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        reference = model.double()(image.double())
+        found = folded(image)
+    err = float((found.double() - reference).norm() / reference.norm())
+    assert err < 1e-5, err
+
+
+def test_the_predictors_folded_and_compiled_options_give_its_prediction():
+    torch.manual_seed(2)
+    model = with_random_statistics(ExpLogNet(NetConfig(num_labels=4, width=4)), 3)
+    image = torch.randn(1, 1, 16, 16, 16)
+    plain = Predictor(model, (1, 1, 16, 16, 16), precision="fp32", channels_last=False)
+    reference = plain.logits(image).clone()
+    for options in ({"fold_bn": True}, {"compiled": True}, {"fold_bn": True, "compiled": True}):
+        predictor = Predictor(model, (1, 1, 16, 16, 16), precision="fp32", channels_last=False, **options)
+        found = predictor.logits(image)
+        assert float((found - reference).norm() / reference.norm()) < 1e-5, options
+    bf16 = Predictor(model, (1, 1, 16, 16, 16), precision="bf16", channels_last=True, fold_bn=True)
+    assert (bf16(image) == reference.argmax(1)).float().mean() > 0.98
+
+
+def steps(mode: str, count: int, lr: float = 1e-3, device: str = "cpu") -> tuple[list[float], list[bool], nn.Module]:
+    torch.manual_seed(4)
+    model = ExpLogNet(NetConfig(num_labels=5, width=4, noise_std=0.0, dropout=0.0)).to(device)
+    optimizer = torch.optim.NAdam(model.parameters(), lr=lr, capturable=mode == "cuda_graph")
+    step = TrainStep(model, model, optimizer, torch.amp.GradScaler(device, enabled=False), torch.ones(5, device=device),
+                     LossSpec(), torch.float32, torch.contiguous_format, mode)
+    gen = torch.Generator().manual_seed(5)
+    values, finite = [], []
+    for _ in range(count):
+        image = torch.randn(1, 1, 16, 16, 16, generator=gen).to(device)
+        labels = torch.randint(0, 5, (1, 16, 16, 16), generator=gen).to(device)
+        value, ok = step(image, labels)
+        values.append(value)
+        finite.append(ok)
+    return values, finite, model
+
+
+def test_the_compiled_step_is_the_eager_step():
+    eager, _, eager_model = steps("eager", 3)
+    compiled, _, compiled_model = steps("compiled", 3)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_a_cuda_graph_step_is_refused_off_cuda_in_one_line():
+    problem = TrainConfig(step_mode="cuda_graph").device_problem("cpu")
+    assert problem == "step_mode cuda_graph needs one CUDA device and fp32 or bf16 (got cpu, fp32, 1 process(es))"
+    assert TrainConfig(step_mode="cuda_graph", precision="fp16").device_problem("cuda") is not None
+    assert TrainConfig(step_mode="cuda_graph", precision="bf16").device_problem("cuda") is None
+    with pytest.raises(ValueError, match="step_mode must be one of eager, compiled, cuda_graph"):
+        TrainConfig(step_mode="graph").check()
+
+
+@pytest.mark.cuda
+@cuda
+def test_the_whole_step_in_a_cuda_graph_is_the_eager_step():
+    eager, _, eager_model = steps("eager", 6, device="cuda")
+    graphed, finite, graph_model = steps("cuda_graph", 6, device="cuda")
+    assert all(finite) and graphed == pytest.approx(eager, rel=1e-3)
+    for a, b in zip(eager_model.parameters(), graph_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_non_finite_graphed_step_is_reported_and_leaves_the_weights_finite():
+    values, finite, model = steps("cuda_graph", 4, lr=1e30, device="cuda")
+    assert not all(finite)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.cuda
+@cuda
+def test_the_compiled_predictor_with_its_cuda_graph_gives_the_prediction():
+    torch.manual_seed(6)
+    model = with_random_statistics(ExpLogNet(NetConfig(num_labels=4, width=8)), 7).cuda()
+    image = torch.randn(1, 1, 32, 32, 32, device="cuda")
+    reference = Predictor(model, (1, 1, 32, 32, 32), precision="fp32", channels_last=False).logits(image).clone()
+    fast = Predictor(model, (1, 1, 32, 32, 32), precision="bf16", fold_bn=True, compiled=True)
+    for _ in range(3):  # warm-up, capture, replay
+        labels = fast(image)
+    assert (labels == reference.argmax(1)).float().mean() > 0.98
