@@ -202,6 +202,16 @@ def test_colin27_with_its_aal_labels_is_scored_on_the_aal_classes(tmp_path):
         ["3rd ventricle", "4th ventricle", "brainstem", "accumbens", "cerebellar white", "cerebral white",
          "inf. lateral ventricle", "lateral ventricle", "ventral DC"])
     assert done.stdout.count("not in the data") == 9 and result["subjects"] == ["colin27_0000.nii.gz"]
+    # scripts/real_scans.py: the same figures, a table, and files that name no path of this machine
+    results = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "real_scans.py"), "--model", f"tiny={out / 'last.pt'}",
+                           "--out", str(results)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    written = (results / "tiny-colin27.json").read_text()
+    assert json.loads(written)["original"] == result["original"] and str(tmp_path) not in written
+    assert json.loads(written)["checkpoint"] == "last.pt" and "colin27: OTHER data" in json.loads(written)["source"]
+    table = (results / "table.md").read_text()
+    assert "| cerebral white | not in the labels |" in table and "| **average of the scored classes** |" in table
 
 
 def test_a_bad_packaged_label_map_and_a_non_finite_draw_are_one_line(tmp_path, monkeypatch):
@@ -216,9 +226,15 @@ def test_a_bad_packaged_label_map_and_a_non_finite_draw_are_one_line(tmp_path, m
     data = np.asarray(bad.dataobj).copy()
     data[0, 0, 0] = 200
     nib.save(nib.Nifti1Image(data, bad.affine), str(tmp_path / "maps" / "subject_02.nii.gz"))
+    turned = nib.load(str(tmp_path / "maps" / "subject_03.nii.gz"))  # the same voxels, read as RAS
+    nib.save(nib.Nifti1Image(np.asarray(turned.dataobj), np.diag([1.0, 1.0, 1.0, 1.0])), str(tmp_path / "maps" / "subject_03.nii.gz"))
     monkeypatch.setattr(anatomy, "MAPS", tmp_path / "maps")
-    with pytest.raises(DatasetError, match=r"subject_02.nii.gz: label values outside the generation table: \[200\]"):
+    with pytest.raises(DatasetError) as error:
         open_synth()
+    lines = str(error.value).splitlines()
+    assert any(line.endswith("subject_02.nii.gz: label values outside the generation table: [200]") for line in lines)
+    assert any(line.endswith("subject_03.nii.gz: orientation RAS, the packaged label maps are LIA (FreeSurfer's "
+                             "conformed axes)") for line in lines), lines
     monkeypatch.undo()
     real = synth.Generator.__call__
     monkeypatch.setattr(synth.Generator, "__call__", lambda self, source, gen: (real(self, source, gen)[0] * float("nan"),

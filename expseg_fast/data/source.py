@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from expseg_fast.data import demo
@@ -38,6 +39,24 @@ class Dataset:
 SYNTH = "synth"  # the --data that trains on images drawn from the packaged label maps (expseg_fast/data/synth.py)
 
 
+MAP_ORIENTATION = ("L", "I", "A")  # the packaged label maps' axes (anatomy.pack keeps the sources' FreeSurfer LIA)
+
+
+def map_geometry_problem(affine: np.ndarray) -> str | None:
+    """Why a label map's affine is not the packaged maps' geometry (1 mm voxels along the axes, in
+    MAP_ORIENTATION order), or None."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = np.abs(affine[:3, :3] / spacing)
+    codes = "".join(nib.aff2axcodes(affine))
+    oblique = not np.allclose(direction, np.round(direction), atol=1e-3)
+    if oblique or codes != "".join(MAP_ORIENTATION):
+        return (f"orientation {codes}{' (oblique)' if oblique else ''}, the packaged label maps are "
+                f"{''.join(MAP_ORIENTATION)} (FreeSurfer's conformed axes)")
+    if not np.allclose(spacing, 1.0, atol=1e-3):
+        return f"voxels of {' x '.join(f'{v:g}' for v in spacing)} mm, the packaged label maps have 1 mm"
+    return None
+
+
 def open_synth(limit: int | None = None) -> Dataset:
     """The packaged label maps (expseg_fast/data/anatomy/) as the generator's dataset: each checked
     (integer values the generation table knows) and digested; the first `limit` only."""
@@ -54,6 +73,9 @@ def open_synth(limit: int | None = None) -> Dataset:
         outside = sorted({int(v) for v in np.unique(volume.data)} - set(range(len(table.freesurfer_ids))))
         if outside:
             problems.append(f"{path}: label values outside the generation table: {outside[:10]}")
+        geometry = map_geometry_problem(volume.affine)
+        if geometry:
+            problems.append(f"{path}: {geometry}")
         subjects.append(SubjectId(plain_name(path), (), content_digest(volume)))
     if problems or len(files) < 2:
         raise DatasetError(problems or [f"{anatomy.MAPS}: fewer than 2 label maps"])

@@ -15,15 +15,19 @@ from expseg_fast.atomic import write_atomic
 def evaluate_all(models: dict[str, Path], datasets: dict[str, tuple[Path, dict[str, Path]]], out: Path,
                  device: str = "cpu") -> dict[str, Path]:
     """Evaluates every model on every dataset: datasets maps a name to (folder, {model name: protocol
-    map}); writes out/MODEL-DATASET.json; returns them by "MODEL/DATASET"."""
+    map}); writes out/MODEL-DATASET.json, which name the checkpoint by its file name and the dataset by its
+    name (no path of this machine: they are committed); returns them by "MODEL/DATASET"."""
     from expseg_fast.inference.evaluation import evaluate
 
     written = {}
     for model, checkpoint in models.items():
         for name, (folder, protocols) in datasets.items():
-            result = evaluate(checkpoint, str(folder), str(protocols[model]), device=device)
+            record = evaluate(checkpoint, str(folder), str(protocols[model]), device=device).to_dict()
+            record["checkpoint"] = Path(checkpoint).name
+            for spelling in {str(folder), str(Path(folder).resolve())}:
+                record["source"] = record["source"].replace(spelling, name)
             path = out / f"{model}-{name}.json"
-            text = json.dumps(result.to_dict(), indent=1)
+            text = json.dumps(record, indent=1)
             write_atomic(path, lambda tmp: Path(tmp).write_text(text), ".json")
             written[f"{model}/{name}"] = path
     return written
