@@ -99,7 +99,7 @@ class SynthSource:
             grid = self.maps[i].grid
             labels = torch.from_numpy(apply_labels(self.classes[i], grid).astype(np.int64))
             window = self.plan.training_window(tuple(labels.shape), labels)
-            counts += torch.bincount(labels[window].reshape(-1), minlength=num_labels)[:num_labels]
+            counts += label_counts([labels[window]], num_labels)
         return counts
 
     def data_range(self, indices: list[int]) -> dict:
