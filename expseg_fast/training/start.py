@@ -35,10 +35,10 @@ from expseg_fast.training.step import TrainStep
 @dataclass
 class Run:
     """A run between its epochs. rank/world: this process among those of torchrun (main writes);
-    data/val_data: the training and validation data (one dataset for a split of it); train_idx/val_idx:
-    the pinned subjects (indices of train_source and val_source); val_lacking: classes the validation
-    labels do not have (not scored); data_range: what segment.py warns outside of; best, best_epoch: the
-    best validation Dice so far."""
+    data/val_data: the training and validation data (one dataset for a split of it; val_data.lacking: the
+    classes its labels do not have, not scored); train_idx/val_idx: the pinned subjects (indices of
+    train_source and val_source); data_range: what segment.py warns outside of; best, best_epoch: the best
+    validation Dice so far."""
 
     config: TrainConfig
     plan: Plan
@@ -50,7 +50,6 @@ class Run:
     val_data: Dataset
     train_idx: list[int]
     val_idx: list[int]
-    val_lacking: list[int]
     pin: DataPin
     train_source: CacheSource | SynthSource
     val_source: CacheSource | SynthSource
@@ -181,7 +180,7 @@ def _assemble(config: TrainConfig, plan: Plan, out: Path, device: torch.device, 
                      memory_format, config.step_mode)
     return Run(
         config=config, plan=plan, out=out, device=device, rank=rank, world=world, data=data, val_data=val_data,
-        train_idx=train_idx, val_idx=val_idx, val_lacking=val_data.lacking, pin=pin, train_source=train_source,
+        train_idx=train_idx, val_idx=val_idx, pin=pin, train_source=train_source,
         val_source=val_source,
         weights=weights, spec=config.loss_spec(), augment=config.augment_config(),
         data_range=train_source.data_range(train_idx), model=model, net=net, optimizer=optimizer, scaler=scaler,

@@ -29,7 +29,7 @@ def validate(run: Run) -> tuple[torch.Tensor, torch.Tensor | None]:
             if j == run.val_idx[0]:
                 first = pred
     dice = torch.stack([d.cpu() for d in distributed.gather(dice)])
-    dice[:, run.val_lacking] = float("nan")  # classes the validation labels do not have: not scored
+    dice[:, run.val_data.lacking] = float("nan")  # classes the validation labels do not have: not scored
     return dice, first
 
 
