@@ -118,7 +118,7 @@ class Generator:
         """(image, labels uint8) of one draw on the plan's whole-scan grid, normalised, before the window."""
         indices, inside = self._geometry(source, gen)
         image = self._intensities(indices, inside, gen)
-        image = self._acquisition(image, inside, source, gen)
+        image = self._acquisition(image, source, gen)
         return self.plan.normalise(image, inside), self.to_class[indices.long()].to(torch.uint8)
 
     def _uniform(self, gen: torch.Generator, low, high, shape=()) -> torch.Tensor:
@@ -166,8 +166,7 @@ class Generator:
             keep = keep & self.brain[indices.long()]
         return torch.where(keep, image, 0.0)
 
-    def _acquisition(self, image: torch.Tensor, inside: torch.Tensor, source: LabelMapSource,
-                     gen: torch.Generator) -> torch.Tensor:
+    def _acquisition(self, image: torch.Tensor, source: LabelMapSource, gen: torch.Generator) -> torch.Tensor:
         """Bias field, acquisition resolution, noise and gamma; zeros stay zeros."""
         s, dev = self.settings, self.device
         empty = image == 0
@@ -183,7 +182,6 @@ class Generator:
         low, high = float(image.min()), float(image.max())
         scaled = (image - low) / (high - low if high > low else 1.0)
         return scaled ** math.exp(float(torch.randn((), generator=gen, device=dev)) * s.gamma)
-
 
     def _random_affine(self, gen: torch.Generator) -> torch.Tensor:
         """(3, 3): a rotation about each axis, shearing and per-axis scaling, each uniform within the settings."""
