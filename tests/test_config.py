@@ -123,7 +123,7 @@ def test_the_main_command_trains_on_the_generator_at_the_precision_the_machine_m
     assert main_preset(cuda=False) == "synth-cpu" and main_preset(cuda=True) == "synth-paper"
     for name in ("synth-cpu", "synth-paper"):
         config = TrainConfig.for_preset(name)
-        assert (config.data, config.preprocessing) == ("synth", "spacing")
+        assert (config.data, config.preprocessing, config.lr_schedule) == ("synth", "spacing", "poly")
     for units, want in [([], "fp32"), (["avx512_bf16"], "bf16"), (["avx512_bf16", "amx_bf16"], "bf16")]:
         monkeypatch.setattr(machine, "cpu_bf16_units", lambda units=units: units)
         precision, note = preset_precision("synth-cpu", 64, "ours", "cpu")
@@ -134,6 +134,19 @@ def test_the_main_command_trains_on_the_generator_at_the_precision_the_machine_m
     assert (bf16.precision, bf16.channels_last, bf16.demo_preset) == ("bf16", True, "cpu")  # the cpu demo data
     assert bf16.demo_settings() == PRESETS["cpu"].demo and bf16.device_problem("cpu") is None
     assert PRESETS["cpu-bf16"].table1 == PRESETS["cpu"].table1
+
+
+def test_the_learning_rate_schedules_and_a_bad_one_in_a_stored_configuration():
+    """constant: lr every epoch; poly: lr (1 - e/E)^0.9 (nnU-Net's), written out: from lr down, never 0."""
+    lr, epochs = float(torch.empty(()).uniform_(1e-4, 1e-2)), int(torch.randint(2, 200, ()))
+    constant = TrainConfig(lr=lr, epochs=epochs)
+    poly = TrainConfig(lr=lr, epochs=epochs, lr_schedule="poly")
+    assert TrainConfig().lr_schedule == "constant" and [constant.lr_at(e) for e in range(epochs)] == [lr] * epochs
+    rates = [poly.lr_at(e) for e in range(epochs)]
+    assert rates == pytest.approx([lr * ((epochs - e) / epochs) ** 0.9 for e in range(epochs)], rel=1e-12)
+    assert rates[0] == lr and all(a > b > 0 for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, poly, got 'cosine'"):
+        TrainConfig(lr_schedule="cosine").check()
 
 
 def test_bf16_at_a_2cubed_bottom_level_on_the_cpu_is_refused_naming_the_size():

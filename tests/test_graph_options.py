@@ -67,21 +67,26 @@ def test_the_predictors_folded_and_compiled_options_give_its_prediction():
     assert (bf16(image) == reference.argmax(1)).float().mean() > 0.98
 
 
-def steps(mode: str, count: int, lr: float = 1e-3, device: str = "cpu", sgd: bool = False
-          ) -> tuple[list[float], list[bool], nn.Module]:
-    """count training steps of a small network in mode: the losses, their finiteness, the model. sgd: plain
+def steps(mode: str, count: int, lr: float = 1e-3, device: str = "cpu", sgd: bool = False,
+          rates: list[float] | None = None, tensor_lr: bool = False) -> tuple[list[float], list[bool], nn.Module]:
+    """count training steps of a small network in mode: the losses, their finiteness, the model. rates: the
+    learning rate set before each step (TrainStep.set_lr); tensor_lr: NAdam's rate a device tensor (the
+    trainer's in cuda_graph mode, where it always is). sgd: plain
     SGD instead of the trainer's NAdam, which scales each element's step by its own gradient's size, so
     that elements with small gradients amplify rounding (compiled vs eager with one thread: weights apart
     by up to 2e-5 after three steps at lr 1e-3, beyond the tolerance below)."""
     torch.manual_seed(4)
     model = ExpLogNet(NetConfig(num_labels=5, width=4, noise_std=0.0, dropout=0.0)).to(device)
+    rate = torch.tensor(lr, device=device) if tensor_lr or mode == "cuda_graph" else lr
     optimizer = (torch.optim.SGD(model.parameters(), lr=lr) if sgd
-                 else torch.optim.NAdam(model.parameters(), lr=lr, capturable=mode == "cuda_graph"))
+                 else torch.optim.NAdam(model.parameters(), lr=rate, capturable=mode == "cuda_graph"))
     step = TrainStep(model, model, optimizer, torch.amp.GradScaler(device, enabled=False), torch.ones(5, device=device),
                      LossSpec(), torch.float32, torch.contiguous_format, mode)
     gen = torch.Generator().manual_seed(5)
     values, finite = [], []
-    for _ in range(count):
+    for i in range(count):
+        if rates is not None:
+            step.set_lr(rates[i])
         image = torch.randn(1, 1, 16, 16, 16, generator=gen).to(device)
         labels = torch.randint(0, 5, (1, 16, 16, 16), generator=gen).to(device)
         value, ok = step(image, labels)
@@ -101,6 +106,19 @@ def test_the_compiled_step_is_the_eager_step():
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name
 
 
+def test_the_learning_rate_set_between_steps_is_the_one_they_step_with():
+    """A rate set through TrainStep.set_lr, float or tensor, is the rate an optimizer built with it takes."""
+    scheduled, _, model = steps("eager", 3, rates=[1e-3, 3e-2, 3e-2])
+    as_tensor, _, tensor_model = steps("eager", 3, rates=[1e-3, 3e-2, 3e-2], tensor_lr=True)
+    steady, _, steady_model = steps("eager", 3, lr=1e-3)
+    assert scheduled[:2] == steady[:2] and scheduled[2] != steady[2]  # the third step sees the second's rate
+    assert as_tensor == pytest.approx(scheduled, rel=1e-6)
+    apart = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), steady_model.parameters()))
+    assert apart > 1e-2  # the rate moved the weights far beyond the tolerance below
+    for (name, a), b in zip(model.named_parameters(), tensor_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name  # NAdam: see steps()
+
+
 def test_a_cuda_graph_step_is_refused_off_cuda_in_one_line():
     problem = TrainConfig(step_mode="cuda_graph").device_problem("cpu")
     assert problem == "step_mode cuda_graph needs one CUDA device and fp32 or bf16 (got cpu, fp32, 1 process(es))"
@@ -118,6 +136,35 @@ def test_the_whole_step_in_a_cuda_graph_is_the_eager_step():
     assert all(finite) and graphed == pytest.approx(eager, rel=1e-3)
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
         assert torch.allclose(a, b, rtol=1e-2, atol=1e-4), name  # NAdam: see steps()
+
+
+@pytest.mark.cuda
+@cuda
+def test_the_graphed_step_follows_the_learning_rate_schedule():
+    """The captured optimizer reads its rate from the device: rates set between replays are taken."""
+    rates = [1e-3, 1e-3, 1e-3, 3e-2, 1e-2, 1e-4, 3e-2]
+    eager, _, eager_model = steps("eager", 7, device="cuda", rates=rates)
+    graphed, finite, graph_model = steps("cuda_graph", 7, device="cuda", rates=rates)
+    steady, _, _ = steps("cuda_graph", 7, device="cuda")
+    assert all(finite) and graphed == pytest.approx(eager, rel=1e-3) and graphed[5:] != pytest.approx(steady[5:], rel=1e-3)
+    for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-4), name
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_resumed_graphed_run_gets_its_rate_back_on_the_device():
+    """A checkpoint's optimizer is loaded to the CPU: set_lr puts the rate where the graph reads it."""
+    model = nn.Linear(2, 2).cuda()
+    optimizer = torch.optim.NAdam(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["lr"] = saved["param_groups"][0]["lr"].cpu()
+    optimizer.load_state_dict(saved)
+    step = TrainStep(model, model, optimizer, torch.amp.GradScaler("cuda", enabled=False), torch.ones(2, device="cuda"),
+                     LossSpec(), torch.float32, torch.contiguous_format, "cuda_graph")
+    step.set_lr(5e-4)
+    rate = optimizer.param_groups[0]["lr"]
+    assert rate.device.type == "cuda" and float(rate) == pytest.approx(5e-4, rel=1e-7)
 
 
 @pytest.mark.cuda

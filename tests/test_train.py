@@ -23,8 +23,9 @@ pytestmark = pytest.mark.skipif(
 SCRIPT = Path(__file__).parents[1] / "scripts" / "train.py"
 
 
-def tiny(out: Path, epochs: int) -> TrainConfig:
-    return TrainConfig(out=str(out), size=16, width=4, epochs=epochs, limit_subjects=5, deterministic=True, seed=3)
+def tiny(out: Path, epochs: int, **overrides) -> TrainConfig:
+    return TrainConfig(out=str(out), size=16, width=4, epochs=epochs, limit_subjects=5, deterministic=True, seed=3,
+                       **overrides)
 
 
 def log(out: Path) -> list[dict]:
@@ -35,17 +36,33 @@ def without_timing(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("seconds", "phase_seconds")}
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "poly"])
+def test_resume_continues_exactly(tmp_path, schedule):
     full = tmp_path / "full"
-    train(tiny(full, 3))
+    train(tiny(full, 3, lr_schedule=schedule))
     part = tmp_path / "part"
-    train(tiny(part, 1))
+    train(tiny(part, 1, lr_schedule=schedule))  # poly's first epoch has the full rate whatever the epochs
     # a kill after epoch 2's log line but before its checkpoint: the resumed run redoes epoch 2
     stale = {**log(part)[0], "epoch": 1, "train_loss": -1.0}
     with (part / "log.jsonl").open("a") as f:
         f.write(json.dumps(stale) + "\n")
-    train(tiny(part, 3), resume=True)
+    train(tiny(part, 3, lr_schedule=schedule), resume=True)
     assert [without_timing(r) for r in log(part)] == [without_timing(r) for r in log(full)]
+
+
+def test_the_poly_schedule_sets_each_epochs_rate_and_the_steps_follow_it(tmp_path):
+    """Epoch 1 of a poly run is the constant run's (the full rate); epoch 2 of 2 steps at lr (1 - 1/2)^0.9 (nnU-Net's
+    schedule, written out here), so its weights differ; the optimizer leaves with the last epoch's rate."""
+    runs = {name: tmp_path / name for name in ("constant", "poly")}
+    for name, out in runs.items():
+        train(tiny(out, 2, lr_schedule=name))
+    constant, poly = log(runs["constant"]), log(runs["poly"])
+    assert [r["lr"] for r in constant] == [1e-3, 1e-3]
+    assert poly[0]["lr"] == 1e-3 and poly[1]["lr"] == pytest.approx(1e-3 * 0.5**0.9, rel=1e-12)
+    assert without_timing(constant[0]) == without_timing(poly[0])
+    assert constant[1]["train_loss"] != poly[1]["train_loss"]
+    state = load_checkpoint(runs["poly"] / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5**0.9, rel=1e-12)
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):

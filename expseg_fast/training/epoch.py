@@ -1,7 +1,7 @@
-"""One training epoch (the paper's strategy, section 2.3): NAdam steps (training/step.py) over this
-process's shard of the shuffled training split, batch size 1, the rigid augmentation on the device; a
-step whose loss or gradients are not finite stops the run before it can spoil the weights. PhaseClock
-records where the epoch's seconds go."""
+"""One training epoch (the paper's strategy, section 2.3): NAdam steps (training/step.py) at the epoch's
+scheduled learning rate (TrainConfig.lr_at) over this process's shard of the shuffled training split,
+batch size 1, the rigid augmentation on the device; a step whose loss or gradients are not finite stops
+the run before it can spoil the weights. PhaseClock records where the epoch's seconds go."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class PhaseClock:
 def train_epoch(run: Run, epoch: int, clock: PhaseClock) -> tuple[list[float], int]:
     """(the loss of every step, the steps of this process) of one epoch."""
     run.model.train()
+    run.step.set_lr(run.config.lr_at(epoch))
     order = [i for _ in range(run.train_source.repeats)
              for i in torch.randperm(len(run.train_idx), generator=run.order_gen).tolist()]
     shard = order[run.rank::run.world][: len(order) // run.world]  # equal shards: every process steps alike

@@ -174,7 +174,9 @@ def _assemble(config: TrainConfig, plan: Plan, out: Path, device: torch.device, 
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr, capturable=config.step_mode == "cuda_graph")
+    graphed = config.step_mode == "cuda_graph"  # the graph reads the scheduled learning rate from the device
+    optimizer = torch.optim.NAdam(model.parameters(), lr=torch.tensor(config.lr, device=device) if graphed else config.lr,
+                                  capturable=graphed)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     step = TrainStep(model, net, optimizer, scaler, weights, config.loss_spec(), DTYPES[config.precision],
                      memory_format, config.step_mode)

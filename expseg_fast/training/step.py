@@ -6,7 +6,8 @@
   residual adds of forward and backward; the fused loss is a registered op, so the graph does not break).
 - `cuda_graph` (CUDA): the WHOLE step — forward, the fused loss (its label weights are constants of the
   run), backward, the finiteness check and the optimizer (capturable NAdam) — captured once in one CUDA
-  graph on static input buffers (static shapes, batch 1) and replayed; the subject is copied into the
+  graph on static input buffers (static shapes, batch 1) and replayed (the learning rate a device tensor
+  that the schedule sets in place); the subject is copied into the
   buffers after the augmentation. Inside the graph, non-finite gradients are zeroed before the optimizer
   step; one device read per step brings back the loss and the check, and the run stops on it.
 The first step runs eagerly (it creates the optimizer's state); the capture's warm-up steps then run on
@@ -52,6 +53,18 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(value.detach()), True
+
+    def set_lr(self, value: float) -> None:
+        """The optimizer's learning rate from the next step on (in place where it is a tensor: a captured
+        graph reads it from the device)."""
+        for group in self.optimizer.param_groups:
+            rate, device = group["lr"], group["params"][0].device
+            if torch.is_tensor(rate) and rate.device == device:
+                rate.fill_(value)
+            elif torch.is_tensor(rate):  # a resumed run's, loaded to the CPU; the graph is captured after this
+                group["lr"] = torch.tensor(value, device=device)
+            else:
+                group["lr"] = value
 
     def _loss(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(image.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,

@@ -40,6 +40,7 @@ def epoch_record(run: Run, epoch: int, losses: list[float], steps: int, dice: to
         "epoch": epoch,
         "train_loss": sum(losses) / len(losses),
         "train_steps": steps,
+        "lr": run.config.lr_at(epoch),
         "val_dice_mean": float(per_label.nanmean()),
         "val_dice_per_label": [float(x) for x in per_label.nanmean(0)],
         "val_dice_std_per_label": [float(x) for x in nanstd(per_label)],
