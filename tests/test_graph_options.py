@@ -71,10 +71,10 @@ def steps(mode: str, count: int, lr: float = 1e-3, device: str = "cpu", sgd: boo
           rates: list[float] | None = None, tensor_lr: bool = False) -> tuple[list[float], list[bool], nn.Module]:
     """count training steps of a small network in mode: the losses, their finiteness, the model. rates: the
     learning rate set before each step (TrainStep.set_lr); tensor_lr: NAdam's rate a device tensor (the
-    trainer's in cuda_graph mode, where it always is). sgd: plain
-    SGD instead of the trainer's NAdam, which scales each element's step by its own gradient's size, so
-    that elements with small gradients amplify rounding (compiled vs eager with one thread: weights apart
-    by up to 2e-5 after three steps at lr 1e-3, beyond the tolerance below)."""
+    trainer's in cuda_graph mode, where it always is). sgd: plain SGD instead of the trainer's NAdam, which
+    scales each element's step by its own gradient's size, so that elements with small gradients amplify
+    rounding (compiled vs eager with one thread: weights apart by up to 2e-5 after three steps at lr 1e-3,
+    beyond the tolerance below)."""
     torch.manual_seed(4)
     model = ExpLogNet(NetConfig(num_labels=5, width=4, noise_std=0.0, dropout=0.0)).to(device)
     rate = torch.tensor(lr, device=device) if tensor_lr or mode == "cuda_graph" else lr

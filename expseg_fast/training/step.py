@@ -7,9 +7,9 @@
 - `cuda_graph` (CUDA): the WHOLE step — forward, the fused loss (its label weights are constants of the
   run), backward, the finiteness check and the optimizer (capturable NAdam) — captured once in one CUDA
   graph on static input buffers (static shapes, batch 1) and replayed (the learning rate a device tensor
-  that the schedule sets in place); the subject is copied into the
-  buffers after the augmentation. Inside the graph, non-finite gradients are zeroed before the optimizer
-  step; one device read per step brings back the loss and the check, and the run stops on it.
+  that the schedule sets in place); the subject is copied into the buffers after the augmentation. Inside
+  the graph, non-finite gradients are zeroed before the optimizer step; one device read per step brings
+  back the loss and the check, and the run stops on it.
 The first step runs eagerly (it creates the optimizer's state); the capture's warm-up steps then run on
 the second subject and are undone (weights, BatchNorm statistics and optimizer state restored in place),
 so the replayed steps start where eager would (the noise and dropout draws of the warm-up are not).
