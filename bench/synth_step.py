@@ -1,9 +1,11 @@
 """The label-map generator's time per training example against the network's training step, in the same
 run, at a preset's settings (it must not dominate the step).
 
-python -m bench.synth_step [--preset synth-cpu] [--size N] [--device cpu|cuda] [--repeats 5] [--out DIR]
-Prints one table: generator ms per example (the plan's whole-scan grid, then the window), network step
-ms (forward, fused loss, backward, NAdam) at the preset's size, width and precision, and their ratio.
+python -m bench.synth_step [--preset synth-cpu] [--size N] [--device cpu|cuda] [--repeats 5] [--norms batch instance]
+                           [--out DIR]
+Prints one table, a row per normalisation (all measured in this run): generator ms per example (the plan's
+whole-scan grid, then the window), network step ms (forward, fused loss, backward, NAdam) at the preset's
+size, width and precision, and their ratio.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_fi
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.synth import Generator, LabelMapSource
 from expseg_fast.losses import loss as loss_fn
-from expseg_fast.models import build_model
+from expseg_fast.models import NORMS, build_model
 
 
-def measure(preset: str, device: str, repeats: int, size: int | None = None) -> dict:
-    config = TrainConfig.for_preset(preset, **({"size": size} if size else {}))
+def measure(preset: str, device: str, repeats: int, size: int | None = None, norm: str | None = None) -> dict:
+    overrides = {k: v for k, v in (("size", size), ("norm", norm)) if v}
+    config = TrainConfig.for_preset(preset, **overrides)
     dev, plan = torch.device(device), config.plan()
     table, classes = GenerationTable.read(), LabelMap.from_json(CLASSES_FILE)
     source = LabelMapSource(label_map_files()[0], plan, dev, config.synth_settings().field_of_view_mm)
@@ -32,7 +35,7 @@ def measure(preset: str, device: str, repeats: int, size: int | None = None) -> 
     gen = torch.Generator(device=dev).manual_seed(0)
     image, labels = generator(source, gen)
     generate_ms = median_ms(lambda: generator(source, gen), repeats, warmup=1, device=device)
-    model = build_model(config.model, len(classes.names), config.width, config.fuse_levels, 1).to(dev)
+    model = build_model(config.model, len(classes.names), config.width, config.fuse_levels, 1, config.norm).to(dev)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
@@ -49,8 +52,8 @@ def measure(preset: str, device: str, repeats: int, size: int | None = None) -> 
 
     step_ms = median_ms(step, repeats, warmup=1, device=device)
     return {"preset": preset, "device": device, "grid": list(source.grid.target_shape), "size": plan.size,
-            "width": config.width, "precision": config.precision, "generator_ms": generate_ms, "step_ms": step_ms,
-            "generator_share": generate_ms / (generate_ms + step_ms), "torch": torch.__version__,
+            "width": config.width, "norm": config.norm, "precision": config.precision, "generator_ms": generate_ms,
+            "step_ms": step_ms, "generator_share": generate_ms / (generate_ms + step_ms), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
@@ -60,16 +63,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=None, help="the window's edge (default: the preset's)")
+    parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS,
+                        help="the network's normalisations to measure (default: each)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    row = measure(args.preset, args.device, args.repeats, args.size)
-    table = ("| preset | device | whole-scan grid | window | generator ms | step ms | generator share |\n"
-             "|---|---|---|---|---|---|---|\n"
-             f"| {row['preset']} | {row['device']} | {'x'.join(map(str, row['grid']))} | {row['size']}^3 | "
-             f"{row['generator_ms']:.0f} | {row['step_ms']:.0f} | {100 * row['generator_share']:.0f} % |\n")
+    rows = [measure(args.preset, args.device, args.repeats, args.size, norm) for norm in args.norms]
+    table = "| preset | device | norm | whole-scan grid | window | generator ms | step ms | generator share |\n" + \
+            "|---|---|---|---|---|---|---|---|\n" + "".join(
+        f"| {row['preset']} | {row['device']} | {row['norm']} | {'x'.join(map(str, row['grid']))} | {row['size']}^3 | "
+        f"{row['generator_ms']:.0f} | {row['step_ms']:.0f} | {100 * row['generator_share']:.0f} % |\n" for row in rows)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "synth_step.json").write_text(json.dumps(row, indent=1))
+        (args.out / "synth_step.json").write_text(json.dumps(rows, indent=1))
         (args.out / "synth_step.md").write_text("## The label-map generator against the training step\n\n" + table)
     print(table, end="")
 

@@ -11,6 +11,7 @@ in memory and then written atomically with plain file writes, so a full disk is 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import warnings
@@ -20,7 +21,8 @@ import torch
 
 from expseg_fast.atomic import write_bytes_atomic
 from expseg_fast.config import TrainConfig
-from expseg_fast.data.identity import DataPin
+from expseg_fast.data.identity import DataPin, PinnedSubjects
+from expseg_fast.data.source import SYNTH
 
 # What every checkpoint holds (cuda_rng only when trained on CUDA).
 KEYS = ("model", "optimizer", "scaler", "epoch", "best", "aug_rng", "order_rng", "torch_rng", "config", "class_names")
@@ -77,8 +79,27 @@ def _reason(error: Exception) -> str:
 
 def for_inference(state: dict) -> dict:
     """The checkpoint without its optimizer's and grad scaler's state (all that segment.py and evaluate.py
-    need, a third of the size); a run cannot resume from it."""
-    return {**state, "optimizer": {}, "scaler": {}, "inference_only": True}
+    need, a third of the size); a run cannot resume from it. A copy to share: the paths of the machine it
+    was trained on (output folder, data, label maps; in the configuration and the data pin) are cut to
+    their last component, so it names its data without saying where they lay (evaluate.py then needs
+    --data)."""
+    config = TrainConfig.from_json(state["config"])
+    names = {k: Path(v).name for k in _PATHS if (v := getattr(config, k)) is not None and v != SYNTH}
+    shared = {**state, "optimizer": {}, "scaler": {}, "inference_only": True,
+              "config": dataclasses.replace(config, **names).to_json()}
+    if "data_pin" in state:
+        pin = DataPin.from_json(state["data_pin"])
+        shared["data_pin"] = dataclasses.replace(pin, train=_named(pin.train), val=_named(pin.val)).to_json()
+    return shared
+
+
+_PATHS = ("out", "data", "label_map", "val_data", "val_label_map")  # TrainConfig's paths
+
+
+def _named(side: PinnedSubjects) -> PinnedSubjects:
+    """side with its root and label map file cut to their names."""
+    label_map_file = Path(side.label_map_file).name if side.label_map_file else None
+    return dataclasses.replace(side, root=Path(side.root).name, label_map_file=label_map_file)
 
 
 def checkpoint_config(state: dict, path: Path) -> TrainConfig:

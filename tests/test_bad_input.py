@@ -184,6 +184,7 @@ def test_class_names_that_do_not_fit_the_weights_are_refused_in_one_line(runs, t
     ("--eps", "-1", "eps must be a finite number > 0, got -1.0"),
     ("--max-voxels", "0", "max_voxels must be >= 1, got 0"),
     ("--lr-schedule", "cosine", "argument --lr-schedule: invalid choice: 'cosine' (choose from"),
+    ("--norm", "group", "argument --norm: invalid choice: 'group' (choose from"),
 ])
 def test_option_errors_come_before_anything_is_read_or_written(tmp_path, option, value, line):
     data = tmp_path / "data"

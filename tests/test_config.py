@@ -123,7 +123,11 @@ def test_the_main_command_trains_on_the_generator_at_the_precision_the_machine_m
     assert main_preset(cuda=False) == "synth-cpu" and main_preset(cuda=True) == "synth-paper"
     for name in ("synth-cpu", "synth-paper"):
         config = TrainConfig.for_preset(name)
-        assert (config.data, config.preprocessing, config.lr_schedule) == ("synth", "spacing", "poly")
+        assert (config.data, config.preprocessing, config.lr_schedule, config.norm) == ("synth", "spacing", "poly",
+                                                                                         "instance")
+    assert TrainConfig().norm == "batch" and TrainConfig.for_preset("cpu-bf16").norm == "batch"  # the paper's
+    with pytest.raises(ValueError, match="norm must be one of batch, instance, got 'layer'"):
+        TrainConfig(norm="layer").check()
     for units, want in [([], "fp32"), (["avx512_bf16"], "bf16"), (["avx512_bf16", "amx_bf16"], "bf16")]:
         monkeypatch.setattr(machine, "cpu_bf16_units", lambda units=units: units)
         precision, note = preset_precision("synth-cpu", 64, "ours", "cpu")

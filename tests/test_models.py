@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from expseg_fast.models import ExpLogNet, NetConfig, VNet, count_parameters
+from expseg_fast.models import NORMS, ExpLogNet, NetConfig, VNet, build_model, count_parameters
 
 SMALL = NetConfig(num_labels=5, width=4, blocks=(1, 1, 2, 2))
 
@@ -38,6 +38,55 @@ def test_config_validation():
         NetConfig(fuse_levels=(5,))
     with pytest.raises(ValueError, match="dropout"):
         NetConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="norm must be one of batch, instance, got 'group'"):
+        NetConfig(norm="group")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        VNet(width=4, norm="layer")
+
+
+def _instance_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each image's each channel to zero mean and unit (biased) variance over its volume, then scaled and
+    shifted, in float64."""
+    x = x.double()
+    mean = x.mean(dim=(2, 3, 4), keepdim=True)
+    var = (x - mean).square().mean(dim=(2, 3, 4), keepdim=True)
+    shape = (1, -1, 1, 1, 1)
+    return (x - mean) / torch.sqrt(var + eps) * weight.double().view(shape) + bias.double().view(shape)
+
+
+@pytest.mark.parametrize("name", ["ours", "vnet"])
+def test_instance_norm_is_each_image_own_in_training_and_eval(name):
+    """norm="instance": every normalisation layer matches the per-image float64 reference (learned scale and
+    shift) on its real inputs; an image's logits do not depend on the batch it comes in, and are the same
+    in training and eval mode (no running statistics), unlike BatchNorm's."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = build_model(name, 4, 4, (0, 1, 2), 1, "instance").double()
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+    assert not any("running" in n for n, _ in model.named_buffers())
+    with torch.no_grad():
+        for m in norms:  # a learned scale and shift, not the identity they start at
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.uniform_(-1.0, 1.0)
+    checked = []
+    assert all(m.num_groups == m.num_channels for m in norms)
+    hooks = [m.register_forward_hook(lambda m, args, out: checked.append(
+        torch.allclose(out, _instance_norm_reference(args[0], m.weight, m.bias, m.eps), atol=1e-10))) for m in norms]
+    a, b = (torch.randn(1, 1, 32, 32, 32, dtype=torch.float64) * s + m for s, m in ((3.0, 1.0), (1.0, 0.0)))
+    if name == "ours":
+        model.noise.std, model.dropout.p = 0.0, 0.0  # only the normalisation differs between the modes
+    model.train()
+    alone = model(a)
+    for h in hooks:
+        h.remove()
+    assert len(checked) == len(norms) and all(checked)
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.cat([a, b]))[:1], alone, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(model.eval()(a), alone, rtol=1e-9, atol=1e-9)
+        batch = build_model(name, 4, 4, (0, 1, 2), 1, "batch").double().train()
+        if name == "ours":
+            batch.noise.std, batch.dropout.p = 0.0, 0.0
+        assert not torch.allclose(batch(torch.cat([a, b]))[:1], batch(a))  # the control: BatchNorm mixes images
 
 
 @pytest.mark.parametrize("levels", [(0, 1, 2), (0, 1, 2, 3), (1, 3)])
@@ -89,9 +138,13 @@ MODELS = [lambda: ExpLogNet(SMALL), lambda: VNet(num_labels=5, width=4)]
 
 @pytest.mark.parametrize("model_fn", MODELS, ids=["ours", "vnet"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_channels_last_preserved_by_the_model_ops(model_fn, dtype):
+@pytest.mark.parametrize("norm", NORMS)
+def test_channels_last_preserved_by_the_model_ops(model_fn, dtype, norm):
     """Every convolution input (and the output) stays channels_last_3d: no layout round trips."""
-    model = model_fn().to(memory_format=torch.channels_last_3d)
+    model = model_fn()
+    if norm != "batch":
+        model = build_model("ours" if isinstance(model, ExpLogNet) else "vnet", 5, 4, norm=norm)
+    model = model.to(memory_format=torch.channels_last_3d)
     seen = conv_inputs_channels_last(model, torch.randn(1, 1, 32, 32, 32), dtype, emulate_cl_kernels=True)
     assert all(seen), f"{seen.count(False)} of {len(seen)} convolution inputs / output not channels-last"
 

@@ -244,19 +244,28 @@ def test_a_bad_packaged_label_map_and_a_non_finite_draw_are_one_line(tmp_path, m
     assert os.path.exists(tmp_path / "run" / "splits.json") and not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_an_inference_only_copy_segments_and_cannot_be_resumed(tmp_path):
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_an_inference_only_copy_segments_and_cannot_be_resumed(tmp_path, norm):
+    """Also: inference rebuilds the network with the run's normalisation (instance norm's layers hold no
+    running statistics, so BatchNorm's would not load)."""
     from expseg_fast.checkpoint import load_checkpoint
     from expseg_fast.inference.files import load_model
 
     out = tmp_path / "run"
-    train(tiny_synth(out, 1))
+    train(tiny_synth(out, 1, norm=norm))
     done = subprocess.run([sys.executable, str(SCRIPTS / "export_model.py"), str(out / "last.pt"),
                            str(tmp_path / "slim.pt")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "slim.pt").stat().st_size < (out / "last.pt").stat().st_size / 2
+    here = str(label_map_files()[0].parent).encode()  # the packaged label maps' folder, pinned by the run
+    assert str(tmp_path).encode() in (out / "last.pt").read_bytes() and here in (out / "last.pt").read_bytes()
+    assert str(tmp_path).encode() not in (tmp_path / "slim.pt").read_bytes()  # no path of this machine
+    assert here not in (tmp_path / "slim.pt").read_bytes()
     slim, full = load_model(tmp_path / "slim.pt", torch.device("cpu")), load_model(out / "last.pt", torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(slim.model.state_dict().values(), full.model.state_dict().values()))
+    kinds = {type(m).__name__ for m in slim.model.modules()} & {"BatchNorm3d", "GroupNorm"}
+    assert kinds == {"batch": {"BatchNorm3d"}, "instance": {"GroupNorm"}}[norm]
     (out / "last.pt").write_bytes((tmp_path / "slim.pt").read_bytes())
     with pytest.raises(ValueError, match="an inference-only copy without the optimizer's state"):
-        train(tiny_synth(out, 2), resume=True)
+        train(tiny_synth(out, 2, norm=norm), resume=True)
     assert load_checkpoint(tmp_path / "slim.pt")["inference_only"] is True

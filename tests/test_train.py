@@ -36,17 +36,17 @@ def without_timing(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("seconds", "phase_seconds")}
 
 
-@pytest.mark.parametrize("schedule", ["constant", "poly"])
-def test_resume_continues_exactly(tmp_path, schedule):
+@pytest.mark.parametrize("schedule, norm", [("constant", "batch"), ("poly", "batch"), ("poly", "instance")])
+def test_resume_continues_exactly(tmp_path, schedule, norm):
     full = tmp_path / "full"
-    train(tiny(full, 3, lr_schedule=schedule))
+    train(tiny(full, 3, lr_schedule=schedule, norm=norm))
     part = tmp_path / "part"
-    train(tiny(part, 1, lr_schedule=schedule))  # poly's first epoch has the full rate whatever the epochs
+    train(tiny(part, 1, lr_schedule=schedule, norm=norm))  # poly's first epoch has the full rate whatever the epochs
     # a kill after epoch 2's log line but before its checkpoint: the resumed run redoes epoch 2
     stale = {**log(part)[0], "epoch": 1, "train_loss": -1.0}
     with (part / "log.jsonl").open("a") as f:
         f.write(json.dumps(stale) + "\n")
-    train(tiny(part, 3, lr_schedule=schedule), resume=True)
+    train(tiny(part, 3, lr_schedule=schedule, norm=norm), resume=True)
     assert [without_timing(r) for r in log(part)] == [without_timing(r) for r in log(full)]
 
 

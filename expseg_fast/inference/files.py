@@ -69,7 +69,8 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
         raise ValueError(f"{checkpoint}: holds non-finite weights ({bad[0]}, ...): a diverged run; not used")
     try:
         names = [str(name) for name in state["class_names"]]
-        model = build_model(config.model, len(names), config.width, config.fuse_levels, config.in_channels)
+        model = build_model(config.model, len(names), config.width, config.fuse_levels, config.in_channels,
+                            config.norm)
         model.load_state_dict(state["model"])
         seen = json.loads(state["data_range"]) if "data_range" in state else None
         epochs = int(state["epoch"]) + 1

@@ -1,11 +1,11 @@
 """The paper's network (Wong et al. 2018, section 2.1, Fig. 1; DESIGN.md section 4).
 
-Blocks of k x (3x3x3 conv, BN, ReLU) plus a 1x1x1 convolution skip, the two branches added; max
-pooling between encoder levels, channels doubling; trilinear upsampling in the decoder, encoder
-features concatenated, channels halving. Deep supervision is multi-level fusion into one output: the
-chosen decoder levels are upsampled to full size, concatenated, and mapped by a 1x1x1 convolution
-to the labels. A Gaussian noise layer (on the input) and a dropout layer (before the fusion) act in
-training only.
+Blocks of k x (3x3x3 conv, normalisation (BatchNorm, the paper's, or instance norm), ReLU) plus a 1x1x1
+convolution skip, the two branches added; max pooling between encoder levels, channels doubling;
+trilinear upsampling in the decoder, encoder features concatenated, channels halving. Deep supervision
+is multi-level fusion into one output: the chosen decoder levels are upsampled to full size,
+concatenated, and mapped by a 1x1x1 convolution to the labels. A Gaussian noise layer (on the input)
+and a dropout layer (before the fusion) act in training only.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expseg_fast.models.norms import NORMS, norm_layer
 from expseg_fast.models.shapes import check_spatial_shape
 
 
@@ -25,7 +26,8 @@ class NetConfig:
     (doubling per level); blocks: convolutions k per block, encoder top to bottom (the decoder mirrors
     all but the bottom); fuse_levels: decoder levels fused for deep supervision (0 = full resolution,
     1 = half, ...; len(blocks) - 1 = the bottom block, which the paper left out for memory);
-    noise_std: std of the training-time Gaussian noise on the input; dropout: rate before the fusion."""
+    noise_std: std of the training-time Gaussian noise on the input; dropout: rate before the fusion;
+    norm: the normalisation after each convolution (expseg_fast/models/norms.py)."""
 
     in_channels: int = 1
     num_labels: int = 20
@@ -34,6 +36,7 @@ class NetConfig:
     fuse_levels: tuple[int, ...] = (0, 1, 2)
     noise_std: float = 0.1
     dropout: float = 0.2
+    norm: str = "batch"
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.num_labels < 2 or self.width < 1:
@@ -44,6 +47,8 @@ class NetConfig:
             raise ValueError(f"fuse_levels must be non-empty, within [0, {len(self.blocks)}), got {self.fuse_levels}")
         if self.noise_std < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"noise_std >= 0 and 0 <= dropout < 1 required, got {self.noise_std}, {self.dropout}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
 
 
 class GaussianNoise(nn.Module):
@@ -63,15 +68,15 @@ class GaussianNoise(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """k x (3x3x3 conv, BN, ReLU) + 1x1x1 conv skip, added."""
+    """k x (3x3x3 conv, norm, ReLU) + 1x1x1 conv skip, added."""
 
-    def __init__(self, in_channels: int, channels: int, k: int) -> None:
+    def __init__(self, in_channels: int, channels: int, k: int, norm: str) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(k):
             layers += [
                 nn.Conv3d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
-                nn.BatchNorm3d(channels),
+                norm_layer(norm, channels),
                 nn.ReLU(inplace=True),
             ]
         self.body = nn.Sequential(*layers)
@@ -98,11 +103,11 @@ class ExpLogNet(nn.Module):
         self.encoder = nn.ModuleList()
         in_ch = config.in_channels
         for width, k in zip(widths, config.blocks):
-            self.encoder.append(ResBlock(in_ch, width, k))
+            self.encoder.append(ResBlock(in_ch, width, k, config.norm))
             in_ch = width
         # decoder[i] produces level i (width widths[i]) from level i + 1 upsampled + encoder level i
         self.decoder = nn.ModuleList(
-            ResBlock(widths[i + 1] + widths[i], widths[i], config.blocks[i]) for i in range(levels - 1)
+            ResBlock(widths[i + 1] + widths[i], widths[i], config.blocks[i], config.norm) for i in range(levels - 1)
         )
         self.dropout = nn.Dropout3d(config.dropout)
         self.fuse = nn.Conv3d(sum(widths[lv] for lv in config.fuse_levels), config.num_labels, 1)

@@ -2,7 +2,7 @@
 2x2x2 stride-2 convolutions down and transposed convolutions up, encoder features concatenated in the
 decoder; stages of 1, 2, 3, 3 convolutions down, 3 at the bottom, 3, 3, 2, 1 up, channels 16 to 256
 (the original Caffe model). BatchNorm after each convolution, as in the common PyTorch ports, so that
-it trains in mixed precision like our network.
+it trains in mixed precision like our network (or instance norm: expseg_fast/models/norms.py).
 """
 
 from __future__ import annotations
@@ -10,21 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from expseg_fast.models.norms import norm_layer
 from expseg_fast.models.shapes import check_spatial_shape
 
 
-def _conv5(in_channels: int, channels: int) -> nn.Sequential:
+def _conv5(in_channels: int, channels: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv3d(in_channels, channels, 5, padding=2, bias=False), nn.BatchNorm3d(channels), nn.PReLU(channels)
+        nn.Conv3d(in_channels, channels, 5, padding=2, bias=False), norm_layer(norm, channels), nn.PReLU(channels)
     )
 
 
 class _Stage(nn.Module):
     """n x conv5 on x, plus x (residual), then PReLU."""
 
-    def __init__(self, in_channels: int, channels: int, n: int) -> None:
+    def __init__(self, in_channels: int, channels: int, n: int, norm: str) -> None:
         super().__init__()
-        self.convs = nn.Sequential(*[_conv5(in_channels if i == 0 else channels, channels) for i in range(n)])
+        self.convs = nn.Sequential(*[_conv5(in_channels if i == 0 else channels, channels, norm) for i in range(n)])
         self.act = nn.PReLU(channels)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -32,13 +33,13 @@ class _Stage(nn.Module):
 
 
 class _Down(nn.Module):
-    def __init__(self, in_channels: int, n: int) -> None:
+    def __init__(self, in_channels: int, n: int, norm: str) -> None:
         super().__init__()
         channels = 2 * in_channels
         self.down = nn.Sequential(
-            nn.Conv3d(in_channels, channels, 2, stride=2, bias=False), nn.BatchNorm3d(channels), nn.PReLU(channels)
+            nn.Conv3d(in_channels, channels, 2, stride=2, bias=False), norm_layer(norm, channels), nn.PReLU(channels)
         )
-        self.stage = _Stage(channels, channels, n)
+        self.stage = _Stage(channels, channels, n, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down = self.down(x)
@@ -46,13 +47,13 @@ class _Down(nn.Module):
 
 
 class _Up(nn.Module):
-    def __init__(self, in_channels: int, skip_channels: int, channels: int, n: int) -> None:
+    def __init__(self, in_channels: int, skip_channels: int, channels: int, n: int, norm: str) -> None:
         super().__init__()
         half = channels // 2
         self.up = nn.Sequential(
-            nn.ConvTranspose3d(in_channels, half, 2, stride=2, bias=False), nn.BatchNorm3d(half), nn.PReLU(half)
+            nn.ConvTranspose3d(in_channels, half, 2, stride=2, bias=False), norm_layer(norm, half), nn.PReLU(half)
         )
-        self.stage = _Stage(half + skip_channels, channels, n)
+        self.stage = _Stage(half + skip_channels, channels, n, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.up(x)
@@ -65,17 +66,17 @@ class VNet(nn.Module):
 
     levels = 5
 
-    def __init__(self, in_channels: int = 1, num_labels: int = 20, width: int = 16) -> None:
+    def __init__(self, in_channels: int = 1, num_labels: int = 20, width: int = 16, norm: str = "batch") -> None:
         super().__init__()
         if in_channels < 1 or num_labels < 2 or width < 1:
             raise ValueError(f"in_channels >= 1, num_labels >= 2, width >= 1 required, got {in_channels}, {num_labels}, {width}")
         self.width = width
-        self.input = _conv5(in_channels, width)
-        self.down = nn.ModuleList(_Down(width * 2**i, n) for i, n in enumerate((2, 3, 3, 3)))
+        self.input = _conv5(in_channels, width, norm)
+        self.down = nn.ModuleList(_Down(width * 2**i, n, norm) for i, n in enumerate((2, 3, 3, 3)))
         # up i takes the previous stage's output (256 channels for the first two at width 16), halves
         # it, concatenates the encoder's width * 2^(3 - i) channels: width * 2^(4 - i) channels, n convs
         self.up = nn.ModuleList(
-            _Up(width * 2 ** min(4, 5 - i), width * 2 ** (3 - i), width * 2 ** (4 - i), n)
+            _Up(width * 2 ** min(4, 5 - i), width * 2 ** (3 - i), width * 2 ** (4 - i), n, norm)
             for i, n in enumerate((3, 3, 2, 1))
         )
         self.output = nn.Conv3d(width * 2, num_labels, 1)

@@ -170,7 +170,8 @@ def _assemble(config: TrainConfig, plan: Plan, out: Path, device: torch.device, 
     counts = train_source.label_counts(train_idx, num_labels)
     weights = label_weights(counts.clamp_min(1)).to(device)  # labels absent from the split get the largest weight
     torch.manual_seed(config.seed)
-    model = build_model(config.model, num_labels, config.width, config.fuse_levels, config.in_channels).to(device)
+    model = build_model(config.model, num_labels, config.width, config.fuse_levels, config.in_channels,
+                        config.norm).to(device)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
