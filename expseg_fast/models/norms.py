@@ -6,7 +6,8 @@
   training and in eval alike (nnU-Net's): nothing depends on the other images of a batch or on running
   averages, which images of random contrast (the label-map generator) pull about. Computed as GroupNorm
   with one channel per group (the same function), which keeps channels-last 3D features channels-last
-  (InstanceNorm3d returns them contiguous) and steps faster on the CPU.
+  (InstanceNorm3d returns them contiguous); a bf16 training step costs a third more than BatchNorm's on
+  the 2-core CPU (bench/NOTES.md).
 """
 
 from __future__ import annotations
