@@ -22,7 +22,7 @@ from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_fi
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.synth import Generator, LabelMapSource
 from expseg_fast.losses import loss as loss_fn
-from expseg_fast.models import NORMS, build_model
+from expseg_fast.models import NORMS
 
 
 def measure(preset: str, device: str, repeats: int, size: int | None = None, norm: str | None = None) -> dict:
@@ -35,7 +35,7 @@ def measure(preset: str, device: str, repeats: int, size: int | None = None, nor
     gen = torch.Generator(device=dev).manual_seed(0)
     image, labels = generator(source, gen)
     generate_ms = median_ms(lambda: generator(source, gen), repeats, warmup=1, device=device)
-    model = build_model(config.model, len(classes.names), config.width, config.fuse_levels, 1, config.norm).to(dev)
+    model = config.network(len(classes.names)).to(dev)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)

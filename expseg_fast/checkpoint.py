@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from expseg_fast.atomic import write_bytes_atomic
-from expseg_fast.config import TrainConfig
+from expseg_fast.config import INPUT_PATHS, TrainConfig
 from expseg_fast.data.identity import DataPin, PinnedSubjects
 from expseg_fast.data.source import SYNTH
 
@@ -77,23 +77,20 @@ def _reason(error: Exception) -> str:
     return first
 
 
-def for_inference(state: dict) -> dict:
-    """The checkpoint without its optimizer's and grad scaler's state (all that segment.py and evaluate.py
-    need, a third of the size); a run cannot resume from it. A copy to share: the paths of the machine it
-    was trained on (output folder, data, label maps; in the configuration and the data pin) are cut to
-    their last component, so it names its data without saying where they lay (evaluate.py then needs
-    --data)."""
-    config = TrainConfig.from_json(state["config"])
-    names = {k: Path(v).name for k in _PATHS if (v := getattr(config, k)) is not None and v != SYNTH}
+def for_inference(state: dict, path: Path) -> dict:
+    """The checkpoint loaded from path without its optimizer's and grad scaler's state (all that segment.py
+    and evaluate.py need, a third of the size); a run cannot resume from it. A copy to share: the paths of
+    the machine it was trained on (output folder, data, label maps; in the configuration and the data pin)
+    are cut to their last component, so it names its data without saying where they lay (evaluate.py then
+    needs --data). ValueError naming path when its configuration or data pin is unreadable."""
+    config = checkpoint_config(state, path)
+    names = {k: Path(v).name for k in ("out", *INPUT_PATHS) if (v := getattr(config, k)) is not None and v != SYNTH}
     shared = {**state, "optimizer": {}, "scaler": {}, "inference_only": True,
               "config": dataclasses.replace(config, **names).to_json()}
-    if "data_pin" in state:
-        pin = DataPin.from_json(state["data_pin"])
+    pin = checkpoint_pin(state, path)
+    if pin is not None:
         shared["data_pin"] = dataclasses.replace(pin, train=_named(pin.train), val=_named(pin.val)).to_json()
     return shared
-
-
-_PATHS = ("out", "data", "label_map", "val_data", "val_label_map")  # TrainConfig's paths
 
 
 def _named(side: PinnedSubjects) -> PinnedSubjects:

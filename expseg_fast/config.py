@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from expseg_fast import machine
 from expseg_fast.data.augment import AugmentConfig
@@ -25,6 +26,7 @@ from expseg_fast.data.plans import PLANS, Plan, plan_of
 from expseg_fast.data.source import SYNTH
 from expseg_fast.data.synth import CONTRASTS, SynthSettings
 from expseg_fast.losses import LossSpec
+from expseg_fast.models import build_model
 from expseg_fast.models.norms import NORMS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
@@ -35,6 +37,7 @@ POLY_EXPONENT = 0.9  # poly: lr x (1 - epoch / epochs)^0.9, nnU-Net's schedule
 STEP_MODES = ("eager", "compiled", "cuda_graph")  # the forms of a training step (expseg_fast/training/step.py)
 MODELS = ("ours", "vnet")
 BOTTOM_FACTOR = {"ours": 8, "vnet": 16}  # cube edge / the edge of the network's bottom level
+INPUT_PATHS = ("data", "label_map", "val_data", "val_label_map")  # TrainConfig's fields that name files or folders read
 
 
 @dataclass(frozen=True)
@@ -275,11 +278,15 @@ class TrainConfig:
         return None
 
     def with_absolute_paths(self) -> "TrainConfig":
-        """This configuration with data and label_map absolute (a checkpoint never re-reads them
-        against another current folder)."""
-        return dataclasses.replace(self, **{k: str(Path(v).resolve()) for k in ("data", "label_map", "val_data",
-                                                                                 "val_label_map")
+        """This configuration with its INPUT_PATHS absolute (a checkpoint never re-reads them against
+        another current folder)."""
+        return dataclasses.replace(self, **{k: str(Path(v).resolve()) for k in INPUT_PATHS
                                             if (v := getattr(self, k)) is not None and v != SYNTH})
+
+    def network(self, num_labels: int) -> nn.Module:
+        """The untrained network of this configuration (model, width, fused levels, input channels, norm)
+        with num_labels outputs: image (N, in_channels, D, H, W) -> logits (N, num_labels, D, H, W)."""
+        return build_model(self.model, num_labels, self.width, self.fuse_levels, self.in_channels, self.norm)
 
     def plan(self) -> Plan:
         """The preprocessing plan of this configuration (expseg_fast/data/plans.py)."""

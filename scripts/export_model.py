@@ -21,7 +21,7 @@ def main() -> None:
     if args.out.exists() and args.out.resolve() == args.checkpoint.resolve():
         parser.error(f"{args.out}: is the checkpoint itself; choose another file")
     try:
-        save_checkpoint(args.out, for_inference(load_checkpoint(args.checkpoint)))
+        save_checkpoint(args.out, for_inference(load_checkpoint(args.checkpoint), args.checkpoint))
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     print(f"{args.out}: {args.out.stat().st_size / 2**20:.1f} MiB", flush=True)

@@ -160,12 +160,13 @@ def test_a_checkpoint_with_a_tampered_configuration_is_refused_in_one_line(runs,
     torch.save(state, tmp_path / "tampered.pt")
     scans = tmp_path / "scans"
     shutil.copytree(runs["fit"].parent / "data" / "imagesTr", scans)
-    for script, args in [("segment.py", (str(scans), str(tmp_path / "out"))), ("evaluate.py", ())]:
+    for script, args in [("segment.py", (str(scans), str(tmp_path / "out"))), ("evaluate.py", ()),
+                         ("export_model.py", (str(tmp_path / "out.pt"),))]:
         done = run_script(script, str(tmp_path / "tampered.pt"), *args)
         assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert f"{tmp_path / 'tampered.pt'}: its stored configuration is unreadable or invalid (" in done.stderr
         assert why in done.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.pt").exists()
 
 
 def test_class_names_that_do_not_fit_the_weights_are_refused_in_one_line(runs, tmp_path):

@@ -34,7 +34,6 @@ from expseg_fast.data.preprocess import Resampling
 from expseg_fast.inference.predictor import Predictor
 from expseg_fast.inference.sliding_window import sliding_window_labels
 from expseg_fast.machine import torch_device
-from expseg_fast.models import build_model
 
 
 class SegmentationError(ValueError):
@@ -69,8 +68,7 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
         raise ValueError(f"{checkpoint}: holds non-finite weights ({bad[0]}, ...): a diverged run; not used")
     try:
         names = [str(name) for name in state["class_names"]]
-        model = build_model(config.model, len(names), config.width, config.fuse_levels, config.in_channels,
-                            config.norm)
+        model = config.network(len(names))
         model.load_state_dict(state["model"])
         seen = json.loads(state["data_range"]) if "data_range" in state else None
         epochs = int(state["epoch"]) + 1

@@ -24,7 +24,6 @@ from expseg_fast.data.plans import Plan
 from expseg_fast.data.source import SYNTH, Dataset, open_dataset, open_synth
 from expseg_fast.losses import LossSpec, label_weights
 from expseg_fast.machine import torch_device
-from expseg_fast.models import build_model
 from expseg_fast.runlog import read_log
 from expseg_fast.training import checkpointing, distributed
 from expseg_fast.training.run_folder import RunError, RunFolder
@@ -170,8 +169,7 @@ def _assemble(config: TrainConfig, plan: Plan, out: Path, device: torch.device, 
     counts = train_source.label_counts(train_idx, num_labels)
     weights = label_weights(counts.clamp_min(1)).to(device)  # labels absent from the split get the largest weight
     torch.manual_seed(config.seed)
-    model = build_model(config.model, num_labels, config.width, config.fuse_levels, config.in_channels,
-                        config.norm).to(device)
+    model = config.network(num_labels).to(device)
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
