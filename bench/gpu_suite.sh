@@ -9,13 +9,18 @@
 #   synth      bench/synth_step.py: the label-map generator's time per example against the training step
 #   paper      the paper preset of Table 1 on split 0 (scripts/reproduce_table1.py), cases concurrently
 #              on the card, with the epoch profile (data / augment / step / validation / report seconds)
+#   real_scans bench/real_scans_run.py: the generator's synth-paper preset trained until the part's deadline
+#              (resumed on a warm machine), then scored on Colin27/AAL and the sets of SUITE_REAL_SCANS
 # Usage (from the repository root):
-#   OUT=/some/dir bash bench/gpu_suite.sh [PART ...]        default: inference train_step loss paper
+#   OUT=/some/dir bash bench/gpu_suite.sh [PART ...]        default: every part but tests
 #   OUT=/some/dir bash bench/gpu_suite.sh --smoke [PART ...] the CPU rehearsal that CI runs: the same
 #       scripts at tiny sizes, Triton under the interpreter, the tests only collected, Table 1's `smoke`
 #       preset (one epoch of two subjects at 32^3). Its figures mean nothing; it proves the calls work.
 # Environment: LIMIT_<PART> (seconds) overrides a part's limit; PAPER_CASES the Table 1 cases of the
-# paper part (default all seven; L_Exp(0.3) first); SUITE_TESTS the test selection of `tests`.
+# paper part (default all seven; L_Exp(0.3) first); SUITE_TESTS the test selection of `tests`;
+# REAL_SCANS_TRAIN further scripts/train.py options of the real_scans part (e.g. "--epochs 60": a poly
+# schedule that ends within the window); SUITE_REAL_SCANS more labelled sets it scores, "NAME=FOLDER=MAP ...".
+# Colin27 travels as .realscans/colin27 (bench/carry_scans.sh), where the machine lacks mricron-data.
 # Everything lands in $OUT/suite.tar.gz (re-packed after every part, so a call stopped at its limit keeps
 # what it measured) and $OUT/summary.md, which is also printed last. The device returns at most 8 files.
 # Pure-Python wheels the GPU machine lacks travel in .whl/ (bench/fetch_wheels.sh fetches them).
@@ -23,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
-PARTS="${*:-inference train_step loss synth paper}"
+PARTS="${*:-inference train_step loss synth paper real_scans}"
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 STAGE="$(mktemp -d)"
@@ -95,8 +100,19 @@ for part in $PARTS; do
       step synth "$(limit synth 90)" python3 -m bench.synth_step --device "$DEVICE" $preset --out "$STAGE" || rc=1 ;;
     paper)
       step paper "$(limit paper 330)" bash bench/paper_run.sh "$PRESET" "$(( $(limit paper 330) - 10 ))" "$STAGE" || rc=1 ;;
+    real_scans)
+      where=(); [ -d .realscans/colin27 ] && where=(--colin27 .realscans/colin27)
+      for set in ${SUITE_REAL_SCANS:-}; do where+=(--data "$set"); done
+      if [ "$SMOKE" = 1 ]; then
+        how=(--preset synth-cpu --device cpu --run "$STAGE.real-scans" --score-seconds 120 -- --size 32 --precision fp32
+             --synth-repeats 1 --epochs 1)
+      else
+        how=(--preset synth-paper --device cuda -- ${REAL_SCANS_TRAIN:-})
+      fi
+      step real_scans "$(limit real_scans 300)" python3 -m bench.real_scans_run --stage "$STAGE" \
+        --seconds "$(( $(limit real_scans 300) - 10 ))" "${where[@]}" "${how[@]}" || rc=1 ;;
     *)
-      echo "unknown part '$part' (tests, inference, train_step, loss, synth, paper)"; rc=2 ;;
+      echo "unknown part '$part' (tests, inference, train_step, loss, synth, paper, real_scans)"; rc=2 ;;
   esac
 done
 pack

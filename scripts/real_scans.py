@@ -3,6 +3,7 @@ other labelled scans, each through a protocol map; writes every evaluation (eval
 table to --out (results/real-scans/ holds the committed ones).
 
 python scripts/real_scans.py --model NAME=CHECKPOINT [...] [--data NAME=FOLDER=MAP ...] [--out DIR] [--device cpu]
+                             [--colin27 FOLDER]
 Colin27's map is chosen by the model's classes: the paper's vermal groups (the atlas demo's models) take
 protocols/aal_vermis.json, FreeSurfer-trained models (--data synth) protocols/aal.json.
 """
@@ -36,11 +37,13 @@ def main() -> None:
                         help="another labelled dataset: NAME=FOLDER=PROTOCOL_MAP (one map for every model)")
     parser.add_argument("--out", type=Path, default=Path("results/real-scans"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--colin27", type=Path, default=anatomy.COLIN27,
+                        help="the folder of mricron-data's ch2bet.nii.gz and aal.nii.gz (default: the package's)")
     args = parser.parse_args()
     models = {name: Path(path) for name, path in args.model}
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            colin27 = anatomy.colin27_dataset(Path(scratch) / "colin27")
+            colin27 = anatomy.colin27_dataset(Path(scratch) / "colin27", args.colin27)
             aal = {name: anatomy.PROTOCOLS / ("aal_vermis.json" if "CVL I-V" in load_checkpoint(path)["class_names"]
                                               else "aal.json") for name, path in models.items()}
             datasets = {"colin27": (colin27, aal)}

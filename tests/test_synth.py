@@ -188,6 +188,20 @@ def test_evaluate_scores_another_protocol_ignoring_what_it_leaves_out(tmp_path):
     assert np.isnan(result.original[0, CLASSES.names.index("hippocampus") - 1])
 
 
+def test_colin27_carried_to_a_relative_folder_is_linked_from_anywhere(tmp_path, monkeypatch):
+    """The GPU suite reads a copy of mricron-data's two files from .realscans/colin27 (a relative path); the
+    dataset's links must still resolve from the temporary folder they are made in."""
+    (tmp_path / "repo" / "carried").mkdir(parents=True)
+    for name in ("ch2bet.nii.gz", "aal.nii.gz"):
+        (tmp_path / "repo" / "carried" / name).write_bytes(name.encode())
+    monkeypatch.chdir(tmp_path / "repo")
+    data = anatomy.colin27_dataset(tmp_path / "elsewhere" / "colin27", Path("carried"))
+    assert (data / "imagesTr" / "colin27_0000.nii.gz").read_bytes() == b"ch2bet.nii.gz"
+    assert (data / "labelsTr" / "colin27.nii.gz").read_bytes() == b"aal.nii.gz"
+    with pytest.raises(FileNotFoundError, match="mricron-data"):
+        anatomy.colin27_dataset(tmp_path / "other", Path("missing"))
+
+
 @pytest.mark.skipif(not (anatomy.COLIN27 / "aal.nii.gz").exists(), reason="Colin27 needs Debian's mricron-data")
 def test_colin27_with_its_aal_labels_is_scored_on_the_aal_classes(tmp_path):
     out = tmp_path / "run"

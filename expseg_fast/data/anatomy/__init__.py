@@ -94,11 +94,12 @@ PROTOCOLS = HERE / "protocols"  # label maps that score real scans of other prot
 COLIN27 = Path("/usr/share/mricron/templates")  # Debian's mricron-data (BSD-3): ch2bet, aal
 
 
-def colin27_dataset(out: Path) -> Path:
+def colin27_dataset(out: Path, templates: Path = COLIN27) -> Path:
     """A dataset folder (imagesTr/colin27_0000.nii.gz, labelsTr/colin27.nii.gz) of Colin27's
     skull-stripped T1 (ch2bet) with its manual AAL labels, linked to the files of Debian's mricron-data
-    (read in place). FileNotFoundError naming the package when it is not installed."""
-    image, labels = COLIN27 / "ch2bet.nii.gz", COLIN27 / "aal.nii.gz"
+    (read in place from templates: the package's folder, or a copy of its two files carried to a
+    machine without the package). FileNotFoundError naming the package when they are not there."""
+    image, labels = templates.resolve() / "ch2bet.nii.gz", templates.resolve() / "aal.nii.gz"  # links from elsewhere
     if not (image.exists() and labels.exists()):
         raise FileNotFoundError(f"{image}, {labels}: Colin27 comes with Debian's mricron-data "
                                 f"(apt-get install mricron-data)")
