@@ -169,6 +169,22 @@ def test_a_checkpoint_with_a_tampered_configuration_is_refused_in_one_line(runs,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.pt").exists()
 
 
+def test_an_exported_copy_asks_for_its_data_in_one_line(runs, tmp_path):
+    """An inference-only copy names its run's dataset by folder name only, which may well exist where it is
+    run (here: a folder `data` beside the copy, not the run's): it is never guessed, --data is asked for."""
+    copy = tmp_path / "copy.pt"
+    assert run_script("export_model.py", str(runs["fit"] / "best.pt"), str(copy)).returncode == 0
+    write_dataset(tmp_path / "data", 3)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "evaluate.py"), str(copy)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.strip() == (f"error: {copy}: an inference-only copy names its run's data by folder name only "
+                                   f"(data); score it with --data FOLDER --label-map MAP")
+    given = run_script("evaluate.py", str(copy), "--data", str(runs["fit"].parent / "data"), "--label-map",
+                       str(runs["fit"].parent / "data" / "map.json"))
+    assert given.returncode == 0 and "OTHER data than the run's" in given.stdout, given.stderr
+
+
 def test_class_names_that_do_not_fit_the_weights_are_refused_in_one_line(runs, tmp_path):
     state = load_checkpoint(runs["fit"] / "best.pt")
     state["class_names"] = state["class_names"] + ["extra"]

@@ -77,6 +77,10 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
     config, plan, names = loaded.config, loaded.plan, loaded.names
     max_voxels = max_voxels or config.max_voxels
     other = data is not None
+    scored_on = config.val_data or (config.data if config.data != SYNTH else None)  # None: the demo, found by place
+    if data is None and loaded.inference_only and scored_on is not None:
+        raise ValueError(f"{checkpoint}: an inference-only copy names its run's data by folder name only "
+                         f"({scored_on}); score it with --data FOLDER --label-map MAP")
     found = _dataset(config, data, label_map, checkpoint, max_voxels)
     protocol, lacking = found.label_map.aligned_to(names, str(found.label_map_file or found.root))
     if not other and config.val_data is None and list(found.label_map.names) != names:

@@ -48,7 +48,8 @@ class SegmentationError(ValueError):
 class LoadedModel(NamedTuple):
     """A checkpoint read once: the network (eval mode, on the device), its settings, its preprocessing
     plan, its class names, the range of its training data (None for checkpoints older than that), the
-    epochs it had run and the data its run pinned (None for checkpoints older than that)."""
+    epochs it had run, the data its run pinned (None for checkpoints older than that) and whether it is an
+    inference-only copy (scripts/export_model.py: its data named by folder name only)."""
     model: torch.nn.Module
     config: TrainConfig
     plan: Plan
@@ -56,6 +57,7 @@ class LoadedModel(NamedTuple):
     data_range: dict | None
     epochs: int
     pin: DataPin | None
+    inference_only: bool
 
 
 def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
@@ -77,7 +79,8 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise ValueError(f"{checkpoint}: its weights, class names or records do not fit its configuration "
                          f"({reason})") from None
-    return LoadedModel(model.to(device).eval(), config, plan, names, seen, epochs, checkpoint_pin(state, checkpoint))
+    return LoadedModel(model.to(device).eval(), config, plan, names, seen, epochs, checkpoint_pin(state, checkpoint),
+                       bool(state.get("inference_only", False)))
 
 
 def input_files(inputs: Path) -> list[Path]:
