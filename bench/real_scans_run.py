@@ -49,10 +49,9 @@ def train_until(command: list[str], seconds: float, log: Path) -> str:
     return "finished" if code == 0 else f"failed (exit {code})"
 
 
-def report(run: Path, ended: str, train_s: float, table: str) -> str:
-    """Markdown: the run's epochs (of its schedule; partial where short), training seconds, the real-scan
-    table and the epoch profile."""
-    records = read_log(run / "log.jsonl")
+def report(run: Path, records: list[dict], ended: str, train_s: float, table: str) -> str:
+    """Markdown: the run's epochs (records: its log's; of its schedule, partial where short), training
+    seconds, the real-scan table and the epoch profile."""
     config = TrainConfig.from_json(load_checkpoint(run / "last.pt")["config"])
     best = load_checkpoint(run / "best.pt")["epoch"] if (run / "best.pt").exists() else None
     partial = "" if len(records) >= config.epochs else " — PARTIAL: the schedule did not finish"
@@ -99,10 +98,11 @@ def main() -> None:
     if done.returncode != 0:
         sys.exit(f"error: scoring failed: {done.stderr.strip()[-500:]}")
     shutil.copy(run / "log.jsonl", out / "train-log.jsonl")
-    text = report(run, ended, train_s, (out / "table.md").read_text())
+    records = read_log(run / "log.jsonl")
+    text = report(run, records, ended, train_s, (out / "table.md").read_text())
     (args.stage / "real_scans.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"ended": ended, "train_seconds": train_s,
-                                                  "epochs_run": len(read_log(run / "log.jsonl"))}, indent=1))
+                                                  "epochs_run": len(records)}, indent=1))
     print(text, end="")
     if ended.startswith("failed"):
         sys.exit(1)

@@ -129,6 +129,6 @@ def test_the_real_scan_part_resumes_its_run_and_labels_a_short_one_partial(tmp_p
     state = load_checkpoint(tmp_path / "run" / "last.pt")  # a schedule of 5 epochs, 2 of them run
     state["config"] = json.dumps({**json.loads(state["config"]), "epochs": 5})
     torch.save(state, tmp_path / "run" / "last.pt")
-    text = report(tmp_path / "run", "stopped at the deadline", 12.0, "TABLE\n")
+    text = report(tmp_path / "run", log, "stopped at the deadline", 12.0, "TABLE\n")
     assert "| 2 — PARTIAL: the schedule did not finish |" in text and "| epochs run, of 5 |" in text
     assert "TABLE" in text and "| stopped at the deadline |" in text

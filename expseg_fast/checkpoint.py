@@ -22,7 +22,6 @@ import torch
 from expseg_fast.atomic import write_bytes_atomic
 from expseg_fast.config import INPUT_PATHS, TrainConfig
 from expseg_fast.data.identity import DataPin, PinnedSubjects
-from expseg_fast.data.source import SYNTH
 
 # What every checkpoint holds (cuda_rng only when trained on CUDA).
 KEYS = ("model", "optimizer", "scaler", "epoch", "best", "aug_rng", "order_rng", "torch_rng", "config", "class_names")
@@ -83,10 +82,8 @@ def for_inference(state: dict, path: Path) -> dict:
     the machine it was trained on (output folder, data, label maps; in the configuration and the data pin)
     are cut to their last component, so it names its data without saying where they lay (evaluate.py then
     needs --data). ValueError naming path when its configuration or data pin is unreadable."""
-    config = checkpoint_config(state, path)
-    names = {k: Path(v).name for k in ("out", *INPUT_PATHS) if (v := getattr(config, k)) is not None and v != SYNTH}
-    shared = {**state, "optimizer": {}, "scaler": {}, "inference_only": True,
-              "config": dataclasses.replace(config, **names).to_json()}
+    named = checkpoint_config(state, path).with_paths(lambda v: Path(v).name, ("out", *INPUT_PATHS))
+    shared = {**state, "optimizer": {}, "scaler": {}, "inference_only": True, "config": named.to_json()}
     pin = checkpoint_pin(state, path)
     if pin is not None:
         shared["data_pin"] = dataclasses.replace(pin, train=_named(pin.train), val=_named(pin.val)).to_json()

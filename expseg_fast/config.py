@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -277,11 +278,16 @@ class TrainConfig:
                     f"{self.size}: oneDNN's bf16 conv3d weight gradient is unreliable at the network's 2^3 bottom level")
         return None
 
+    def with_paths(self, change: Callable[[str], str], fields: tuple[str, ...] = INPUT_PATHS) -> "TrainConfig":
+        """This configuration with change applied to each of fields that names a file or folder (set, and
+        not `synth`)."""
+        return dataclasses.replace(self, **{k: change(v) for k in fields
+                                            if (v := getattr(self, k)) is not None and v != SYNTH})
+
     def with_absolute_paths(self) -> "TrainConfig":
         """This configuration with its INPUT_PATHS absolute (a checkpoint never re-reads them against
         another current folder)."""
-        return dataclasses.replace(self, **{k: str(Path(v).resolve()) for k in INPUT_PATHS
-                                            if (v := getattr(self, k)) is not None and v != SYNTH})
+        return self.with_paths(lambda v: str(Path(v).resolve()))
 
     def network(self, num_labels: int) -> nn.Module:
         """The untrained network of this configuration (model, width, fused levels, input channels, norm)

@@ -77,11 +77,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
     config, plan, names = loaded.config, loaded.plan, loaded.names
     max_voxels = max_voxels or config.max_voxels
     other = data is not None
-    scored_on = config.val_data or (config.data if config.data != SYNTH else None)  # None: the demo, found by place
-    if data is None and loaded.inference_only and scored_on is not None:
-        raise ValueError(f"{checkpoint}: an inference-only copy names its run's data by folder name only "
-                         f"({scored_on}); score it with --data FOLDER --label-map MAP")
-    found = _dataset(config, data, label_map, checkpoint, max_voxels)
+    found = _dataset(config, data, label_map, checkpoint, max_voxels, loaded.inference_only)
     protocol, lacking = found.label_map.aligned_to(names, str(found.label_map_file or found.root))
     if not other and config.val_data is None and list(found.label_map.names) != names:
         raise ValueError(f"{checkpoint}: trained on classes {names}, the dataset has {list(found.label_map.names)}")
@@ -96,12 +92,17 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
 
 
 def _dataset(config: TrainConfig, data: str | None, label_map: str | None, checkpoint: Path,
-             max_voxels: int) -> Dataset:
+             max_voxels: int, inference_only: bool) -> Dataset:
     """The data to score, scanned: other data when given, else the run's validation data (its own
-    dataset, the demo dataset beside the run folder, or its --val-data)."""
+    dataset, the demo dataset beside the run folder, or its --val-data), which an inference-only copy
+    names by folder name only."""
     if data is None and config.data == SYNTH and config.val_data is None:
         raise ValueError(f"{checkpoint}: its run validated on images generated from label maps; score real scans "
                          f"with --data FOLDER --label-map MAP")
+    scored_on = config.val_data or (config.data if config.data != SYNTH else None)  # None: the demo, found by place
+    if data is None and inference_only and scored_on is not None:
+        raise ValueError(f"{checkpoint}: an inference-only copy names its run's data by folder name only "
+                         f"({scored_on}); score it with --data FOLDER --label-map MAP")
     if data is None and config.val_data is not None:
         data, label_map = config.val_data, config.val_label_map
     if data is not None:

@@ -99,7 +99,8 @@ def colin27_dataset(out: Path, templates: Path = COLIN27) -> Path:
     skull-stripped T1 (ch2bet) with its manual AAL labels, linked to the files of Debian's mricron-data
     (read in place from templates: the package's folder, or a copy of its two files carried to a
     machine without the package). FileNotFoundError naming the package when they are not there."""
-    image, labels = templates.resolve() / "ch2bet.nii.gz", templates.resolve() / "aal.nii.gz"  # links from elsewhere
+    templates = templates.resolve()  # the links are made elsewhere
+    image, labels = templates / "ch2bet.nii.gz", templates / "aal.nii.gz"
     if not (image.exists() and labels.exists()):
         raise FileNotFoundError(f"{image}, {labels}: Colin27 comes with Debian's mricron-data "
                                 f"(apt-get install mricron-data)")
