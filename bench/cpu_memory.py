@@ -41,12 +41,12 @@ def _child(backend: str, n: int, c: int, size: int, dtype: str) -> None:
     print(json.dumps({"peak_extra_mib": (status_kib("VmHWM") - before) / 1024.0}))
 
 
-def status_kib(field: str) -> int:
-    """A field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_kib(field: str, pid: int | str = "self") -> int:
+    """A field of /proc/PID/status (VmRSS, VmHWM, RssAnon, ...) in KiB (this process by default)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
 def reset_peak_kib() -> int:

@@ -206,8 +206,7 @@ def preprocess_pair(pair: Pair, label_map: LabelMap, plan: Plan, cache_dir: str 
         return read_entry(entry, mmap)
     if problem != "missing":
         print(broken_note(entry, pair, problem), file=sys.stderr, flush=True)
-    result = build_entry(pair, label_map, plan, cache_dir)
-    return read_entry(entry, mmap) if mmap else result
+    return read_entry(build_entry(pair, label_map, plan, cache_dir), mmap)
 
 
 def broken_note(entry: Path, pair: Pair, problem: str) -> str:
@@ -215,11 +214,12 @@ def broken_note(entry: Path, pair: Pair, problem: str) -> str:
     return f"note: cache entry {entry} (of {pair.label}) failed its check: {problem}; rebuilt from its source files"
 
 
-def build_entry(pair: Pair, label_map: LabelMap, plan: Plan, cache_dir: str | Path) -> Preprocessed:
-    """Preprocesses the pair and writes its cache entry (replacing a broken one); returns the result."""
-    result = _preprocess(pair, label_map, plan)
-    _write_entry(entry_path(pair, label_map, plan, cache_dir), result, len(label_map.names))
-    return result
+def build_entry(pair: Pair, label_map: LabelMap, plan: Plan, cache_dir: str | Path) -> Path:
+    """Preprocesses the pair and writes its cache entry (replacing a broken one); returns the entry's
+    path alone, so a worker process sends nothing large back (read it with read_entry)."""
+    entry = entry_path(pair, label_map, plan, cache_dir)
+    _write_entry(entry, _preprocess(pair, label_map, plan), len(label_map.names))
+    return entry
 
 
 def _preprocess(pair: Pair, label_map: LabelMap, plan: Plan) -> Preprocessed:
