@@ -83,7 +83,8 @@ def main() -> None:
     resume = ["--resume"] if (run / "last.pt").exists() else []
     out = args.stage / "real-scans"
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "scripts/train.py", "--preset", args.preset, "--out", str(run),
+    preset = [] if resume else ["--preset", args.preset]  # a resumed run keeps its own settings
+    command = [sys.executable, "scripts/train.py", *preset, "--out", str(run),
                "--device", args.device, *args.train_options, *resume]
     began = time.monotonic()
     ended = train_until(command, deadline - began - args.score_seconds, out / "train.log")

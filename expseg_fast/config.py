@@ -154,6 +154,7 @@ WINDOW_BATCH = dict(PREDICTOR.window_batch)
 # settings a resumed run may take from the command line (a moved dataset: its pinned identity is checked)
 RESUME_MAY_CHANGE = ("epochs", "device", "deterministic", "loader_workers", "data", "label_map", "max_voxels",
                      "keep_checkpoints", "val_data", "val_label_map")
+VALIDATION_DATA = ("val_data", "val_label_map")  # of those: only where the run had --val-data (moved)
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
           "tuple[int, ...]": (tuple, list)}
 
@@ -262,6 +263,10 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(saved, f.name)
             if f.name == "out" or mine == theirs:
+                continue
+            if f.name in VALIDATION_DATA and saved.val_data is None:
+                refused.append(f"{f.name}={mine!r} (the run validates on a split of its own data, which a resumed run "
+                               f"keeps; only a run that had --val-data may take it again, moved)")
                 continue
             (applied if f.name in RESUME_MAY_CHANGE else refused).append(f"{f.name}={mine!r} (the run has {theirs!r})")
         return refused, applied

@@ -1,5 +1,7 @@
 """Write an inference-only copy of a checkpoint: the weights and everything segment.py and evaluate.py read,
-without the optimizer's state (a third of the size; a run cannot resume from it).
+without the optimizer's state (a third of the size; a run cannot resume from it). A checkpoint that
+segment.py would refuse (non-finite weights, weights or class names that do not fit its configuration,
+a broken stored plan) is refused here too, and nothing is written.
 
 python scripts/export_model.py CHECKPOINT OUT.pt
 """
@@ -10,7 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from expseg_fast.checkpoint import for_inference, load_checkpoint, save_checkpoint
+from expseg_fast.inference.files import load_model
 
 
 def main() -> None:
@@ -21,6 +26,7 @@ def main() -> None:
     if args.out.exists() and args.out.resolve() == args.checkpoint.resolve():
         parser.error(f"{args.out}: is the checkpoint itself; choose another file")
     try:
+        load_model(args.checkpoint, torch.device("cpu"))  # what segment.py refuses is refused here, nothing written
         save_checkpoint(args.out, for_inference(load_checkpoint(args.checkpoint), args.checkpoint))
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")

@@ -47,8 +47,9 @@ def parser(defaults: TrainConfig, preset: str) -> argparse.ArgumentParser:
         p.add_argument(option(f), **kwargs)
     may_change = ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE)
     p.add_argument("--resume", action="store_true",
-                   help=f"continue from OUT/last.pt with the run's own configuration and pinned subjects; only "
-                        f"{may_change} may change (a moved --data/--label-map only with the same content)")
+                   help=f"continue from OUT/last.pt with the run's own configuration and pinned subjects (no "
+                        f"--preset); only {may_change} may change (a moved --data/--label-map/--val-data/"
+                        f"--val-label-map only with the same content; --val-data only where the run had one)")
     return p
 
 
@@ -90,8 +91,11 @@ def _resumed(p: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str])
     except ValueError as error:
         sys.exit(f"error: {error}")
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    if "--preset" in given:
+        p.error(f"--preset: a resumed run keeps the settings it was trained with ({last}); resume without "
+                f"--preset, or start a new --out")
     for action in p._actions:
-        if set(action.option_strings) & given and action.dest not in ("resume", "help", "preset"):
+        if set(action.option_strings) & given and action.dest not in ("resume", "help"):
             value = getattr(a, action.dest)
             setattr(config, action.dest, tuple(value) if isinstance(value, list) else value)
     config.out = a.out

@@ -228,7 +228,8 @@ def test_a_thin_scan_gets_the_range_warning(runs, tmp_path):
     save_volume(scans / "whole.nii.gz", scan.data, scan.affine)
     done = run_script("segment.py", str(runs["fit"] / "best.pt"), str(scans), str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
-    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in done.stderr.splitlines()  # the range's, not the barely trained model's prediction's
+                if line.startswith("warning:") and "the predicted structures" not in line]
     assert warnings == [f"warning: {scans / 'thin.nii.gz'}: thinnest extent 6 mm lies far outside the training "
                         f"data's 24 to 24 mm; the segmentation may be poor"]
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from expseg_fast.models import NORMS, ExpLogNet, NetConfig, VNet, build_model, count_parameters
+from expseg_fast.models.instance_norm import InstanceNormReLU
 
 SMALL = NetConfig(num_labels=5, width=4, blocks=(1, 1, 2, 2))
 
@@ -61,7 +64,7 @@ def test_instance_norm_is_each_image_own_in_training_and_eval(name):
     in training and eval mode (no running statistics), unlike BatchNorm's."""
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     model = build_model(name, 4, 4, (0, 1, 2), 1, "instance").double()
-    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    norms = [m for m in model.modules() if isinstance(m, InstanceNormReLU)]
     assert norms and not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
     assert not any("running" in n for n, _ in model.named_buffers())
     with torch.no_grad():
@@ -69,9 +72,10 @@ def test_instance_norm_is_each_image_own_in_training_and_eval(name):
             m.weight.uniform_(0.5, 2.0)
             m.bias.uniform_(-1.0, 1.0)
     checked = []
-    assert all(m.num_groups == m.num_channels for m in norms)
-    hooks = [m.register_forward_hook(lambda m, args, out: checked.append(
-        torch.allclose(out, _instance_norm_reference(args[0], m.weight, m.bias, m.eps), atol=1e-10))) for m in norms]
+    assert all(m.relu for m in norms) == (name == "ours")  # V-Net's PReLU follows its own norm
+    hooks = [m.register_forward_hook(lambda m, args, out: checked.append(torch.allclose(
+        out, _instance_norm_reference(args[0], m.weight, m.bias, m.eps).clamp_min(0 if m.relu else -math.inf),
+        atol=1e-10))) for m in norms]
     a, b = (torch.randn(1, 1, 32, 32, 32, dtype=torch.float64) * s + m for s, m in ((3.0, 1.0), (1.0, 0.0)))
     if name == "ours":
         model.noise.std, model.dropout.p = 0.0, 0.0  # only the normalisation differs between the modes

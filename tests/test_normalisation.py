@@ -139,5 +139,6 @@ def test_segment_warns_about_a_scan_whose_intensity_scale_is_far_from_the_traini
     done = subprocess.run([sys.executable, str(SCRIPTS / "segment.py"), str(out / "last.pt"), str(scans),
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in done.stderr.splitlines()  # the range's, not the barely trained model's prediction's
+                if line.startswith("warning:") and "the predicted structures" not in line]
     assert len(warnings) == 1 and "narrow.nii.gz: intensity scale (std of the non-zero voxels)" in warnings[0], warnings

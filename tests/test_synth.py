@@ -277,8 +277,8 @@ def test_an_inference_only_copy_segments_and_cannot_be_resumed(tmp_path, norm):
     assert here not in (tmp_path / "slim.pt").read_bytes()
     slim, full = load_model(tmp_path / "slim.pt", torch.device("cpu")), load_model(out / "last.pt", torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(slim.model.state_dict().values(), full.model.state_dict().values()))
-    kinds = {type(m).__name__ for m in slim.model.modules()} & {"BatchNorm3d", "GroupNorm"}
-    assert kinds == {"batch": {"BatchNorm3d"}, "instance": {"GroupNorm"}}[norm]
+    kinds = {type(m).__name__ for m in slim.model.modules()} & {"BatchNorm3d", "InstanceNormReLU"}
+    assert kinds == {"batch": {"BatchNorm3d"}, "instance": {"InstanceNormReLU"}}[norm]
     (out / "last.pt").write_bytes((tmp_path / "slim.pt").read_bytes())
     with pytest.raises(ValueError, match="an inference-only copy without the optimizer's state"):
         train(tiny_synth(out, 2, norm=norm), resume=True)

@@ -39,7 +39,7 @@ from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import IGNORE, Resampling, apply_labels
 
 # Bump when the preprocessing's output (or an entry's files) changes for the same inputs and settings.
-PREPROCESS_VERSION = 4
+PREPROCESS_VERSION = 5
 ARRAYS = ("image.npy", "labels.npy")
 ENTRY_FILES = (*ARRAYS, "resampling.json", "facts.json", "manifest.json")  # the manifest last
 _TEMP_OWNER = f"{TEMP_PREFIX}{socket.gethostname()}-"  # + pid: whose temporary folder it is
@@ -80,9 +80,15 @@ def read_entry(entry: Path, mmap: bool = True) -> Preprocessed:
     unless mmap is False."""
     mode = "r" if mmap else None
     r = Resampling.from_dict(json.loads((entry / "resampling.json").read_text()))
-    facts = VolumeFacts(**json.loads((entry / "facts.json").read_text()))
+    facts = read_facts(entry)
     return Preprocessed(np.load(entry / "image.npy", mmap_mode=mode), np.load(entry / "labels.npy", mmap_mode=mode), r,
                         facts)
+
+
+def read_facts(entry: Path) -> VolumeFacts:
+    """The entry's facts.json (its class volumes as a tuple, as VolumeFacts holds them)."""
+    record = json.loads((entry / "facts.json").read_text())
+    return VolumeFacts(**{**record, "class_ml": tuple(record.get("class_ml", ()))})
 
 
 def _file_sha256(path: Path) -> str:
@@ -113,7 +119,7 @@ def entry_problem(entry: Path, num_classes: int) -> str | None:
         if not (0 <= top < num_classes or top == IGNORE) or not manifest["image.npy"]["finite"]:
             return "its labels or intensities are out of range"
         Resampling.from_dict(json.loads((entry / "resampling.json").read_text()))
-        VolumeFacts(**json.loads((entry / "facts.json").read_text()))
+        read_facts(entry)
     except FileNotFoundError:
         return "manifest.json is missing (an entry of an older version, or damaged)"
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
@@ -229,4 +235,4 @@ def _preprocess(pair: Pair, label_map: LabelMap, plan: Plan) -> Preprocessed:
     data = [image.data] + [load_volume(path, max_voxels=None).data for path in pair.more_channels]
     channels = plan.image(data, r)
     return Preprocessed(channels[0] if len(channels) == 1 else channels, apply_labels(classes, r), r,
-                        VolumeFacts.of(image.data, image.affine))
+                        VolumeFacts.of(image.data, image.affine, classes, len(label_map.names)))

@@ -24,12 +24,11 @@ from expseg_fast.data.nifti import (
     content_digest,
     load_volume,
     nonfinite_problem,
+    volume_suffix,
     voxel_digest,
 )
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import IGNORE
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class DatasetError(ValueError):
@@ -105,13 +104,19 @@ class LabelMap:
 
     def aligned_to(self, names: tuple[str, ...] | list[str], where: str) -> tuple["LabelMap", list[int]]:
         """(this map with its ids mapped onto the classes `names` (a model's), the indices of the classes
-        of names that this map lacks). ValueError naming a class of this map that names lacks."""
+        of names that this map lacks: not listed, or listed without ids; never scored). ValueError naming a
+        class of this map that names lacks, or when the map lacks class 0 (background)."""
         position = {name: i for i, name in enumerate(names)}
         extra = [name for name in self.names if name not in position]
         if extra:
             raise ValueError(f"{where}: classes {extra} are not among the model's {list(names)}")
         lookup = {source: position[self.names[c]] for source, c in self.lookup.items()}
-        lacking = [i for i, name in enumerate(names) if name not in self.names]
+        listed = {self.names[c] for c in self.lookup.values()}  # a class with "ids": [] is not in the data
+        lacking = [i for i, name in enumerate(names) if name not in listed]
+        if 0 in lacking:
+            raise ValueError(f"{where}: lists no ids for the model's class 0, {names[0]!r}: without it the voxels "
+                             f"where no structure is are never scored and every other class's Dice is inflated; "
+                             f"add {{\"name\": \"{names[0]}\", \"ids\": [...]}} with the ids of those voxels")
         return LabelMap(tuple(names), lookup, self.ignore_unlisted), lacking
 
     def apply(self, labels: np.ndarray) -> np.ndarray:
@@ -124,12 +129,14 @@ class LabelMap:
 
 
 def plain_name(path: Path) -> str:
-    """The file name without its NIfTI suffix."""
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """The file name without its volume suffix (.nii.gz, .nii, .mgz, .mgh)."""
+    suffix = volume_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def volume_files(folder: Path) -> list[Path]:
+    """The volume files (NIfTI or MGH, by suffix) of a folder, sorted."""
+    return sorted(p for p in folder.iterdir() if volume_suffix(p) and not p.is_dir())
 
 
 def case_and_channel(path: Path, known: set[str] = frozenset()) -> tuple[str, int]:
@@ -181,9 +188,8 @@ def find_pairs(source: str | Path, problems: list[str] | None = None) -> list[Pa
         if not images_dir.is_dir() or not labels_dir.is_dir():
             raise DatasetError([f"{source}: expected the folders imagesTr/ and labelsTr/"])
         found: list[str] = []
-        labels = {plain_name(p): p for p in sorted(labels_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
-        images = group_channels([p for p in sorted(images_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)], found,
-                                set(labels))
+        labels = {plain_name(p): p for p in volume_files(labels_dir)}
+        images = group_channels(volume_files(images_dir), found, set(labels))
         unpaired = found + [f"{images[k][0]}: no label file in {labels_dir}" for k in sorted(images.keys() - labels.keys())]
         unpaired += [f"{labels[k]}: no image file in {images_dir}" for k in sorted(labels.keys() - images.keys())]
         if unpaired and problems is None:

@@ -29,23 +29,55 @@ class VolumeFacts:
     thinnest_mm: float  # the smallest extent (a scan of a few slices is thin)
     intensity_mean: float  # the raw statistics the `nonzero` normalisation uses (ScanStatistics)
     intensity_scale: float
+    class_ml: tuple[float, ...] = ()  # volume of each class in its label file (mL); () where none is known
 
     @classmethod
-    def of(cls, data: np.ndarray, affine: np.ndarray) -> "VolumeFacts":
+    def of(cls, data: np.ndarray, affine: np.ndarray, classes: np.ndarray | None = None,
+           num_classes: int = 0) -> "VolumeFacts":
+        """Facts of a volume (data (D, H, W), affine (4, 4)); with its class indices (D, H, W) (values
+        >= num_classes, such as IGNORE, not counted) the volume of each class too."""
         spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
         extent = spacing * np.array(data.shape[:3])
         stats = ScanStatistics.of(data)
+        volumes = () if classes is None else class_volumes_ml(classes, affine, num_classes)
         return cls(float(spacing.min()), float(extent.max()), "".join(nib.aff2axcodes(affine)),
-                   float(np.percentile(data, 99)), float(extent.min()), stats.mean, stats.std)
+                   float(np.percentile(data, 99)), float(extent.min()), stats.mean, stats.std, volumes)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def voxel_ml(affine: np.ndarray) -> float:
+    """The volume of one voxel (mL) of a grid with this affine."""
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+def class_volumes_ml(classes: np.ndarray, affine: np.ndarray, num_classes: int) -> tuple[float, ...]:
+    """The volume (mL) of each class 0..num_classes-1 in a volume of class indices with this affine."""
+    counts = np.bincount(np.asarray(classes).reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
+    return tuple(float(c) * voxel_ml(affine) for c in counts)
+
+
+def composition(volumes: list[tuple[float, ...]]) -> dict:
+    """What the training labels' structures are like, for the check of a prediction
+    (expseg_fast/inference/plausibility.py): the range of the foreground's volume (mL, every class but
+    0), each class's mean share of the foreground, and the largest total-variation distance of a
+    subject's shares from that mean."""
+    ml = np.asarray(volumes, dtype=np.float64)[:, 1:]
+    total = ml.sum(axis=1)
+    shares = ml / np.maximum(total, 1e-12)[:, None]
+    mean = shares.mean(axis=0)
+    return {"foreground_ml": [float(total.min()), float(total.max())], "share_mean": [float(x) for x in mean],
+            "share_spread": float(0.5 * np.abs(shares - mean).sum(axis=1).max())}
+
+
 def training_range(facts: list[VolumeFacts]) -> dict:
-    """{measure: [lowest, highest]} over the training subjects, and the orientations seen."""
+    """{measure: [lowest, highest]} over the training subjects, the orientations seen and, when every
+    subject's class volumes are known, their composition."""
     out = {key: [min(getattr(f, key) for f in facts), max(getattr(f, key) for f in facts)] for key in TOLERANCE}
     out["orientations"] = sorted({f.orientation for f in facts})
+    if all(f.class_ml for f in facts) and len({len(f.class_ml) for f in facts}) == 1:
+        out["composition"] = composition([f.class_ml for f in facts])
     return out
 
 

@@ -1,5 +1,6 @@
-"""NIfTI (.nii, .nii.gz) in and out with nibabel; every error names the file. A volume is read only
-when its header declares at most MAX_VOXELS voxels (a small compressed file can declare gigabytes)."""
+"""Volumes in and out with nibabel: NIfTI (.nii, .nii.gz) and FreeSurfer's MGH (.mgh, .mgz); every
+error names the file, and a file's bytes always match its suffix. A volume is read only when its header
+declares at most MAX_VOXELS voxels (a small compressed file can declare gigabytes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import numpy as np
 
 from expseg_fast.atomic import write_atomic
 
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")  # what the project reads and writes, by file name
+MGH_SUFFIXES = (".mgz", ".mgh")
 
 # The most voxels a volume (a file, or a grid it is resampled onto) may have unless the user raises the
 # bound (--max-voxels): 512^3, 0.5 GiB as float32; resampling it takes a few GiB more.
@@ -56,6 +60,12 @@ def voxel_bound_problem(path: str | Path, shape: tuple[int, ...], max_voxels: in
             f"(raise it with --max-voxels if the memory is there)")
 
 
+def volume_suffix(path: str | Path) -> str | None:
+    """The volume format's suffix that the file name ends with (".nii.gz", ".nii", ".mgz", ".mgh"), or None."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in VOLUME_SUFFIXES if name.endswith(suffix)), None)
+
+
 def load_volume(path: str | Path, dtype=np.float32, max_voxels: int | None = MAX_VOXELS) -> Volume:
     """Reads a 3-d NIfTI volume (a 4-d one with a single volume is squeezed); VolumeError naming the file
     when it cannot be used, before reading any voxel when its header declares more than max_voxels
@@ -70,7 +80,7 @@ def load_volume(path: str | Path, dtype=np.float32, max_voxels: int | None = MAX
     except VolumeError:
         raise
     except Exception as error:  # nibabel raises many types for broken files
-        raise VolumeError(f"{path}: unreadable or truncated NIfTI file ({type(error).__name__}: {error})") from error
+        raise VolumeError(f"{path}: unreadable or truncated volume file ({type(error).__name__}: {error})") from error
     if data.dtype.names is not None:  # RGB(A) NIfTI: a structured dtype of colour channels
         raise VolumeError(f"{path}: a colour (RGB) image; expected one intensity per voxel")
     if np.iscomplexobj(data):
@@ -105,10 +115,26 @@ def content_digest(volume: Volume) -> str:
 
 def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
     """Writes data with affine atomically (a temporary file in the same folder, then a rename), so an
-    interrupted write never leaves a truncated file behind."""
+    interrupted write never leaves a truncated file behind; in the format its suffix names (NIfTI-1
+    for .nii/.nii.gz, MGH for .mgh/.mgz; ValueError for any other name)."""
     path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
+    suffix = volume_suffix(path)
+    if suffix is None:
+        raise ValueError(f"{path}: not a volume file name; expected one of {', '.join(VOLUME_SUFFIXES)}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if suffix in MGH_SUFFIXES:  # MGH holds uint8, int16, int32 or float32
+        data = np.asarray(data)
+        kind = (data.dtype if data.dtype in (np.uint8, np.int16, np.int32, np.float32)
+                else np.int32 if np.issubdtype(data.dtype, np.integer) else np.float32)
+        image = nib.MGHImage(data.astype(kind, copy=False), affine)
+    else:
+        image = nib.Nifti1Image(np.asarray(data), affine)
+        image.set_qform(image.affine, code=1)
+        image.set_sform(image.affine, code=1)
     write_atomic(path, lambda tmp: nib.save(image, tmp), suffix)
+
+
+def save_labels(path: str | Path, labels: np.ndarray, affine: np.ndarray) -> None:
+    """Writes a label volume as save_volume does, as uint8 (int16 from 256 classes)."""
+    dtype = np.uint8 if labels.size == 0 or int(labels.max()) < 256 else np.int16
+    save_volume(path, labels.astype(dtype), affine)

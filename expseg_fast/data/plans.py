@@ -56,6 +56,15 @@ class Plan(ABC):
     absorbed: ClassVar[tuple[str, ...]]  # what about a scan (expseg_fast/data/facts.py) the plan makes alike
     size: int
 
+    def __post_init__(self) -> None:
+        """ValueError for settings no scan can be preprocessed with (a hand-edited record, say)."""
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"preprocessing {self.mode}: size must be a positive whole number of voxels, "
+                             f"got {self.size!r}")
+        spacing = getattr(self, "spacing_mm", 1.0)
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not 0 < spacing < float("inf"):
+            raise ValueError(f"preprocessing {self.mode}: spacing_mm must be a positive number of mm, got {spacing!r}")
+
     @classmethod
     @abstractmethod
     def of(cls, settings) -> "Plan":

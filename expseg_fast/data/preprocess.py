@@ -199,13 +199,13 @@ def invert_labels(labels: np.ndarray, r: Resampling) -> np.ndarray:
 
 
 def write_prediction(path, labels: np.ndarray, r: Resampling) -> np.ndarray:
-    """Maps a predicted label volume (target grid) back onto the original grid and writes it as NIfTI
-    with the original affine, so it overlays the input image in any viewer. Returns the written array."""
-    from expseg_fast.data.nifti import save_volume
+    """Maps a predicted label volume (target grid) back onto the original grid and writes it (in the
+    format its suffix names) with the original affine, so it overlays the input image in any viewer.
+    Returns the written array."""
+    from expseg_fast.data.nifti import save_labels
 
     original = invert_labels(labels, r)
-    dtype = np.uint8 if original.size == 0 or int(original.max()) < 256 else np.int16
-    save_volume(path, original.astype(dtype), r.source_affine)
+    save_labels(path, original, r.source_affine)
     return original
 
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expseg_fast.data.anatomy import GenerationTable
+from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
+from expseg_fast.data.facts import composition, voxel_ml
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.nifti import load_volume
 from expseg_fast.data.plans import Plan
@@ -91,6 +92,22 @@ class LabelMapSource:
         lo = (np.array(self.scan_shape) - np.array(self.shape)) // 2
         scan[lo[0]:lo[0] + self.shape[0], lo[1]:lo[1] + self.shape[1], lo[2]:lo[2] + self.shape[2]] = crop
         return scan
+
+
+def packaged_composition(names: list[str]) -> dict:
+    """The composition (expseg_fast/data/facts.py) of the packaged label maps under the classes `names`:
+    the record of the generator presets' checkpoints from before they stored one (all 20 maps, where
+    such a run trained on its split of them)."""
+    table = GenerationTable.read()
+    label_map, _ = LabelMap.from_json(CLASSES_FILE).aligned_to(names, str(CLASSES_FILE))
+    index_class = label_map.apply(np.asarray(table.freesurfer_ids)).astype(np.int64)
+    volumes = []
+    for path in label_map_files():
+        volume = load_volume(path, dtype=np.float64, max_voxels=None)
+        counts = np.bincount(np.rint(volume.data).astype(np.int64).reshape(-1), minlength=len(index_class))
+        per_class = np.bincount(index_class, weights=counts[: len(index_class)], minlength=len(names))[: len(names)]
+        volumes.append(tuple(float(c) * voxel_ml(volume.affine) for c in per_class))
+    return composition(volumes)
 
 
 class Generator:

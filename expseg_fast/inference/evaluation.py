@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from expseg_fast.config import TrainConfig
-from expseg_fast.data import invert_labels, load_volume, preprocess_pair, random_splits
+from expseg_fast.data import load_volume, preprocess_pair, random_splits
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.identity import DataPin
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import IGNORE
 from expseg_fast.data.source import SYNTH, Dataset, open_dataset
-from expseg_fast.inference.files import case_image, load_model, predict_labels, predictor_for
+from expseg_fast.inference.files import load_model, predictor_for, segment_case, warn
 from expseg_fast.inference.predictor import Predictor
 from expseg_fast.machine import torch_device
 from expseg_fast.metrics import hard_dice
@@ -84,7 +84,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
     found.label_map = protocol
     chosen, source = _subjects(loaded.pin, found, config, other, checkpoint)
     predictors = (predictor_for(loaded.model, config, plan, dev), predictor_for(loaded.model, config, plan, dev, 1))
-    scores = [_score(found.pairs[i], protocol, plan, predictors, max_voxels) for i in chosen]
+    scores = [_score(found.pairs[i], protocol, plan, predictors, max_voxels, loaded.data_range) for i in chosen]
     original, on_cube = (torch.stack([s[k] for s in scores]) for k in (0, 1))
     original[:, [c - 1 for c in lacking]] = on_cube[:, [c - 1 for c in lacking]] = float("nan")
     return Evaluation(str(checkpoint), loaded.epochs, [found.pairs[i].image.name for i in chosen], names[1:],
@@ -113,14 +113,16 @@ def _dataset(config: TrainConfig, data: str | None, label_map: str | None, check
 
 
 def _score(pair: Pair, label_map: LabelMap, plan: Plan, predictors: tuple[Predictor, Predictor],
-           max_voxels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Dice on the label file's grid, Dice on the training cube) of one subject, without background.
+           max_voxels: int, seen: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Dice on the label file's grid, Dice on the training cube) of one subject, without background;
+    warns, naming the scan, where it or its prediction is unlike the training data `seen`.
     predictors: the plan's windows per call, and one cube per call."""
     windows, one_cube = predictors
     num_classes = len(label_map.names)
     # the user's figure: the prediction segment.py writes, on the label file's grid
-    image, r, _ = case_image(pair.images, plan, max_voxels)
-    predicted = invert_labels(predict_labels(windows, image, plan, num_classes), r).astype(np.int64)
+    predicted, _, notes = segment_case(windows, pair.images, plan, list(label_map.names), seen, max_voxels)
+    warn(pair.image, notes)
+    predicted = predicted.astype(np.int64)
     truth = label_map.apply(load_volume(pair.label, dtype=np.int64, max_voxels=None).data).astype(np.int64)
     original = hard_dice(torch.from_numpy(predicted), torch.from_numpy(truth), num_classes, IGNORE)[1:]
     # the trainer's figure: its own preprocessed sample (the training cube) through the network once

@@ -1,4 +1,5 @@
-"""Segment NIfTI files with a trained checkpoint; outputs land in each input's ORIGINAL space.
+"""Segment volume files (NIfTI or MGH) with a trained checkpoint; outputs land in each input's ORIGINAL
+space, in each input's format.
 
 The checkpoint's preprocessing plan (expseg_fast/data/plans.py) is applied: its inference grid of the
 whole scan, its normalisation, and its windows (one cube for `fit`; for `spacing` Gaussian-weighted
@@ -24,13 +25,16 @@ import torch
 from expseg_fast.atomic import NoSpaceError, write_atomic
 from expseg_fast.checkpoint import checkpoint_config, checkpoint_pin, load_checkpoint, non_finite_weights
 from expseg_fast.config import WINDOW_BATCH, TrainConfig
-from expseg_fast.data import VolumeError, load_volume, write_prediction
-from expseg_fast.data.dataset import NIFTI_SUFFIXES, group_channels
+from expseg_fast.data import VolumeError, invert_labels, load_volume
+from expseg_fast.data.dataset import group_channels, plain_name, volume_files
 from expseg_fast.data.facts import VolumeFacts, out_of_range
 from expseg_fast.data.identity import DataPin
-from expseg_fast.data.nifti import affines_match, nonfinite_problem
+from expseg_fast.data.nifti import VOLUME_SUFFIXES, affines_match, nonfinite_problem, save_labels, volume_suffix
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import Resampling
+from expseg_fast.data.source import SYNTH
+from expseg_fast.data.synth import packaged_composition
+from expseg_fast.inference.plausibility import intensity_note, prediction_note
 from expseg_fast.inference.predictor import Predictor
 from expseg_fast.inference.sliding_window import sliding_window_labels
 from expseg_fast.machine import torch_device
@@ -73,6 +77,8 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
         model = config.network(len(names))
         model.load_state_dict(state["model"])
         seen = json.loads(state["data_range"]) if "data_range" in state else None
+        if seen is not None and "composition" not in seen and config.data == SYNTH:
+            seen["composition"] = packaged_composition(names)  # a generator run's from before the record
         epochs = int(state["epoch"]) + 1
         plan = Plan.from_record(json.loads(state["plan"])) if "plan" in state else config.plan()
     except (RuntimeError, TypeError, ValueError, KeyError, RecursionError) as error:
@@ -84,12 +90,17 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
 
 
 def input_files(inputs: Path) -> list[Path]:
-    """The NIfTI file, or every NIfTI file of the folder, sorted."""
+    """The volume file (NIfTI or MGH), or every volume file of the folder, sorted; each output is written
+    in its input's format, so a file of another name is refused."""
+    kinds = ", ".join(VOLUME_SUFFIXES)
     if not inputs.exists():
         raise ValueError(f"{inputs}: no such file or folder")
-    files = sorted(p for p in inputs.iterdir() if p.name.endswith(NIFTI_SUFFIXES)) if inputs.is_dir() else [inputs]
+    if not inputs.is_dir() and volume_suffix(inputs) is None:
+        raise ValueError(f"{inputs}: not a volume file name (expected {kinds}: the output keeps the input's name "
+                         f"and format)")
+    files = volume_files(inputs) if inputs.is_dir() else [inputs]
     if not files:
-        raise ValueError(f"{inputs}: no .nii or .nii.gz files")
+        raise ValueError(f"{inputs}: no {kinds} files")
     return files
 
 
@@ -102,10 +113,12 @@ def check_output_folder(out_dir: Path, inputs: Path) -> None:
                          f"(they keep the input names): choose another output folder")
 
 
-def case_image(paths: tuple[Path, ...], plan: Plan, max_voxels: int) -> tuple[np.ndarray, Resampling, VolumeFacts]:
+def case_image(paths: tuple[Path, ...], plan: Plan, max_voxels: int,
+               seen: dict | None = None) -> tuple[np.ndarray, Resampling, list[str]]:
     """The preprocessed image (K, ...) of one case's channel files on the plan's inference grid, its
-    resampling and what the original is like; VolumeError naming the file if one is unusable (what
-    the plan would lose, or past max_voxels)."""
+    resampling and notes on what makes channel 0 unlike a scan of the training range `seen` (a
+    checkpoint's data_range; None: only whether it looks like a scan at all); VolumeError naming the file
+    if one is unusable (what the plan would lose, or past max_voxels)."""
     channels = []
     for path in paths:
         volume = load_volume(path, max_voxels=max_voxels)
@@ -120,7 +133,20 @@ def case_image(paths: tuple[Path, ...], plan: Plan, max_voxels: int) -> tuple[np
     if problem:
         raise VolumeError(problem)
     r = plan.inference_grid(first.data.shape, first.affine)
-    return plan.image([c.data for c in channels], r), r, VolumeFacts.of(first.data, first.affine)
+    notes = out_of_range(VolumeFacts.of(first.data, first.affine), seen, plan.absorbed) if seen else []
+    unlike_a_scan = intensity_note(first.data)
+    return plan.image([c.data for c in channels], r), r, notes + ([unlike_a_scan] if unlike_a_scan else [])
+
+
+def segment_case(predictor: Predictor, paths: tuple[Path, ...], plan: Plan, names: list[str], seen: dict | None,
+                 max_voxels: int) -> tuple[np.ndarray, Resampling, list[str]]:
+    """(the labels of one case on channel 0's own grid, its resampling, notes on what makes the case or
+    its prediction unlike the training data (expseg_fast/inference/plausibility.py), each to be said
+    naming the file). VolumeError naming a file that is unusable."""
+    image, r, notes = case_image(paths, plan, max_voxels, seen)
+    labels = invert_labels(predict_labels(predictor, image, plan, len(names)), r)
+    unlike = prediction_note(labels, r.source_affine, seen, names)
+    return labels, r, notes + ([unlike] if unlike else [])
 
 
 def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tuple[str, tuple[Path, ...]]]:
@@ -130,8 +156,7 @@ def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tupl
         return [(f.name, (f,)) for f in files]
     grouped = []
     for case, paths in group_channels(files, problems, expected=in_channels).items():
-        suffix = ".nii.gz" if paths[0].name.endswith(".nii.gz") else ".nii"
-        grouped.append((case + suffix, paths))
+        grouped.append((case + paths[0].name[len(plain_name(paths[0])):], paths))  # channel 0's format
     return grouped
 
 
@@ -155,9 +180,16 @@ def predict_labels(predictor: Predictor, image: np.ndarray, plan: Plan, num_clas
     return labels.cpu().numpy()
 
 
+def warn(path: Path, notes: list[str]) -> None:
+    """Says each note on an input, naming it."""
+    for note in notes:
+        print(f"warning: {path}: {note}; the segmentation may be poor", file=sys.stderr, flush=True)
+
+
 def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
             overwrite: bool = False, max_voxels: int | None = None) -> list[Path]:
-    """Segments one NIfTI file or every NIfTI file of a folder; returns the written label files.
+    """Segments one volume file or every volume file (NIfTI or MGH) of a folder; returns the written label
+    files, each in its input's format.
     SegmentationError (after every good file is written) when some inputs could not be segmented or
     written. max_voxels: the largest scan (and resampled grid) taken, default the checkpoint's."""
     dev = torch_device(device)
@@ -180,10 +212,9 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             problems.append(f"{target}: exists; not replaced (use --overwrite to replace outputs)")
             continue
         try:
-            image, r, facts = case_image(paths, plan, max_voxels)
-            for note in out_of_range(facts, seen, plan.absorbed) if seen else []:
-                print(f"warning: {paths[0]}: {note}; the segmentation may be poor", file=sys.stderr, flush=True)
-            write_prediction(target, predict_labels(predictor, image, plan, len(names)), r)
+            labels, r, notes = segment_case(predictor, paths, plan, names, seen, max_voxels)
+            warn(paths[0], notes)
+            save_labels(target, labels, r.source_affine)
         except (VolumeError, OSError) as error:
             problems.append(str(error) if isinstance(error, (VolumeError, NoSpaceError)) else f"{target}: {error}")
             continue

@@ -95,11 +95,17 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, weights: torch.Ten
             raise ValueError(f"weights are on {weights.device} but logits are on {logits.device}")
 
 
-def _raise_for_bad_values(bad_target: int, bad_logits: int, num_labels: int) -> None:
+def _raise_for_bad_values(bad_target: int, bad_logits: int, num_labels: int, ignore_index: int | None) -> None:
     if bad_target:
-        raise ValueError(f"target: {bad_target} voxels hold labels outside [0, {num_labels})")
+        other = "" if ignore_index is None else f" other than ignore_index {ignore_index}"
+        raise ValueError(f"target: {bad_target} voxels hold labels outside [0, {num_labels}){other}")
     if bad_logits:
         raise ValueError(f"logits: {bad_logits} voxels hold NaN or Inf")
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (nothing may be read back then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def loss(
@@ -108,30 +114,40 @@ def loss(
     weights: torch.Tensor | None,
     spec: LossSpec,
     backend: Backend = "auto",
-    validate: bool = True,
+    validate: bool | Literal["labels"] = True,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """The loss `spec` of logits against target; the functions below are its named cases.
 
-    validate: raise ValueError for labels outside [0, C), non-finite logits and negative or
-    non-finite weights. It reads small tensors back from the device (a synchronisation on CUDA) and
-    is skipped under torch.compile. With validate=False, the fused backends (native, triton) ignore
-    out-of-range labels (they contribute nothing and get a zero gradient) and make the loss NaN for
-    any non-finite logit (the reference follows IEEE arithmetic: NaN or +Inf give NaN).
+    ignore_index: voxels labelled so contribute nothing (to the Dice statistics and the cross term) and
+    get a zero gradient; the cross term's mean stays over all N*D*H*W voxels.
+    validate: raise ValueError for labels outside [0, C) other than ignore_index, non-finite logits and
+    negative or non-finite weights. It reads small tensors back from the device (a synchronisation on
+    CUDA) and is skipped under torch.compile and while a CUDA graph is captured. validate="labels":
+    the labels and weights only (a non-finite logit gives a non-finite loss, which a trainer takes for
+    divergence). With validate=False,
+    every out-of-range label is ignored as ignore_index is, silently, and the fused backends (native,
+    triton) make the loss NaN for any non-finite logit (the reference follows IEEE arithmetic: NaN or
+    +Inf give NaN).
     """
     _check_inputs(logits, target, weights)
     num_labels = logits.shape[1]
     if weights is None:
         weights = torch.ones(num_labels, device=logits.device, dtype=torch.float32)
     weights = weights.detach()
-    validate = validate and not torch.compiler.is_compiling()
+    logits_too = validate is True
+    validate = bool(validate) and not torch.compiler.is_compiling() and not _capturing(logits.device)
     if validate and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
         raise ValueError("weights must be finite and >= 0")
+    ignored = int((target == ignore_index).sum()) if validate and ignore_index is not None else 0
+    if ignore_index is not None and 0 <= ignore_index < num_labels:  # a class index: moved out of range
+        target = target.long().masked_fill(target == ignore_index, -1)
     name = resolve_backend(backend, logits.device)
     if name == "reference":
         if validate:
             bad_target = int(((target < 0) | (target >= num_labels)).sum())
-            bad_logits = int((~torch.isfinite(logits)).any(dim=1).sum())
-            _raise_for_bad_values(bad_target, bad_logits, num_labels)
+            bad_logits = int((~torch.isfinite(logits)).any(dim=1).sum()) if logits_too else 0
+            _raise_for_bad_values(bad_target - ignored, bad_logits, num_labels, ignore_index)
         return reference_loss(logits, target, weights, spec)
     if name == "triton":
         from expseg_fast.kernels.explog import explog as triton_explog
@@ -142,7 +158,8 @@ def loss(
             target = target.long()
         value, bad = native.explog(logits, target, weights, spec.op_args())
     if validate:
-        _raise_for_bad_values(*bad.tolist(), num_labels)
+        bad_target, bad_logits = bad.tolist()
+        _raise_for_bad_values(bad_target - ignored, bad_logits if logits_too else 0, num_labels, ignore_index)
     return value
 
 
@@ -158,17 +175,19 @@ def exp_log_loss(
     eps: float = 1.0,
     backend: Backend = "auto",
     validate: bool = True,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """L_Exp = w_dice * L_Dice(gamma_dice) + w_cross * L_Cross(gamma_cross); paper's best by default."""
     spec = LossSpec.exp_log(w_dice, w_cross, gamma_dice, gamma_cross, eps)
-    return loss(logits, target, weights, spec, backend, validate)
+    return loss(logits, target, weights, spec, backend, validate, ignore_index)
 
 
 def linear_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0, backend: Backend = "auto", validate: bool = True
+    logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0, backend: Backend = "auto", validate: bool = True,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Mean over (sample, label) of 1 - Dice_i."""
-    return loss(logits, target, None, LossSpec.linear(eps), backend, validate)
+    return loss(logits, target, None, LossSpec.linear(eps), backend, validate, ignore_index)
 
 
 def log_dice_loss(
@@ -179,9 +198,10 @@ def log_dice_loss(
     eps: float = 1.0,
     backend: Backend = "auto",
     validate: bool = True,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """L_Dice(gamma): mean over (sample, label) of (-ln Dice_i)^gamma (gamma 1: logarithmic Dice)."""
-    return loss(logits, target, None, LossSpec.log_dice(gamma, eps), backend, validate)
+    return loss(logits, target, None, LossSpec.log_dice(gamma, eps), backend, validate, ignore_index)
 
 
 def cross_loss(
@@ -192,25 +212,29 @@ def cross_loss(
     gamma: float = 1.0,
     backend: Backend = "auto",
     validate: bool = True,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """L_Cross(gamma): mean over voxels of w_l * (-ln p_l)^gamma (gamma 1: weighted cross-entropy)."""
-    return loss(logits, target, weights, LossSpec.cross(gamma), backend, validate)
+    return loss(logits, target, weights, LossSpec.cross(gamma), backend, validate, ignore_index)
 
 
 class _LossModule(nn.Module):
-    def __init__(self, spec: LossSpec, weights: torch.Tensor | None, backend: Backend, validate: bool) -> None:
+    def __init__(self, spec: LossSpec, weights: torch.Tensor | None, backend: Backend, validate: bool,
+                 ignore_index: int | None) -> None:
         super().__init__()
         check_backend_name(backend)
         self.spec = spec
         self.backend = backend
         self.validate = validate
+        self.ignore_index = ignore_index
         self.register_buffer("weights", None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return loss(logits, target, self.weights, self.spec, self.backend, self.validate)
+        return loss(logits, target, self.weights, self.spec, self.backend, self.validate, self.ignore_index)
 
     def extra_repr(self) -> str:
-        return f"{self.spec}, backend={self.backend!r}"
+        ignore = "" if self.ignore_index is None else f", ignore_index={self.ignore_index}"
+        return f"{self.spec}, backend={self.backend!r}{ignore}"
 
 
 class ExpLogLoss(_LossModule):
@@ -226,28 +250,33 @@ class ExpLogLoss(_LossModule):
         eps: float = 1.0,
         backend: Backend = "auto",
         validate: bool = True,
+        ignore_index: int | None = None,
     ) -> None:
-        super().__init__(LossSpec.exp_log(w_dice, w_cross, gamma_dice, gamma_cross, eps), weights, backend, validate)
+        super().__init__(LossSpec.exp_log(w_dice, w_cross, gamma_dice, gamma_cross, eps), weights, backend, validate,
+                         ignore_index)
 
 
 class LinearDiceLoss(_LossModule):
     """Mean over (sample, label) of 1 - Dice_i."""
 
-    def __init__(self, eps: float = 1.0, backend: Backend = "auto", validate: bool = True) -> None:
-        super().__init__(LossSpec.linear(eps), None, backend, validate)
+    def __init__(self, eps: float = 1.0, backend: Backend = "auto", validate: bool = True,
+                 ignore_index: int | None = None) -> None:
+        super().__init__(LossSpec.linear(eps), None, backend, validate, ignore_index)
 
 
 class LogDiceLoss(_LossModule):
     """L_Dice(gamma) = mean over (sample, label) of (-ln Dice_i)^gamma."""
 
-    def __init__(self, gamma: float = 1.0, eps: float = 1.0, backend: Backend = "auto", validate: bool = True) -> None:
-        super().__init__(LossSpec.log_dice(gamma, eps), None, backend, validate)
+    def __init__(self, gamma: float = 1.0, eps: float = 1.0, backend: Backend = "auto", validate: bool = True,
+                 ignore_index: int | None = None) -> None:
+        super().__init__(LossSpec.log_dice(gamma, eps), None, backend, validate, ignore_index)
 
 
 class CrossLoss(_LossModule):
     """L_Cross(gamma) = mean over voxels of w_l * (-ln p_l)^gamma."""
 
     def __init__(
-        self, weights: torch.Tensor | None = None, gamma: float = 1.0, backend: Backend = "auto", validate: bool = True
+        self, weights: torch.Tensor | None = None, gamma: float = 1.0, backend: Backend = "auto", validate: bool = True,
+        ignore_index: int | None = None,
     ) -> None:
-        super().__init__(LossSpec.cross(gamma), weights, backend, validate)
+        super().__init__(LossSpec.cross(gamma), weights, backend, validate, ignore_index)

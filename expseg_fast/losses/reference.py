@@ -57,11 +57,14 @@ class _SoftplusPow(torch.autograd.Function):
 def reference_loss(
     logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, spec: LossSpec
 ) -> torch.Tensor:
-    """Loss of logits (N, C, D, H, W) against integer target (N, D, H, W) with label weights (C,)."""
+    """Loss of logits (N, C, D, H, W) against integer target (N, D, H, W) with label weights (C,). Voxels
+    labelled outside [0, C) (ignored) contribute nothing; the cross term's mean stays over every voxel."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     num_labels = z.shape[1]
-    label = target.long().unsqueeze(1)  # (N, 1, D, H, W)
-    is_label = F.one_hot(target.long(), num_labels).movedim(-1, 1).bool()  # delta_il(x)
+    valid = (target >= 0) & (target < num_labels)  # (N, D, H, W)
+    target = target.long().where(valid, 0)
+    label = target.unsqueeze(1)  # (N, 1, D, H, W)
+    is_label = F.one_hot(target, num_labels).movedim(-1, 1).bool() & valid.unsqueeze(1)  # delta_il(x)
     lse_all = torch.logsumexp(z, dim=1)  # (N, D, H, W)
     lse_other = torch.logsumexp(z.masked_fill(is_label, float("-inf")), dim=1)  # over j != l
     z_label = z.gather(1, label).squeeze(1)
@@ -72,13 +75,13 @@ def reference_loss(
         miss = torch.exp(lse_other - lse_all)  # 1 - p_l(x)
         present = is_label.to(z.dtype).sum(dims)  # G_i, (N, C)
         missed = (is_label * miss.unsqueeze(1)).sum(dims)  # M_i
-        false_pos = (p.masked_fill(is_label, 0.0)).sum(dims)  # Q_i
+        false_pos = (p.masked_fill(is_label | ~valid.unsqueeze(1), 0.0)).sum(dims)  # Q_i
         two_i_eps = 2.0 * (present - missed) + spec.eps  # 2 I_i + eps
         u = torch.log1p((missed + false_pos) / two_i_eps)  # -ln Dice_i
         per_label = -torch.expm1(-u) if spec.linear_dice else _PowFlooredGrad.apply(u, spec.gamma_dice)
         loss = loss + spec.w_dice * per_label.mean()
     if spec.w_cross:
         t_gamma = _SoftplusPow.apply(lse_other - z_label, spec.gamma_cross)  # (-ln p_l(x))^gamma
-        w = weights.to(z.dtype)[target.long()]
+        w = weights.to(z.dtype)[target] * valid
         loss = loss + spec.w_cross * (w * t_gamma).mean()
     return loss

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expseg_fast.models.norms import NORMS, norm_layer
+from expseg_fast.models.norms import NORMS, norm_relu
 from expseg_fast.models.shapes import check_spatial_shape
 
 
@@ -76,8 +76,7 @@ class ResBlock(nn.Module):
         for i in range(k):
             layers += [
                 nn.Conv3d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
-                norm_layer(norm, channels),
-                nn.ReLU(inplace=True),
+                *norm_relu(norm, channels),
             ]
         self.body = nn.Sequential(*layers)
         self.skip = nn.Conv3d(in_channels, channels, 1)

@@ -72,7 +72,7 @@ class SynthSource:
         table = GenerationTable.read()
         self.maps = [LabelMapSource(path, plan, device, settings.field_of_view_mm) for path in maps]
         self.classes = [m.classes(table, label_map) for m in self.maps]
-        self.plan, self.device, self.repeats = plan, device, repeats
+        self.plan, self.device, self.repeats, self.num_classes = plan, device, repeats, len(label_map.names)
         self.generator = Generator(table, label_map, plan, settings, device)
         self.gen = torch.Generator(device=device).manual_seed(seed + 3)
         fixed = torch.Generator(device=device).manual_seed(seed + 4)
@@ -104,10 +104,10 @@ class SynthSource:
 
     def data_range(self, indices: list[int]) -> dict:
         """The range of the imitated scans' geometry (1 mm; fields of view from the head's extent to the
-        imitated scan's); no intensities: the generator draws any."""
-        facts = [VolumeFacts.of(np.broadcast_to(np.float32(0), shape), affine) for i in indices
-                 for shape, affine in ((self.maps[i].shape, self.maps[i].affine),
-                                       (self.maps[i].scan_shape, self.maps[i].scan_affine))]
+        imitated scan's) and the label maps' composition; no intensities: the generator draws any."""
+        facts = [VolumeFacts.of(np.broadcast_to(np.float32(0), shape), affine, self.classes[i], self.num_classes)
+                 for i in indices for shape, affine in ((self.maps[i].shape, self.maps[i].affine),
+                                                        (self.maps[i].scan_shape, self.maps[i].scan_affine))]
         return {k: v for k, v in training_range(facts).items() if not k.startswith("intensity")}
 
     def state(self) -> dict:

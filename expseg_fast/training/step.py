@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from expseg_fast.config import STEP_MODES
+from expseg_fast.data.preprocess import IGNORE
 from expseg_fast.losses import LossSpec
 from expseg_fast.losses import loss as loss_fn
 
@@ -70,7 +71,8 @@ class TrainStep:
         with torch.autocast(image.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
                             cache_enabled=self.mode != "cuda_graph"):  # a cast cache would outlive the capture
             logits = self.net(image.contiguous(memory_format=self.memory_format))
-        return loss_fn(logits, labels, self.weights, self.spec, validate=False)
+        # a stray label other than IGNORE is an error; a non-finite loss is left to the divergence check
+        return loss_fn(logits, labels, self.weights, self.spec, validate="labels", ignore_index=IGNORE)
 
     def _grad_norm(self) -> torch.Tensor:
         return torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])

@@ -1,0 +1,305 @@
+// CPU implementation of expseg_fast::instance_norm_forward / instance_norm_backward (instance norm with
+// a learned scale and shift, then optionally ReLU; the math in instance_norm.h), threaded with
+// at::parallel_for over (sample, chunk of voxels) for channels-last and (sample, channel, chunk) for
+// contiguous x; the inner loops run over channels (channels-last) or voxels (contiguous), unit stride,
+// in the op type (float for bfloat16 / float16) so that GCC vectorises them.
+//   forward:  x, weight (C,), bias (C,) -> y (x's dtype and layout), dmean and rstd (N, C) float32
+//   backward: grad_y, x, y, weight, dmean, rstd -> grad_x (x's dtype and layout), grad_weight, grad_bias
+// Three passes forward (statistics, then y) and two backward, each chunk's sums in float64 at the end.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "instance_norm.h"
+
+namespace expseg {
+namespace {
+
+constexpr int64_t kNormChunk = 2048;  // voxels per work item
+
+// Element reads and writes in the op type. bfloat16 by its bits, branch-free (rounding to nearest even,
+// NaN kept), so that GCC vectorises the loops: c10::BFloat16's own conversion does not vectorise.
+template <typename T>
+inline at::opmath_type<T> to_acc(T v) {
+  return at::opmath_type<T>(v);
+}
+inline float to_acc(c10::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T, typename A>
+inline void put(T* p, A v) {
+  *p = T(v);
+}
+inline void put(c10::BFloat16* p, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  p->x = uint16_t((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+// Forward partials: per (n, c, chunk), sums of d = x - s and d^2, s = x[n, c, 0].
+template <typename scalar_t, typename acc_t>
+void stat_partials(const scalar_t* x, const NormGeometry& g, double* parts) {
+  const int64_t chunks = g.chunks(kNormChunk);
+  if (g.channels_last) {
+    at::parallel_for(0, g.N * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> shift(g.C), sum(g.C), sq(g.C);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / chunks, k = item % chunks;
+        const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
+        for (int64_t c = 0; c < g.C; ++c) {
+          shift[c] = to_acc(x[g.at(n, c, 0)]);
+          sum[c] = acc_t(0);
+          sq[c] = acc_t(0);
+        }
+        for (int64_t v = v0; v < v1; ++v) {
+          const scalar_t* row = x + g.at(n, 0, v);
+#pragma omp simd
+          for (int64_t c = 0; c < g.C; ++c) {
+            const acc_t d = to_acc(row[c]) - shift[c];
+            sum[c] += d;
+            sq[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < g.C; ++c) {
+          double* out = parts + ((n * g.C + c) * chunks + k) * kPartCols;
+          out[kPartSum] = double(sum[c]);
+          out[kPartSq] = double(sq[c]);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, g.N * g.C * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t nc = item / chunks, k = item % chunks;
+      const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
+      const scalar_t* row = x + nc * g.V;
+      const acc_t shift = to_acc(row[0]);
+      acc_t sum = 0, sq = 0;
+#pragma omp simd reduction(+ : sum, sq)
+      for (int64_t v = v0; v < v1; ++v) {
+        const acc_t d = to_acc(row[v]) - shift;
+        sum += d;
+        sq += d * d;
+      }
+      parts[item * kPartCols + kPartSum] = double(sum);
+      parts[item * kPartCols + kPartSq] = double(sq);
+    }
+  });
+}
+
+// Backward partials: per (n, c, chunk), A = sum g and B = sum g * xhat (g masked by y > 0 for ReLU).
+template <typename scalar_t, typename acc_t>
+void grad_partials(const scalar_t* gy, const scalar_t* x, const scalar_t* y, const acc_t* first, const acc_t* dmean,
+                   const acc_t* rstd, const NormGeometry& g, bool relu, double* parts) {
+  const int64_t chunks = g.chunks(kNormChunk);
+  if (g.channels_last) {
+    at::parallel_for(0, g.N * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sa(g.C), sb(g.C);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / chunks, k = item % chunks;
+        const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
+        const acc_t* s = first + n * g.C;
+        const acc_t* d = dmean + n * g.C;
+        const acc_t* r = rstd + n * g.C;
+        std::fill(sa.begin(), sa.end(), acc_t(0));
+        std::fill(sb.begin(), sb.end(), acc_t(0));
+        for (int64_t v = v0; v < v1; ++v) {
+          const int64_t o = g.at(n, 0, v);
+#pragma omp simd
+          for (int64_t c = 0; c < g.C; ++c) {
+            const acc_t grad = relu_grad(to_acc(gy[o + c]), to_acc(y[o + c]), relu);
+            sa[c] += grad;
+            sb[c] += grad * centred(to_acc(x[o + c]), s[c], d[c]) * r[c];
+          }
+        }
+        for (int64_t c = 0; c < g.C; ++c) {
+          double* out = parts + ((n * g.C + c) * chunks + k) * kPartCols;
+          out[kPartSum] = double(sa[c]);
+          out[kPartSq] = double(sb[c]);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, g.N * g.C * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t nc = item / chunks, k = item % chunks;
+      const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
+      const int64_t o = nc * g.V;
+      const acc_t s = first[nc], d = dmean[nc], r = rstd[nc];
+      acc_t sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+      for (int64_t v = v0; v < v1; ++v) {
+        const acc_t grad = relu_grad(to_acc(gy[o + v]), to_acc(y[o + v]), relu);
+        sa += grad;
+        sb += grad * centred(to_acc(x[o + v]), s, d) * r;
+      }
+      parts[item * kPartCols + kPartSum] = double(sa);
+      parts[item * kPartCols + kPartSq] = double(sb);
+    }
+  });
+}
+
+// s of every (n, c): its first voxel, in the op type.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> first_voxels(const scalar_t* x, const NormGeometry& g) {
+  std::vector<acc_t> first(g.N * g.C);
+  for (int64_t nc = 0; nc < g.N * g.C; ++nc) first[nc] = to_acc(x[g.at(nc / g.C, nc % g.C, 0)]);
+  return first;
+}
+
+// Applies f(n, c, v0, v1) to every (n, c, run of voxels), split over threads in chunks of kNormChunk
+// voxels (all channels of a chunk at once for channels-last).
+template <typename F>
+void for_chunks(const NormGeometry& g, F f) {
+  const int64_t chunks = g.chunks(kNormChunk);
+  const int64_t rows = g.channels_last ? g.N : g.N * g.C;
+  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / chunks, k = item % chunks;
+      f(row, k * kNormChunk, std::min(g.V, (k + 1) * kNormChunk));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                         const at::Tensor& bias, double eps, bool relu) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be on the CPU");
+  const NormGeometry g = norm_geometry(x);
+  check_affine(weight, bias, x);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor dmean = at::empty({g.N, g.C}, x.options().dtype(stat_dtype(x)));
+  at::Tensor rstd = at::empty({g.N, g.C}, x.options().dtype(stat_dtype(x)));
+  const int64_t chunks = g.chunks(kNormChunk);
+  std::vector<double> parts(g.N * g.C * chunks * kPartCols);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "instance_norm_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    stat_partials<scalar_t, acc_t>(xp, g, parts.data());
+    const at::Tensor w = weight.to(stat_dtype(x)).contiguous(), b = bias.to(stat_dtype(x)).contiguous();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    acc_t* dp = dmean.data_ptr<acc_t>();
+    acc_t* rp = rstd.data_ptr<acc_t>();
+    const std::vector<acc_t> first = first_voxels<scalar_t, acc_t>(xp, g);
+    std::vector<acc_t> scale(g.N * g.C);
+    for (int64_t nc = 0; nc < g.N * g.C; ++nc) {
+      finish_stats(parts.data() + nc * chunks * kPartCols, chunks, double(g.V), eps, dp + nc, rp + nc);
+      scale[nc] = rp[nc] * wp[nc % g.C];
+    }
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for_chunks(g, [&](int64_t row, int64_t v0, int64_t v1) {
+      if (g.channels_last) {
+        const acc_t* s = first.data() + row * g.C;
+        const acc_t* d = dp + row * g.C;
+        const acc_t* sc = scale.data() + row * g.C;
+        for (int64_t v = v0; v < v1; ++v) {
+          const int64_t o = g.at(row, 0, v);
+          _Pragma("omp simd")  // (a #pragma cannot stand inside the dispatch macro)
+          for (int64_t c = 0; c < g.C; ++c) {
+            put(&yp[o + c], norm_out(to_acc(xp[o + c]), s[c], d[c], sc[c], bp[c], relu));
+          }
+        }
+        return;
+      }
+      const acc_t s = first[row], d = dp[row], sc = scale[row], bias = bp[row % g.C];
+      const int64_t o = row * g.V;
+      _Pragma("omp simd")
+      for (int64_t v = v0; v < v1; ++v) put(&yp[o + v], norm_out(to_acc(xp[o + v]), s, d, sc, bias, relu));
+    });
+  });
+  return {y, dmean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& y_in, const at::Tensor& weight,
+    const at::Tensor& dmean, const at::Tensor& rstd, bool relu) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be on the CPU");
+  const NormGeometry g = norm_geometry(x);
+  const at::Tensor y = like_x(y_in, x);
+  check_stats(dmean, rstd, g, x);
+  const at::Tensor grad_y = like_x(grad_y_in, x);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_w = at::zeros({g.C}, x.options().dtype(stat_dtype(x)));
+  at::Tensor grad_b = at::zeros({g.C}, x.options().dtype(stat_dtype(x)));
+  const int64_t chunks = g.chunks(kNormChunk);
+  std::vector<double> parts(g.N * g.C * chunks * kPartCols);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "instance_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gyp = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const acc_t* dp = dmean.const_data_ptr<acc_t>();
+    const acc_t* rp = rstd.const_data_ptr<acc_t>();
+    const std::vector<acc_t> first = first_voxels<scalar_t, acc_t>(xp, g);
+    grad_partials<scalar_t, acc_t>(gyp, xp, yp, first.data(), dp, rp, g, relu, parts.data());
+    const at::Tensor w = weight.to(stat_dtype(x)).contiguous();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    acc_t* gwp = grad_w.data_ptr<acc_t>();
+    acc_t* gbp = grad_b.data_ptr<acc_t>();
+    std::vector<acc_t> k(g.N * g.C), a_v(g.N * g.C), b_v(g.N * g.C);
+    std::vector<double> sum_a(g.C, 0.0), sum_b(g.C, 0.0);
+    for (int64_t nc = 0; nc < g.N * g.C; ++nc) {
+      const int64_t c = nc % g.C;
+      double a, b;
+      finish_grad_sums(parts.data() + nc * chunks * kPartCols, chunks, &a, &b);
+      sum_a[c] += a;
+      sum_b[c] += b;
+      k[nc] = rp[nc] * wp[c];
+      a_v[nc] = acc_t(a / double(g.V));
+      b_v[nc] = acc_t(b / double(g.V));
+    }
+    for (int64_t c = 0; c < g.C; ++c) {
+      gwp[c] = acc_t(sum_b[c]);
+      gbp[c] = acc_t(sum_a[c]);
+    }
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    for_chunks(g, [&](int64_t row, int64_t v0, int64_t v1) {
+      if (g.channels_last) {
+        const int64_t nc0 = row * g.C;
+        for (int64_t v = v0; v < v1; ++v) {
+          const int64_t o = g.at(row, 0, v);
+          _Pragma("omp simd")
+          for (int64_t c = 0; c < g.C; ++c) {
+            const acc_t grad = relu_grad(to_acc(gyp[o + c]), to_acc(yp[o + c]), relu);
+            const acc_t xhat = centred(to_acc(xp[o + c]), first[nc0 + c], dp[nc0 + c]) * rp[nc0 + c];
+            put(&gxp[o + c], norm_grad(grad, xhat, k[nc0 + c], a_v[nc0 + c], b_v[nc0 + c]));
+          }
+        }
+        return;
+      }
+      const int64_t o = row * g.V;
+      const acc_t s = first[row], d = dp[row], r = rp[row], kk = k[row], av = a_v[row], bv = b_v[row];
+      _Pragma("omp simd")
+      for (int64_t v = v0; v < v1; ++v) {
+        const acc_t grad = relu_grad(to_acc(gyp[o + v]), to_acc(yp[o + v]), relu);
+        put(&gxp[o + v], norm_grad(grad, centred(to_acc(xp[o + v]), s, d) * r, kk, av, bv));
+      }
+    });
+  });
+  return {grad_x, grad_w.to(weight.scalar_type()), grad_b.to(weight.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(expseg_fast, m) {
+  m.def("instance_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "instance_norm_backward(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor dmean, Tensor rstd, bool relu) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(expseg_fast, CPU, m) {
+  m.impl("instance_norm_forward", &instance_norm_forward_cpu);
+  m.impl("instance_norm_backward", &instance_norm_backward_cpu);
+}
+
+}  // namespace expseg
