@@ -19,6 +19,7 @@ namespace expseg {
 namespace {
 
 constexpr int64_t kNormChunk = 2048;  // voxels per work item
+constexpr int64_t kLanes = 16;        // running sums of a contiguous reduction
 
 // Element reads and writes in the op type. bfloat16 by its bits, branch-free (rounding to nearest even,
 // NaN kept), so that GCC vectorises the loops: c10::BFloat16's own conversion does not vectorise.
@@ -135,15 +136,30 @@ void grad_partials(const scalar_t* gy, const scalar_t* x, const scalar_t* y, con
       const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
       const int64_t o = nc * g.V;
       const acc_t s = first[nc], d = dmean[nc], r = rstd[nc];
-      acc_t sa = 0, sb = 0;
-#pragma omp simd reduction(+ : sa, sb)
-      for (int64_t v = v0; v < v1; ++v) {
-        const acc_t grad = relu_grad(to_acc(gy[o + v]), to_acc(y[o + v]), relu);
-        sa += grad;
-        sb += grad * centred(to_acc(x[o + v]), s, d) * r;
+      // kLanes running sums, not an omp simd reduction: GCC leaves a reduction over a select (the ReLU
+      // mask) scalar, and vectorises lanes as it does the channels-last loops
+      acc_t sa[kLanes] = {}, sb[kLanes] = {};
+      int64_t v = v0;
+      for (; v + kLanes <= v1; v += kLanes) {
+#pragma omp simd
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const acc_t grad = relu_grad(to_acc(gy[o + v + j]), to_acc(y[o + v + j]), relu);
+          sa[j] += grad;
+          sb[j] += grad * centred(to_acc(x[o + v + j]), s, d) * r;
+        }
       }
-      parts[item * kPartCols + kPartSum] = double(sa);
-      parts[item * kPartCols + kPartSq] = double(sb);
+      for (; v < v1; ++v) {
+        const acc_t grad = relu_grad(to_acc(gy[o + v]), to_acc(y[o + v]), relu);
+        sa[0] += grad;
+        sb[0] += grad * centred(to_acc(x[o + v]), s, d) * r;
+      }
+      double ta = 0.0, tb = 0.0;
+      for (int64_t j = 0; j < kLanes; ++j) {
+        ta += double(sa[j]);
+        tb += double(sb[j]);
+      }
+      parts[item * kPartCols + kPartSum] = ta;
+      parts[item * kPartCols + kPartSq] = tb;
     }
   });
 }

@@ -118,13 +118,13 @@ EXPSEG_HD acc_t centred(acc_t x, acc_t s, acc_t d) {
 template <typename acc_t>
 EXPSEG_HD acc_t norm_out(acc_t x, acc_t s, acc_t d, acc_t scale, acc_t bias, bool relu) {
   const acc_t y = centred(x, s, d) * scale + bias;
-  return relu && y <= acc_t(0) ? acc_t(0) : y;
+  return (relu & (y <= acc_t(0))) ? acc_t(0) : y;  // & not &&: no branch, so the loops vectorise
 }
 
 // g = dL/dy through the ReLU, from its output y (as torch's: zero where y <= 0).
 template <typename acc_t>
 EXPSEG_HD acc_t relu_grad(acc_t grad_y, acc_t y, bool relu) {
-  return relu && y <= acc_t(0) ? acc_t(0) : grad_y;
+  return (relu & (y <= acc_t(0))) ? acc_t(0) : grad_y;
 }
 
 // dL/dx of one element: k (g - a_v - xhat * b_v) with k = r w_c, a_v = A / V, b_v = B / V.
