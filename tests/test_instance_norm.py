@@ -179,3 +179,27 @@ def test_the_module_keeps_groupnorms_state_dict_and_outputs(monkeypatch):
     new.load_state_dict(old.state_dict())
     x = torch.randn(2, 6, 5, 6, 7, generator=gen)
     assert torch.allclose(new(x), torch.relu(old(x)), atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in op.DEVICE_TYPES, reason="needs the CUDA op")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_matches_the_reference_and_repeats_bitwise(channels_last, dtype):
+    """The CUDA kernels: values and gradients against the float64 reference (bf16 within its rounding),
+    and two runs bitwise equal (every sum in a fixed order)."""
+    gen = torch.Generator().manual_seed(12)
+    shape = (2, 24, 17, 16, 15)
+    x, w, b = inputs(shape, dtype, channels_last, 1e4 if dtype != torch.bfloat16 else 1.0, gen)
+    grad_y = torch.randn(shape, dtype=torch.float64, generator=gen)
+    if dtype == torch.bfloat16:
+        grad_y = grad_y.bfloat16().double()
+    fn = lambda x, w, b: instance_norm_relu(x, w, b)  # noqa: E731
+    got = grads(fn, x.cuda(), w.cuda(), b.cuda(), grad_y.cuda())
+    again = grads(fn, x.cuda(), w.cuda(), b.cuda(), grad_y.cuda())
+    want = grads(lambda x, w, b: reference(x, w, b, True), x.double(), w.double(), b.double(), grad_y)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2 ** -6}[dtype]
+    for mine, repeat, theirs in zip(got, again, want):
+        assert torch.equal(mine, repeat)
+        if dtype != torch.bfloat16 or mine.dtype == torch.bfloat16:  # bf16's dw: a sum of rounded terms
+            assert (mine.double().cpu() - theirs).abs().max().item() <= tol * (theirs.abs().max().item() + 1e-3)
