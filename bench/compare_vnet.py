@@ -14,7 +14,6 @@ with a JSON to DIR).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.cpu_memory import reset_peak_kib, status_kib
+from bench.outputs import write_outputs
 from bench.timing import elapsed_ms, median_ms
 from expseg_fast.inference.predictor import Predictor
 from expseg_fast.models import ExpLogNet, NetConfig, VNet, count_parameters
@@ -137,9 +137,7 @@ def main() -> None:
     table = markdown(rows, args.device, size)
     print(table)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"compare_vnet_{args.device}.md").write_text(table)
-        (args.out / f"compare_vnet_{args.device}.json").write_text(json.dumps(rows, indent=2))
+        write_outputs(args.out, f"compare_vnet_{args.device}", rows, table)
 
 
 def markdown(rows: list[dict], device: str, size: int) -> str:

@@ -6,6 +6,8 @@
 #   inference  bench/compare_vnet.py: ours vs V-Net, eager fp32 / bf16 / bf16 + channels-last / CUDA graph
 #   train_step bench/train_step.py: eager fp32 vs the engine, time and peak memory, the 12 GB cap
 #   loss       bench/gpu_loss.py: every loss backend and Triton design, bf16 and fp32, both layouts
+#   norm       bench/norm_step.py: the fused instance norm + ReLU, GroupNorm + ReLU and BatchNorm + ReLU,
+#              forward + backward, against the memory floor at the copy bandwidth measured in the same run
 #   synth      bench/synth_step.py: the label-map generator's time per example against the training step
 #   paper      the paper preset of Table 1 on split 0 (scripts/reproduce_table1.py), cases concurrently
 #              on the card, with the epoch profile (data / augment / step / validation / report seconds)
@@ -28,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
-PARTS="${*:-inference train_step loss synth paper real_scans}"
+PARTS="${*:-inference train_step loss norm synth paper real_scans}"
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 STAGE="$(mktemp -d)"
@@ -95,6 +97,9 @@ for part in $PARTS; do
     loss)
       smoke=$([ "$SMOKE" = 1 ] && echo "--smoke")
       step loss "$(limit loss 150)" python3 -m bench.gpu_loss $smoke --out "$STAGE" || rc=1 ;;
+    norm)
+      size=$([ "$SMOKE" = 1 ] && echo "--size 16 --repeats 1")
+      step norm "$(limit norm 60)" python3 -m bench.norm_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     synth)
       preset=$([ "$SMOKE" = 1 ] && echo "--preset synth-cpu --size 32 --repeats 1" || echo "--preset synth-paper")
       step synth "$(limit synth 90)" python3 -m bench.synth_step --device "$DEVICE" $preset --out "$STAGE" || rc=1 ;;
@@ -112,7 +117,7 @@ for part in $PARTS; do
       step real_scans "$(limit real_scans 300)" python3 -m bench.real_scans_run --stage "$STAGE" \
         --seconds "$(( $(limit real_scans 300) - 10 ))" "${where[@]}" "${how[@]}" || rc=1 ;;
     *)
-      echo "unknown part '$part' (tests, inference, train_step, loss, synth, paper, real_scans)"; rc=2 ;;
+      echo "unknown part '$part' (tests, inference, train_step, loss, norm, synth, paper, real_scans)"; rc=2 ;;
   esac
 done
 pack

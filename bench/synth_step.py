@@ -11,11 +11,11 @@ size, width and precision, and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from bench.outputs import write_outputs
 from bench.timing import median_ms
 from expseg_fast.config import DTYPES, TrainConfig
 from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
@@ -73,9 +73,7 @@ def main() -> None:
         f"| {row['preset']} | {row['device']} | {row['norm']} | {'x'.join(map(str, row['grid']))} | {row['size']}^3 | "
         f"{row['generator_ms']:.0f} | {row['step_ms']:.0f} | {100 * row['generator_share']:.0f} % |\n" for row in rows)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "synth_step.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "synth_step.md").write_text("## The label-map generator against the training step\n\n" + table)
+        write_outputs(args.out, "synth_step", rows, "## The label-map generator against the training step\n\n" + table)
     print(table, end="")
 
 

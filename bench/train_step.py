@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
+from bench.outputs import write_outputs
 from bench.timing import elapsed_ms, median_ms
 from expseg_fast.losses import LossSpec, exp_log_loss
 from expseg_fast.models import ExpLogNet, NetConfig
@@ -205,9 +205,7 @@ def write(rows: list[dict], device: str, size: int, out: Path | None) -> None:
     """Prints the newest row; writes the table and JSON so far (a run stopped at a time limit keeps them)."""
     print(rows[-1], flush=True)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_step.md").write_text(markdown(rows, device, size))
-        (out / "train_step.json").write_text(json.dumps(rows, indent=2))
+        write_outputs(out, "train_step", rows, markdown(rows, device, size))
 
 
 if __name__ == "__main__":

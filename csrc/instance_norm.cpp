@@ -1,8 +1,9 @@
 // CPU implementation of expseg_fast::instance_norm_forward / instance_norm_backward (instance norm with
 // a learned scale and shift, then optionally ReLU; the math in instance_norm.h), threaded with
 // at::parallel_for over (sample, chunk of voxels) for channels-last and (sample, channel, chunk) for
-// contiguous x; the inner loops run over channels (channels-last) or voxels (contiguous), unit stride,
-// in the op type (float for bfloat16 / float16) so that GCC vectorises them.
+// contiguous x; the inner loops run over blocks of lcm(C, 16) elements (channels-last: see lane_period)
+// or voxels (contiguous), unit stride, in the op type (float for bfloat16 / float16) so that GCC
+// vectorises them.
 //   forward:  x, weight (C,), bias (C,) -> y (x's dtype and layout), dmean and rstd (N, C) float32
 //   backward: grad_y, x, y, weight, dmean, rstd -> grad_x (x's dtype and layout), grad_weight, grad_bias
 // Three passes forward (statistics, then y) and two backward, each chunk's sums in float64 at the end.
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "instance_norm.h"
@@ -44,35 +46,77 @@ inline void put(c10::BFloat16* p, float v) {
   p->x = uint16_t((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 
+// s of every (n, c): its first voxel, in the op type.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> first_voxels(const scalar_t* x, const NormGeometry& g) {
+  std::vector<acc_t> first(g.N * g.C);
+  for (int64_t nc = 0; nc < g.N * g.C; ++nc) first[nc] = to_acc(x[g.at(nc / g.C, nc % g.C, 0)]);
+  return first;
+}
+
+// Channels-last chunks as long flat runs: a chunk of voxels [v0, v1) of sample n is (v1 - v0) * C
+// contiguous elements, walked in blocks of P = lcm(C, 16) elements (whole voxels, whole 16-float
+// vectors), lane j of a block holding channel j % C. Per-channel values are tiled over the P lanes once,
+// so every inner loop is unit-stride and P long whatever C is (rows of 12 or 24 channels were too short
+// for GCC's vectoriser).
+inline int64_t lane_period(int64_t C) {
+  return std::lcm(C, int64_t(16));
+}
+
+// (N * P) lanes: per sample n, lane j holds per_nc[n * C + j % C].
+template <typename acc_t>
+std::vector<acc_t> tiled(const acc_t* per_nc, const NormGeometry& g, int64_t P) {
+  std::vector<acc_t> lanes(g.N * P);
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t j = 0; j < P; ++j) lanes[n * P + j] = per_nc[n * g.C + j % g.C];
+  return lanes;
+}
+
+// Each channel's lanes summed (in double) into out[c * stride].
+template <typename acc_t>
+void fold_lanes(const acc_t* lanes, int64_t P, int64_t C, double* out, int64_t stride) {
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0.0;
+    for (int64_t j = c; j < P; j += C) sum += double(lanes[j]);
+    out[c * stride] = sum;
+  }
+}
+
+// f(offset, count) for the blocks of P lanes of a channels-last chunk of `length` elements.
+template <typename F>
+inline void for_blocks(int64_t length, int64_t P, F f) {
+  for (int64_t b = 0; b < length; b += P) f(b, std::min(P, length - b));
+}
+
 // Forward partials: per (n, c, chunk), sums of d = x - s and d^2, s = x[n, c, 0].
 template <typename scalar_t, typename acc_t>
 void stat_partials(const scalar_t* x, const NormGeometry& g, double* parts) {
   const int64_t chunks = g.chunks(kNormChunk);
   if (g.channels_last) {
+    const int64_t P = lane_period(g.C);
+    const std::vector<acc_t> shifts = tiled(first_voxels<scalar_t, acc_t>(x, g).data(), g, P);
     at::parallel_for(0, g.N * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> shift(g.C), sum(g.C), sq(g.C);
+      std::vector<acc_t> sum(P), sq(P);
+      acc_t* su = sum.data();
+      acc_t* sqr = sq.data();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / chunks, k = item % chunks;
         const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
-        for (int64_t c = 0; c < g.C; ++c) {
-          shift[c] = to_acc(x[g.at(n, c, 0)]);
-          sum[c] = acc_t(0);
-          sq[c] = acc_t(0);
-        }
-        for (int64_t v = v0; v < v1; ++v) {
-          const scalar_t* row = x + g.at(n, 0, v);
+        const acc_t* shift = shifts.data() + n * P;
+        const scalar_t* base = x + g.at(n, 0, v0);
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        std::fill(sq.begin(), sq.end(), acc_t(0));
+        for_blocks((v1 - v0) * g.C, P, [&](int64_t b, int64_t count) {
 #pragma omp simd
-          for (int64_t c = 0; c < g.C; ++c) {
-            const acc_t d = to_acc(row[c]) - shift[c];
-            sum[c] += d;
-            sq[c] += d * d;
+          for (int64_t j = 0; j < count; ++j) {
+            const acc_t d = to_acc(base[b + j]) - shift[j];
+            su[j] += d;
+            sqr[j] += d * d;
           }
-        }
-        for (int64_t c = 0; c < g.C; ++c) {
-          double* out = parts + ((n * g.C + c) * chunks + k) * kPartCols;
-          out[kPartSum] = double(sum[c]);
-          out[kPartSq] = double(sq[c]);
-        }
+        });
+        double* out = parts + (n * g.C * chunks + k) * kPartCols;
+        fold_lanes(su, P, g.C, out + kPartSum, chunks * kPartCols);
+        fold_lanes(sqr, P, g.C, out + kPartSq, chunks * kPartCols);
       }
     });
     return;
@@ -102,30 +146,32 @@ void grad_partials(const scalar_t* gy, const scalar_t* x, const scalar_t* y, con
                    const acc_t* rstd, const NormGeometry& g, bool relu, double* parts) {
   const int64_t chunks = g.chunks(kNormChunk);
   if (g.channels_last) {
+    const int64_t P = lane_period(g.C);
+    const std::vector<acc_t> ls = tiled(first, g, P), ld = tiled(dmean, g, P), lr = tiled(rstd, g, P);
     at::parallel_for(0, g.N * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sa(g.C), sb(g.C);
+      std::vector<acc_t> sum_a(P), sum_b(P);
+      acc_t* sa = sum_a.data();
+      acc_t* sb = sum_b.data();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / chunks, k = item % chunks;
         const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
-        const acc_t* s = first + n * g.C;
-        const acc_t* d = dmean + n * g.C;
-        const acc_t* r = rstd + n * g.C;
-        std::fill(sa.begin(), sa.end(), acc_t(0));
-        std::fill(sb.begin(), sb.end(), acc_t(0));
-        for (int64_t v = v0; v < v1; ++v) {
-          const int64_t o = g.at(n, 0, v);
+        const acc_t* s = ls.data() + n * P;
+        const acc_t* d = ld.data() + n * P;
+        const acc_t* r = lr.data() + n * P;
+        const int64_t o = g.at(n, 0, v0);
+        std::fill(sum_a.begin(), sum_a.end(), acc_t(0));
+        std::fill(sum_b.begin(), sum_b.end(), acc_t(0));
+        for_blocks((v1 - v0) * g.C, P, [&](int64_t b, int64_t count) {
 #pragma omp simd
-          for (int64_t c = 0; c < g.C; ++c) {
-            const acc_t grad = relu_grad(to_acc(gy[o + c]), to_acc(y[o + c]), relu);
-            sa[c] += grad;
-            sb[c] += grad * centred(to_acc(x[o + c]), s[c], d[c]) * r[c];
+          for (int64_t j = 0; j < count; ++j) {
+            const acc_t grad = relu_grad(to_acc(gy[o + b + j]), to_acc(y[o + b + j]), relu);
+            sa[j] += grad;
+            sb[j] += grad * centred(to_acc(x[o + b + j]), s[j], d[j]) * r[j];
           }
-        }
-        for (int64_t c = 0; c < g.C; ++c) {
-          double* out = parts + ((n * g.C + c) * chunks + k) * kPartCols;
-          out[kPartSum] = double(sa[c]);
-          out[kPartSq] = double(sb[c]);
-        }
+        });
+        double* out = parts + (n * g.C * chunks + k) * kPartCols;
+        fold_lanes(sa, P, g.C, out + kPartSum, chunks * kPartCols);
+        fold_lanes(sb, P, g.C, out + kPartSq, chunks * kPartCols);
       }
     });
     return;
@@ -162,14 +208,6 @@ void grad_partials(const scalar_t* gy, const scalar_t* x, const scalar_t* y, con
       parts[item * kPartCols + kPartSq] = tb;
     }
   });
-}
-
-// s of every (n, c): its first voxel, in the op type.
-template <typename scalar_t, typename acc_t>
-std::vector<acc_t> first_voxels(const scalar_t* x, const NormGeometry& g) {
-  std::vector<acc_t> first(g.N * g.C);
-  for (int64_t nc = 0; nc < g.N * g.C; ++nc) first[nc] = to_acc(x[g.at(nc / g.C, nc % g.C, 0)]);
-  return first;
 }
 
 // Applies f(n, c, v0, v1) to every (n, c, run of voxels), split over threads in chunks of kNormChunk
@@ -212,18 +250,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_forward_cpu(const a
       scale[nc] = rp[nc] * wp[nc % g.C];
     }
     scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t P = lane_period(g.C);
+    std::vector<acc_t> biases(g.N * g.C);
+    for (int64_t nc = 0; nc < g.N * g.C; ++nc) biases[nc] = bp[nc % g.C];
+    std::vector<acc_t> ls, ld, lsc, lb;
+    if (g.channels_last) {
+      ls = tiled(first.data(), g, P), ld = tiled(static_cast<const acc_t*>(dp), g, P);
+      lsc = tiled(scale.data(), g, P), lb = tiled(biases.data(), g, P);
+    }
     for_chunks(g, [&](int64_t row, int64_t v0, int64_t v1) {
       if (g.channels_last) {
-        const acc_t* s = first.data() + row * g.C;
-        const acc_t* d = dp + row * g.C;
-        const acc_t* sc = scale.data() + row * g.C;
-        for (int64_t v = v0; v < v1; ++v) {
-          const int64_t o = g.at(row, 0, v);
+        const acc_t *s = ls.data() + row * P, *d = ld.data() + row * P;
+        const acc_t *sc = lsc.data() + row * P, *bi = lb.data() + row * P;
+        const int64_t o = g.at(row, 0, v0);
+        for_blocks((v1 - v0) * g.C, P, [&](int64_t b, int64_t count) {
           _Pragma("omp simd")  // (a #pragma cannot stand inside the dispatch macro)
-          for (int64_t c = 0; c < g.C; ++c) {
-            put(&yp[o + c], norm_out(to_acc(xp[o + c]), s[c], d[c], sc[c], bp[c], relu));
+          for (int64_t j = 0; j < count; ++j) {
+            put(&yp[o + b + j], norm_out(to_acc(xp[o + b + j]), s[j], d[j], sc[j], bi[j], relu));
           }
-        }
+        });
         return;
       }
       const acc_t s = first[row], d = dp[row], sc = scale[row], bias = bp[row % g.C];
@@ -278,18 +323,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_backward_cpu(
       gbp[c] = acc_t(sum_a[c]);
     }
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    const int64_t P = lane_period(g.C);
+    std::vector<acc_t> ls, ld, lr, lk, la, lb;
+    if (g.channels_last) {
+      ls = tiled(first.data(), g, P), ld = tiled(dp, g, P), lr = tiled(rp, g, P);
+      lk = tiled(k.data(), g, P), la = tiled(a_v.data(), g, P), lb = tiled(b_v.data(), g, P);
+    }
     for_chunks(g, [&](int64_t row, int64_t v0, int64_t v1) {
       if (g.channels_last) {
-        const int64_t nc0 = row * g.C;
-        for (int64_t v = v0; v < v1; ++v) {
-          const int64_t o = g.at(row, 0, v);
+        const acc_t *s = ls.data() + row * P, *d = ld.data() + row * P, *r = lr.data() + row * P;
+        const acc_t *kk = lk.data() + row * P, *av = la.data() + row * P, *bv = lb.data() + row * P;
+        const int64_t o = g.at(row, 0, v0);
+        for_blocks((v1 - v0) * g.C, P, [&](int64_t b, int64_t count) {
           _Pragma("omp simd")
-          for (int64_t c = 0; c < g.C; ++c) {
-            const acc_t grad = relu_grad(to_acc(gyp[o + c]), to_acc(yp[o + c]), relu);
-            const acc_t xhat = centred(to_acc(xp[o + c]), first[nc0 + c], dp[nc0 + c]) * rp[nc0 + c];
-            put(&gxp[o + c], norm_grad(grad, xhat, k[nc0 + c], a_v[nc0 + c], b_v[nc0 + c]));
+          for (int64_t j = 0; j < count; ++j) {
+            const acc_t grad = relu_grad(to_acc(gyp[o + b + j]), to_acc(yp[o + b + j]), relu);
+            const acc_t xhat = centred(to_acc(xp[o + b + j]), s[j], d[j]) * r[j];
+            put(&gxp[o + b + j], norm_grad(grad, xhat, kk[j], av[j], bv[j]));
           }
-        }
+        });
         return;
       }
       const int64_t o = row * g.V;

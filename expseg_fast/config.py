@@ -90,15 +90,13 @@ PRESETS = {
 PRESETS["cpu-bf16"] = dataclasses.replace(PRESETS["cpu"], size=48, epochs=32, precision="bf16", channels_last=True,
                                           demo_of="cpu")
 # images drawn from 20 real subjects' label maps (expseg_fast/data/synth.py), segmenting real T1 scans: voxels of
-# 2.5 mm, the 64^3 window (160 mm) on the brain, the generator's own spatial augmentation instead of the
-# trainer's; 14 training maps x 4 draws = 56 steps an epoch, 120 epochs: about 112 minutes on a 2-core CPU
-# with bf16 units; the poly learning rate (best.pt on real scans: 74.2 vs 72.8 at a constant rate on a
-# FreeSurfer-labelled scan, 69.0 vs 68.6 on Colin27) and instance norm (75.0 and 69.6 against BatchNorm's
-# 74.2 and 69.0, at 33 % more time a step: BatchNorm's running statistics follow the last few generated
-# images, whose contrasts are random; results/real-scans/)
+# 2.5 mm, the 64^3 window (160 mm), the generator's own spatial augmentation instead of the trainer's; 14
+# training maps x 4 draws = 56 steps an epoch, as many epochs as fit the main command's hour on a 2-core CPU
+# with bf16 units; the poly learning rate and instance norm, each chosen by real-scan Dice
+# (results/real-scans/README.md; times in bench/NOTES.md)
 _SYNTH = (("data", SYNTH), ("preprocessing", "spacing"), ("spacing_mm", 2.5), ("augment_probability", 0.0),
           ("synth_repeats", 4), ("lr_schedule", "poly"), ("norm", "instance"))
-PRESETS["synth-cpu"] = dataclasses.replace(PRESETS["cpu-bf16"], size=64, epochs=120, settings=_SYNTH)
+PRESETS["synth-cpu"] = dataclasses.replace(PRESETS["cpu-bf16"], size=64, epochs=110, settings=_SYNTH)
 # the same on a GPU at the paper's width: 1.5 mm voxels, 128^3 (192 mm)
 PRESETS["synth-paper"] = dataclasses.replace(PRESETS["paper"], size=128, epochs=300, demo_of="paper",
                                              settings=(*_SYNTH[:2], ("spacing_mm", 1.5), *_SYNTH[3:]))
@@ -137,14 +135,16 @@ LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice,
 @dataclass(frozen=True)
 class PredictorDefaults:
     """The Predictor's defaults (expseg_fast/inference/predictor.py): precision, channels-last, a CUDA
-    graph on CUDA, BatchNorm folding, torch.compile; window_batch: windows per call when segment.py and
-    evaluate.py slide over a scan."""
+    graph on CUDA, BatchNorm folding, torch.compile; flip: test-time flip averaging
+    (expseg_fast/inference/mirroring.py); window_batch: windows per call when segment.py and evaluate.py
+    slide over a scan."""
 
     precision: str = "bf16"
     channels_last: bool = True
     cuda_graph: bool = True
     fold_bn: bool = False  # BatchNorm folded into the convolutions (bench/NOTES.md: no gain on the CPU yet)
     compiled: bool = False  # torch.compile (2.6x slower on the 2-core CPU; the GPU is to measure)
+    flip: bool = False  # segment.py and evaluate.py average each window with its left-right mirror
     window_batch: tuple[tuple[str, int], ...] = (("cuda", 4), ("cpu", 1))
 
 

@@ -1,8 +1,11 @@
 """Segment NIfTI or MGH files with a trained checkpoint: labels written in each input's original space and format.
 
 python scripts/segment.py CHECKPOINT INPUT(.nii[.gz], .mgz, .mgh or folder) OUTPUT_FOLDER [--device cpu|cuda] [--overwrite]
+                          [--volumes FILE.csv] [--qc FOLDER]
 Every good input is segmented; the bad ones are listed at the end, one line each, and the exit status is
 then 1. Outputs keep the input names; an existing one is replaced only with --overwrite, an input never.
+--volumes: a row per scan (its file name, mm³ per class on its own grid, their total); --qc: a PNG per
+scan (three orthogonal slices with the labels over them and a legend).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from expseg_fast.config import PREDICTOR
 from expseg_fast.inference.files import segment
 
 
@@ -20,13 +24,20 @@ def main() -> None:
     parser.add_argument("out", help="output folder (label files keep the input names and formats)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    parser.add_argument("--volumes", default=None, metavar="FILE.csv",
+                        help="write each scan's class volumes (mm³, on its own grid) and their total to this CSV")
+    parser.add_argument("--qc", default=None, metavar="FOLDER",
+                        help="write a PNG per scan to this folder: three slices with the labels and a legend")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=PREDICTOR.flip,
+                        help="average each window with its left-right mirror (twice the time; default %(default)s)")
     parser.add_argument("--max-voxels", type=int, default=None,
                         help="the most voxels a scan (or its resampled grid) may have; default the checkpoint's")
     args = parser.parse_args()
     if args.max_voxels is not None and args.max_voxels < 1:
         parser.error(f"--max-voxels must be >= 1, got {args.max_voxels}")
     try:
-        segment(args.checkpoint, args.inputs, args.out, args.device, args.overwrite, args.max_voxels)
+        segment(args.checkpoint, args.inputs, args.out, args.device, args.overwrite, args.max_voxels, args.volumes,
+                args.qc, args.flip)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
 

@@ -188,3 +188,18 @@ def write_dataset(root, n: int, seed: int = 0, first: int = 0):
     classes = [{"name": "background", "ids": [0]}, {"name": "box", "ids": [1]}, {"name": "ball", "ids": [2]}]
     (root / "map.json").write_text(json.dumps({"classes": classes}))
     return root / "map.json"
+
+
+def one_epoch_run(root, cases: int, seed: int):
+    """A finished one-epoch run (16^3, width 4) in root/run on `cases` generated cases (write_dataset) in
+    root/data; returns the run's folder."""
+    from pathlib import Path
+
+    from expseg_fast.config import TrainConfig
+    from expseg_fast.training import train
+
+    root = Path(root)
+    label_map = write_dataset(root / "data", cases)
+    train(TrainConfig(out=str(root / "run"), data=str(root / "data"), label_map=str(label_map), size=16, width=4,
+                      epochs=1, seed=seed, loader_workers=0))
+    return root / "run"

@@ -28,7 +28,7 @@ from expseg_fast.losses import LossSpec, exp_log_loss
 from expseg_fast.models.explog_net import ExpLogNet, NetConfig
 from expseg_fast.training import train
 from expseg_fast.training.step import TrainStep
-from tests.helpers import write_dataset
+from tests.helpers import one_epoch_run
 
 ROOT = Path(__file__).parents[1]
 
@@ -36,12 +36,7 @@ ROOT = Path(__file__).parents[1]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A finished one-epoch run (its folder) on 8 generated cases (background, box, ball at 2 mm), in data/."""
-    root = tmp_path_factory.mktemp("hostile")
-    label_map = write_dataset(root / "data", 8)
-    out = root / "run"
-    train(TrainConfig(out=str(out), data=str(root / "data"), label_map=str(label_map), size=16, width=4, epochs=1,
-                      seed=3, loader_workers=0))
-    return out
+    return one_epoch_run(tmp_path_factory.mktemp("hostile"), 8, seed=3)
 
 
 def protocol(path: Path, classes: list[dict]) -> str:

@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from expseg_fast.models import NORMS, ExpLogNet, NetConfig, VNet, build_model, count_parameters
+from expseg_fast.models.explog_net import LevelFusion
 from expseg_fast.models.instance_norm import InstanceNormReLU
 
 SMALL = NetConfig(num_labels=5, width=4, blocks=(1, 1, 2, 2))
@@ -78,7 +80,7 @@ def test_instance_norm_is_each_image_own_in_training_and_eval(name):
         atol=1e-10))) for m in norms]
     a, b = (torch.randn(1, 1, 32, 32, 32, dtype=torch.float64) * s + m for s, m in ((3.0, 1.0), (1.0, 0.0)))
     if name == "ours":
-        model.noise.std, model.dropout.p = 0.0, 0.0  # only the normalisation differs between the modes
+        model.noise.std, model.fuse.dropout = 0.0, 0.0  # only the normalisation differs between the modes
     model.train()
     alone = model(a)
     for h in hooks:
@@ -89,7 +91,7 @@ def test_instance_norm_is_each_image_own_in_training_and_eval(name):
         torch.testing.assert_close(model.eval()(a), alone, rtol=1e-9, atol=1e-9)
         batch = build_model(name, 4, 4, (0, 1, 2), 1, "batch").double().train()
         if name == "ours":
-            batch.noise.std, batch.dropout.p = 0.0, 0.0
+            batch.noise.std, batch.fuse.dropout = 0.0, 0.0
         assert not torch.allclose(batch(torch.cat([a, b]))[:1], batch(a))  # the control: BatchNorm mixes images
 
 
@@ -108,6 +110,41 @@ def test_each_fused_level_reaches_the_output(levels):
     assert start == model.fuse.in_channels
 
 
+@pytest.mark.parametrize("levels, batch, dropout, channels_last", [((0, 1, 2), 1, 0.0, False), ((0, 1, 2), 2, 0.3, True),
+                                                                   ((1, 3), 3, 0.5, False), ((0,), 1, 0.2, True)])
+def test_the_level_fusion_is_the_convolution_of_the_upsampled_concatenation(levels, batch, dropout, channels_last):
+    """LevelFusion (the sum of each level's upsampled convolution, the dropout in the weights) against the
+    paper's order in float64: the levels upsampled to full size, concatenated, whole channels dropped
+    with the same mask, then the 1x1x1 convolution; values and the gradients of inputs, weight and bias."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    widths, full = [3 * 2**lv for lv in levels], (16, 8, 24)
+    memory = torch.channels_last_3d if channels_last else torch.contiguous_format
+    inputs = [torch.randn(batch, w, *(n // 2**lv for n in full), dtype=torch.float64).contiguous(memory_format=memory)
+              .requires_grad_() for w, lv in zip(widths, levels)]
+    fusion = LevelFusion(sum(widths), 5, dropout).double().train()
+    with torch.no_grad():
+        fusion.bias.uniform_(-1, 1)
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    found = fusion(inputs, full)
+    torch.manual_seed(seed)
+    keep = (torch.rand(batch, sum(widths)) >= dropout).double() / (1 - dropout)
+    upsampled = [x if lv == 0 else F.interpolate(x, size=full, mode="trilinear", align_corners=False)
+                 for x, lv in zip(inputs, levels)]
+    expected = F.conv3d(torch.cat(upsampled, 1) * keep[:, :, None, None, None], fusion.weight, fusion.bias)
+    torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(expected)
+    found_grads = torch.autograd.grad(found, [*inputs, fusion.weight, fusion.bias], grad)
+    expected_grads = torch.autograd.grad(expected, [*inputs, fusion.weight, fusion.bias], grad)
+    for a, b in zip(found_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    if dropout:
+        assert 0 < (keep == 0).sum() < keep.numel() or batch * sum(widths) < 8  # the mask dropped some, not all
+    fusion.eval()
+    torch.testing.assert_close(fusion(inputs, full), F.conv3d(torch.cat(upsampled, 1), fusion.weight, fusion.bias),
+                               rtol=1e-10, atol=1e-10)
+
+
 def test_noise_and_dropout_only_in_training():
     model = ExpLogNet(NetConfig(num_labels=3, width=4, blocks=(1, 1), fuse_levels=(0, 1), noise_std=0.5, dropout=0.5))
     x = torch.randn(1, 1, 8, 8, 8)
@@ -118,13 +155,15 @@ def test_noise_and_dropout_only_in_training():
 
 
 def conv_inputs_channels_last(model: nn.Module, x: torch.Tensor, dtype, emulate_cl_kernels: bool) -> list[bool]:
-    """Runs model on x and returns, per convolution call, whether its input was channels_last_3d.
+    """Runs model on x and returns, per convolution call, whether its input was channels_last_3d (each of
+    the levels a LevelFusion takes).
     emulate_cl_kernels: make each convolution return channels_last_3d, as cuDNN does (PyTorch's CPU
     conv3d returns contiguous outputs whatever its input), so the check isolates the model's own ops."""
     cl = torch.channels_last_3d
     seen: list[bool] = []
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=cl))) for m in convs]
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.extend(
+        x.is_contiguous(memory_format=cl) for x in (args[0] if isinstance(args[0], list) else [args[0]]))) for m in convs]
     if emulate_cl_kernels:
         hooks += [m.register_forward_hook(lambda m, args, out: out.contiguous(memory_format=cl)) for m in convs]
     try:

@@ -21,15 +21,13 @@ from expseg_fast.data import anatomy, save_volume
 from expseg_fast.data.anatomy import CLASSES_FILE, PROTOCOLS, GenerationTable, label_map_files
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.plans import FitPlan, SpacingPlan
-from expseg_fast.data.preprocess import ScanStatistics, apply_image, apply_labels
+from expseg_fast.data.preprocess import ScanStatistics, apply_image
 from expseg_fast.data.source import open_synth
 from expseg_fast.data.synth import Generator, LabelMapSource, SynthSettings
 from expseg_fast.runlog import read_log
 from expseg_fast.training import train
 
 TABLE, CLASSES = GenerationTable.read(), LabelMap.from_json(CLASSES_FILE)
-STILL = SynthSettings(scaling=0.0, rotation_deg=0.0, shearing=0.0, nonlinear_mm=0.0, bias=0.0,
-                      resolution_mm=(0.5, 0.5), noise=0.0, gamma=0.0, skull_strip=0.0)  # no randomness but the mixture
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
@@ -48,21 +46,8 @@ def test_the_packaged_label_maps_are_compact_licensed_and_mapped():
     assert len(open_synth().subjects) == 20
 
 
-def test_without_randomness_the_generators_labels_are_the_numpy_resampling():
-    """The torch sampling of the generator against the preprocessing's own numpy nearest resampling."""
-    plan = SpacingPlan(48, 3.0)
-    source = LabelMapSource(label_map_files()[0], plan, torch.device("cpu"), 256.0)
-    generator = Generator(TABLE, CLASSES, plan, STILL, torch.device("cpu"))
-    image, labels = generator.whole_scan(source, torch.Generator().manual_seed(0))
-    expected = torch.from_numpy(apply_labels(source.classes(TABLE, CLASSES), source.grid).astype(np.int64))
-    assert labels.shape == expected.shape == source.grid.target_shape
-    assert (labels.long() == expected).float().mean() > 0.999
-    image, labels = generator(source, torch.Generator().manual_seed(0))
-    assert image.shape == (1, 48, 48, 48) and labels.shape == (48, 48, 48) and labels.dtype == torch.uint8
-
-
-def test_the_generator_is_deterministic_from_its_generator_and_varies_with_it():
-    plan = FitPlan(32)
+@pytest.mark.parametrize("plan", [FitPlan(32), SpacingPlan(32, 3.0)])
+def test_the_generator_is_deterministic_from_its_generator_and_varies_with_it(plan):
     source = LabelMapSource(label_map_files()[1], plan, torch.device("cpu"), 256.0)
     generator = Generator(TABLE, CLASSES, plan, SynthSettings(), torch.device("cpu"))
     a, b, c = (generator(source, torch.Generator().manual_seed(s)) for s in (5, 5, 6))

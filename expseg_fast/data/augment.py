@@ -60,11 +60,14 @@ def augment(
     images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, config: AugmentConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """images (N, C, D, H, W) float, labels (N, D, H, W) integer -> the same shapes, augmented on
-    their device (zeros / label 0 where the transform leaves the volume)."""
+    their device (zeros / label 0 where the transform leaves the volume); the inputs themselves where no
+    volume was drawn for augmentation (the draws are taken either way)."""
     if images.dim() != 5 or labels.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"images (N, C, D, H, W) and labels (N, D, H, W) expected, got {images.shape}, {labels.shape}")
-    theta = random_matrices(images.shape[0], config, generator).to(images.device)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    theta = random_matrices(images.shape[0], config, generator)
+    if torch.equal(theta, torch.eye(3, 4).expand_as(theta)):  # none drawn for augmentation: nothing to resample
+        return images, labels
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
     out_images = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out_labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out_images.to(images.dtype), out_labels[:, 0].round().to(labels.dtype)

@@ -47,6 +47,15 @@ def window_starts(length: int, window: int, overlap: float = WINDOW_OVERLAP) -> 
     return starts
 
 
+def value_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, standard deviation) of 1-D values, the deviation 1 where it is 0 and (0, 1) for none: what a
+    normalisation divides by."""
+    if not values.numel():
+        return values.new_zeros(()), values.new_ones(())
+    std = values.std(unbiased=False)
+    return values.mean(), torch.where(std > 0, std, 1.0)
+
+
 class Plan(ABC):
     """What every mode answers. size: the training cube's edge (voxels), which is also the window edge."""
 
@@ -88,9 +97,16 @@ class Plan(ABC):
         max_voxels, else None."""
 
     @abstractmethod
-    def normalise(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    def normalised_values(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        """The voxels of an image (and the mask of its voxels inside the original) whose mean and standard
+        deviation the plan's rule normalises by (1-D)."""
+
+    @abstractmethod
+    def normalise(self, image: torch.Tensor, inside: torch.Tensor,
+                  moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """A whole scan on the plan's grid (and the mask of its voxels inside the original) normalised by
-        the plan's rule, in torch (the label-map generator's; `image` is the files' numpy path)."""
+        the plan's rule, in torch (the label-map generator's; `image` is the files' numpy path); or a part
+        of one, with the whole scan's `moments` (value_moments of its normalised_values)."""
 
     @abstractmethod
     def training_window(self, grid: tuple[int, int, int], classes: torch.Tensor,
@@ -152,10 +168,12 @@ class FitPlan(Plan):
     def scan_problem(self, path, shape, affine, max_voxels) -> str | None:
         return resampling_problem(path, shape, affine, self.size)  # the grid is size^3, within the bound
 
-    def normalise(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-        values = image[inside]
-        mean, std = (values.mean(), values.std(unbiased=False)) if values.numel() else (image.new_zeros(()),) * 2
-        return torch.where(inside, (image - mean) / torch.where(std > 0, std, 1.0), 0.0)
+    def normalised_values(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        return image[inside]
+
+    def normalise(self, image, inside, moments=None) -> torch.Tensor:
+        mean, std = moments or value_moments(self.normalised_values(image, inside))
+        return torch.where(inside, (image - mean) / std, 0.0)
 
     def training_window(self, grid, classes, gen=None) -> tuple[slice, slice, slice]:
         return (slice(None),) * 3  # the grid is the cube
@@ -187,11 +205,12 @@ class SpacingPlan(Plan):
         return voxel_bound_problem(path, self.inference_grid(shape, affine).target_shape, max_voxels,
                                    f"resampled to {self.spacing_mm:g} mm voxels, a grid of ")
 
-    def normalise(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-        image = torch.where(inside, image, 0.0)
-        values = image[image != 0]
-        mean, std = (values.mean(), values.std(unbiased=False)) if values.numel() else (0.0, 1.0)
-        return (image - mean) / (std if float(std) > 0 else 1.0)
+    def normalised_values(self, image: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        return image[inside & (image != 0)]
+
+    def normalise(self, image, inside, moments=None) -> torch.Tensor:
+        mean, std = moments or value_moments(self.normalised_values(image, inside))
+        return (torch.where(inside, image, 0.0) - mean) / std
 
     def training_window(self, grid, classes, gen=None) -> tuple[slice, slice, slice]:
         if gen is not None:

@@ -3,21 +3,28 @@ Image Analysis 2023): the network never sees a real image in training, and every
 randomised, so that it segments real scans of any site.
 
 From one label map (expseg_fast/data/anatomy/: 1 mm, the generation table's indices) and a torch
-generator, one example is:
-1. geometry: the plan's whole-scan grid of the map (the head at the plan's resolution) seen through a
-   random affine (scaling, rotation, shearing about the head's centre) and a smooth random displacement
-   (a coarse Gaussian field, trilinearly upsampled); labels by nearest neighbour;
-2. intensities: a Gaussian mixture, one mean and standard deviation per intensity class (left and right
-   share one), drawn from the T1 priors (`t1`) or uniformly (`random`: means 25-225, stds 5-25), then
-   every voxel; with a probability, everything outside the brain set to 0 (a skull-stripped scan);
-3. a smooth multiplicative bias field (the exponential of a coarse Gaussian field);
-4. a random acquisition resolution per axis: Gaussian blur, then down- and up-sampling;
-5. noise, a gamma (x^exp(N(0, gamma))) on the image scaled to [0, 1];
-6. the plan's normalisation of the whole scan, then its training window (the cube for `fit`; for
-   `spacing` a size^3 window drawn among those that inference slides over the scan: a model that only
-   saw windows centred on the brain invents structures in the windows at a scan's edges).
+generator, one example is drawn window first (as SynthSeg crops before it synthesises):
+1. the window: the plan's training window within the plan's whole-scan grid of the map (the head at the
+   plan's resolution): the cube for `fit`; for `spacing` a size^3 window drawn among those that
+   inference slides over the scan (a model that only saw windows centred on the brain invents
+   structures in the windows at a scan's edges);
+2. the draws that are not per voxel (ExampleDraw): a random affine (scaling, rotation, shearing about
+   the head's centre), a smooth displacement's control points, a Gaussian mixture's mean and standard
+   deviation per intensity class (left and right share one) from the T1 priors (`t1`) or uniformly
+   (`random`: means 25-225, stds 5-25), skull-stripping with a probability, a bias field's control
+   points, a random acquisition resolution per axis, a noise level and a gamma;
+3. only on the grid voxels the window's acquisition reads (the window and the margin of its blur and
+   resampling, AcquisitionAxis): the map's labels through the affine and the displacement (nearest
+   neighbour), the mixture, everything outside the map (and, skull-stripped, outside the brain) 0, the
+   multiplicative bias field (the exponential of a trilinear field);
+4. the acquisition on the window: per axis a Gaussian blur, then down- and up-sampling, each a matrix
+   along the axis (the whole grid's operation, its rows for the window); noise, a gamma
+   (x^exp(N(0, gamma))) on the image scaled by its maximum;
+5. the plan's normalisation with the moments of the whole scan, estimated on a lattice of about 32^3
+   of its voxels synthesised the same way: a window is normalised as inference normalises a scan.
 Every draw comes from the generator, so a run resumes exactly. Everything is on the device of the label
-map: on a GPU the generator costs milliseconds.
+map: on a GPU the generator costs milliseconds. tests/synth_reference.py keeps the full-field generator
+this replaced; tests/test_synth_window.py compares their images.
 """
 
 from __future__ import annotations
@@ -28,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
 from expseg_fast.data.facts import composition, voxel_ml
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.nifti import load_volume
-from expseg_fast.data.plans import Plan
+from expseg_fast.data.plans import Plan, value_moments
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class LabelMapSource:
         self.path = path
         self.shape = tuple(int(n) for n in volume.data.shape)
         self.affine = volume.affine
-        self.indices = torch.from_numpy(np.rint(volume.data).astype(np.uint8)).to(device)
+        self.indices = torch.from_numpy(np.ascontiguousarray(np.rint(volume.data), np.uint8)).to(device)
         spacing = np.linalg.norm(self.affine[:3, :3], axis=0)
         self.scan_shape = tuple(max(n, int(np.ceil(field_of_view_mm / s))) for n, s in zip(self.shape, spacing))
         shift = np.eye(4)
@@ -110,8 +116,28 @@ def packaged_composition(names: list[str]) -> dict:
     return composition(volumes)
 
 
+@dataclass(frozen=True)
+class ExampleDraw:
+    """The draws of one example that are not per voxel. affine: (3, 3), about the head's centre;
+    displacement: (3, p, p, p) mm at the control points; means, stds: (groups,) of the mixture;
+    skull_stripped: everything outside the brain 0; log_bias: (b, b, b) at the control points; factors:
+    the acquisition's voxel edge over the grid's, per axis; noise: its std as a fraction of the window's
+    maximum; gamma: the exponent."""
+
+    affine: torch.Tensor
+    displacement: torch.Tensor
+    means: torch.Tensor
+    stds: torch.Tensor
+    skull_stripped: bool
+    log_bias: torch.Tensor
+    factors: tuple[float, ...]
+    noise: float
+    gamma: float
+
+
 class Generator:
-    """Draws (image (1, S, S, S) float32, labels (S, S, S) uint8 class indices) from label maps."""
+    """Draws (image (1, S, S, S) float32, labels (S, S, S) uint8 class indices) from label maps: the window
+    first, then the map and the intensities only where the window's acquisition reads them."""
 
     def __init__(self, table: GenerationTable, label_map: LabelMap, plan: Plan, settings: SynthSettings,
                  device: torch.device) -> None:
@@ -127,78 +153,96 @@ class Generator:
         self.mean_prior, self.std_prior = prior(table.t1_mean), prior(table.t1_std)  # (2, groups)
 
     def __call__(self, source: LabelMapSource, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = self.whole_scan(source, gen)
-        window = self.plan.training_window(tuple(labels.shape), labels, gen)
-        return image[window][None], labels[window]
-
-    def whole_scan(self, source: LabelMapSource, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image, labels uint8) of one draw on the plan's whole-scan grid, normalised, before the window."""
-        indices, inside = self._geometry(source, gen)
-        image = self._intensities(indices, inside, gen)
-        image = self._acquisition(image, source, gen)
-        return self.plan.normalise(image, inside), self.to_class[indices.long()].to(torch.uint8)
+        grid = source.grid.target_shape
+        window = tuple(slice(*w.indices(n)[:2]) for w, n in zip(self.plan.training_window(grid, None, gen), grid))
+        draw = self._draw(source, gen)
+        operators = [AcquisitionAxis.of(n, f, w) for n, f, w in zip(grid, draw.factors, window)]
+        region = tuple(op.columns for op in operators)
+        indices, inside, image = self._synthesise(source, draw, region, gen)
+        crop = tuple(slice(w.start - r.start, w.stop - r.start) for w, r in zip(window, region))
+        indices, inside, empty = indices[crop], inside[crop], image[crop] == 0
+        image = _along_axes([op.matrix.to(self.device) for op in operators], image)
+        level = draw.noise * float(image.max())
+        image = self._noisy(image, empty, level, gen)
+        scale = float(image.max()) or 1.0
+        whole = all(w == slice(0, n) for w, n in zip(window, grid))
+        moments = None if whole else self._scan_moments(source, draw, operators, level, scale, gen)
+        image = self.plan.normalise((image / scale) ** draw.gamma, inside, moments)
+        return image[None], self.to_class[indices.long()].to(torch.uint8)
 
     def _uniform(self, gen: torch.Generator, low, high, shape=()) -> torch.Tensor:
         return low + (high - low) * torch.rand(shape, generator=gen, device=self.device)
 
-    def _geometry(self, source: LabelMapSource, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The map's indices on the plan's whole-scan grid through a random affine and displacement, and
-        the mask of grid voxels that fall inside the map."""
-        s, dev = self.settings, self.device
-        grid = source.grid
-        to_world = torch.as_tensor(grid.target_affine, dtype=torch.float32, device=dev)
-        voxels = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=dev)
-                                              for n in grid.target_shape), indexing="ij"), -1)
-        world = voxels @ to_world[:3, :3].T + to_world[:3, 3]
-        centre = torch.as_tensor(source.affine[:3, :3] @ ((np.array(source.shape) - 1) / 2) + source.affine[:3, 3],
-                                 dtype=torch.float32, device=dev)
-        world = (world - centre) @ self._random_affine(gen).T + centre
+    def _draw(self, source: LabelMapSource, gen: torch.Generator) -> ExampleDraw:
+        s, dev, groups = self.settings, self.device, self.mean_prior.shape[1]
+        affine = self._random_affine(gen)
         std = self._uniform(gen, 0.0, s.nonlinear_mm)
-        coarse = torch.randn((1, 3, *(s.nonlinear_points,) * 3), generator=gen, device=dev) * std
-        world = world + F.interpolate(coarse, size=grid.target_shape, mode="trilinear",
-                                      align_corners=True)[0].permute(1, 2, 3, 0)
-        from_world = torch.as_tensor(np.linalg.inv(source.affine), dtype=torch.float32, device=dev)
-        src = world @ from_world[:3, :3].T + from_world[:3, 3]  # source voxel coordinates
-        size = torch.as_tensor(source.shape, dtype=torch.float32, device=dev)
-        inside = ((src >= -0.5) & (src <= size - 0.5)).all(-1)
-        normalised = (2 * src / (size - 1) - 1).flip(-1)  # grid_sample's (x, y, z) = (W, H, D)
-        sampled = F.grid_sample(source.indices[None, None].float(), normalised[None], mode="nearest",
-                                padding_mode="zeros", align_corners=True)[0, 0]
-        return torch.where(inside, sampled, 0.0).round().to(torch.uint8), inside
-
-    def _intensities(self, indices: torch.Tensor, inside: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """A Gaussian mixture image: per intensity class a mean and a std, then every voxel; outside the
-        map and (with skull_strip's probability) outside the brain, 0."""
-        s, groups = self.settings, self.mean_prior.shape[1]
+        displacement = torch.randn((3, *(s.nonlinear_points,) * 3), generator=gen, device=dev) * std
         if s.contrast == "t1":
-            means = self.mean_prior[0] + self.mean_prior[1] * torch.randn(groups, generator=gen, device=self.device)
-            stds = (self.std_prior[0] + self.std_prior[1] * torch.randn(groups, generator=gen, device=self.device)).abs()
+            means = self.mean_prior[0] + self.mean_prior[1] * torch.randn(groups, generator=gen, device=dev)
+            stds = (self.std_prior[0] + self.std_prior[1] * torch.randn(groups, generator=gen, device=dev)).abs()
         else:
             means, stds = self._uniform(gen, 25.0, 225.0, (groups,)), self._uniform(gen, 5.0, 25.0, (groups,))
-        group = self.intensity_class[indices.long()]
-        noise = torch.randn(indices.shape, generator=gen, device=self.device)
-        image = (means[group] + stds[group] * noise).clamp_min(0.0)
-        keep = inside
-        if float(torch.rand((), generator=gen, device=self.device)) < s.skull_strip:
-            keep = keep & self.brain[indices.long()]
-        return torch.where(keep, image, 0.0)
-
-    def _acquisition(self, image: torch.Tensor, source: LabelMapSource, gen: torch.Generator) -> torch.Tensor:
-        """Bias field, acquisition resolution, noise and gamma; zeros stay zeros."""
-        s, dev = self.settings, self.device
-        empty = image == 0
+        skull_stripped = float(torch.rand((), generator=gen, device=dev)) < s.skull_strip
         std = self._uniform(gen, 0.0, s.bias)
-        coarse = torch.randn((1, 1, *(s.bias_points,) * 3), generator=gen, device=dev) * std
-        image = image * torch.exp(F.interpolate(coarse, size=image.shape, mode="trilinear", align_corners=True)[0, 0])
+        log_bias = torch.randn((s.bias_points,) * 3, generator=gen, device=dev) * std
         spacing = np.linalg.norm(source.grid.target_affine[:3, :3], axis=0)
-        factors = [float(self._uniform(gen, *s.resolution_mm)) / float(edge) for edge in spacing]
-        image = _acquire(image, factors)
-        image = image + self._uniform(gen, 0.0, s.noise) * float(image.max()) * torch.randn(
-            image.shape, generator=gen, device=dev)
-        image = torch.where(empty, 0.0, image.clamp_min(0.0))
-        low, high = float(image.min()), float(image.max())
-        scaled = (image - low) / (high - low if high > low else 1.0)
-        return scaled ** math.exp(float(torch.randn((), generator=gen, device=dev)) * s.gamma)
+        factors = tuple(float(self._uniform(gen, *s.resolution_mm)) / float(edge) for edge in spacing)
+        noise = float(self._uniform(gen, 0.0, s.noise))
+        gamma = math.exp(float(torch.randn((), generator=gen, device=dev)) * s.gamma)
+        return ExampleDraw(affine, displacement, means, stds, skull_stripped, log_bias, factors, noise, gamma)
+
+    def _synthesise(self, source: LabelMapSource, draw: ExampleDraw, axes: tuple, gen: torch.Generator,
+                    blur: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(map indices uint8, inside the map, the biased mixture image), each (len(a) for a in axes), at
+        the grid voxels of the three axes' indices (slices or index tensors): the map through the
+        affine and the displacement, the mixture (its per-voxel deviations times `blur`), the bias."""
+        dev, grid = self.device, source.grid
+        axes = [torch.arange(a.start, a.stop, device=dev) if isinstance(a, slice) else a for a in axes]
+        to_world, from_world = grid.target_affine, np.linalg.inv(source.affine)
+        centre = source.affine[:3, :3] @ ((np.array(source.shape) - 1) / 2) + source.affine[:3, 3]
+        turn = draw.affine.double().cpu().numpy()
+        matrix = from_world[:3, :3] @ turn @ to_world[:3, :3]  # grid voxel -> map voxel, before the displacement
+        offset = from_world[:3, :3] @ (turn @ (to_world[:3, 3] - centre) + centre) + from_world[:3, 3]
+        matrix, offset = (torch.as_tensor(a, dtype=torch.float32, device=dev) for a in (matrix, offset))
+        columns = [(a.float()[:, None] * matrix[:, i]).view(*(-1 if j == i else 1 for j in range(3)), 3)
+                   for i, a in enumerate(axes)]
+        displacement = _smooth_field(draw.displacement, grid.target_shape, axes) @ matrix.new_tensor(from_world[:3, :3]).T
+        src = columns[0] + columns[1] + columns[2] + offset + displacement  # (.., 3) map voxel coordinates
+        size = torch.as_tensor(source.shape, dtype=torch.float32, device=dev)
+        inside = ((src >= -0.5) & (src <= size - 0.5)).all(-1)
+        voxel = torch.minimum(src.round_().clamp_min_(0), size - 1).long()
+        flat = (voxel[..., 0] * source.shape[1] + voxel[..., 1]) * source.shape[2] + voxel[..., 2]
+        indices = torch.where(inside, source.indices.reshape(-1)[flat], 0)
+        index = indices.long()
+        group = self.intensity_class[index]
+        deviation = torch.randn(indices.shape, generator=gen, device=dev)
+        image = (draw.means[group] + (blur * draw.stds)[group] * deviation).clamp_min(0.0)
+        keep = inside & self.brain[index] if draw.skull_stripped else inside
+        bias = torch.exp(_smooth_field(draw.log_bias[None], grid.target_shape, axes)[..., 0])
+        return indices, inside, torch.where(keep, image, 0.0) * bias
+
+    def _noisy(self, image: torch.Tensor, empty: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+        """The acquired image with noise of std `level`, clamped at 0; voxels empty before it stay 0."""
+        image = image + level * torch.randn(image.shape, generator=gen, device=self.device)
+        return torch.where(empty, 0.0, image.clamp_min(0.0))
+
+    def _scan_moments(self, source: LabelMapSource, draw: ExampleDraw, operators: list["AcquisitionAxis"],
+                      level: float, scale: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole scan's normalisation moments, from the example on a lattice of about 32^3 of its grid
+        voxels acquired as a scan of voxels the lattice's stride times the grid's (its blur darkens the
+        edges as the window's does; the mixture's deviations scaled to keep the variance the window's
+        acquisition leaves them; the noise and the contrast as the window's), so that a window is
+        normalised as its whole scan would be."""
+        grid = source.grid.target_shape
+        stride = max(1, math.ceil(max(grid) / LATTICE))
+        axes = tuple(torch.arange(stride // 2, n, stride, device=self.device) for n in grid)
+        lattice = [AcquisitionAxis.of(len(a), f / stride, slice(0, len(a))) for a, f in zip(axes, draw.factors)]
+        kept = math.sqrt(math.prod(op.noise_variance for op in operators) / math.prod(op.noise_variance for op in lattice))
+        _, inside, image = self._synthesise(source, draw, axes, gen, kept)
+        empty = image == 0
+        image = self._noisy(_along_axes([op.matrix.to(self.device) for op in lattice], image), empty, level, gen)
+        return value_moments(self.plan.normalised_values((image / scale) ** draw.gamma, inside))
 
     def _random_affine(self, gen: torch.Generator) -> torch.Tensor:
         """(3, 3): a rotation about each axis, shearing and per-axis scaling, each uniform within the settings."""
@@ -215,24 +259,74 @@ class Generator:
         return matrix @ shear @ torch.diag(1 + self._uniform(gen, -s.scaling, s.scaling, (3,)))
 
 
-def _acquire(image: torch.Tensor, factors: list[float]) -> torch.Tensor:
-    """The image as a scan of voxels `factors` times the grid's along each axis, then resampled onto the
-    grid: a Gaussian blur of sigma 0.4 factor (what the acquisition and the interpolation smooth), and,
-    where the acquisition is coarser than the grid, sampled at its voxels and interpolated back."""
-    x = image[None, None]
-    for axis, factor in enumerate(factors):
+LATTICE = 32  # voxels per axis of the lattice that estimates a whole scan's normalisation moments
+
+
+@dataclass(frozen=True)
+class AcquisitionAxis:
+    """The acquisition along one axis of the grid, restricted to the window's voxels: matrix (window,
+    columns) maps the grid voxels `columns` (a slice holding every voxel the window reads) to the window;
+    noise_variance: the fraction of independent per-voxel noise's variance the whole axis keeps (the
+    mean squared norm of its rows)."""
+
+    matrix: torch.Tensor
+    columns: slice
+    noise_variance: float
+
+    @classmethod
+    def of(cls, n: int, factor: float, window: slice) -> "AcquisitionAxis":
+        """The axis of n grid voxels scanned with voxels `factor` times the grid's: a Gaussian blur of sigma
+        0.4 factor (what the acquisition and the interpolation smooth; zero beyond the grid), and, where
+        the acquisition is coarser than the grid, its max(2, round(n / factor)) voxels sampled linearly
+        and interpolated back (align_corners: the first and last voxels on the grid's)."""
+        operator = torch.eye(n, dtype=torch.float64)
         sigma = 0.4 * factor
-        if sigma < 0.15:  # a kernel of a fraction of a voxel: nothing to blur
-            continue
-        radius = max(1, int(math.ceil(3 * sigma)))
-        t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
-        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        padding = [0, 0, 0]
-        padding[axis] = radius
-        x = F.conv3d(x, (kernel / kernel.sum()).view(shape), padding=tuple(padding))
-    coarse = [max(2, int(round(n / max(f, 1.0)))) for n, f in zip(image.shape, factors)]
-    x = F.interpolate(F.interpolate(x, size=coarse, mode="trilinear", align_corners=True), size=image.shape,
-                      mode="trilinear", align_corners=True)
-    return x[0, 0]
+        if sigma >= 0.15:  # a kernel of a fraction of a voxel: nothing to blur
+            radius = max(1, int(math.ceil(3 * sigma)))
+            t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+            kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+            kernel /= kernel.sum()
+            offset = torch.arange(n)[None] - torch.arange(n)[:, None]  # column - row
+            operator = torch.where(offset.abs() <= radius, kernel[(offset + radius).clamp(0, 2 * radius)], 0.0)
+        coarse = max(2, int(round(n / max(factor, 1.0))))
+        operator = _linear_matrix(_positions(n, coarse), coarse) @ _linear_matrix(_positions(coarse, n), n) @ operator
+        rows = operator[window]
+        used = torch.nonzero(rows.abs().sum(0)).flatten()
+        lo, hi = min(int(used.min()), window.start), max(int(used.max()) + 1, window.stop)
+        return cls(rows[:, lo:hi].float(), slice(lo, hi), float((operator ** 2).sum(1).mean()))
+
+
+def _positions(n: int, m: int) -> torch.Tensor:
+    """(n,) where each of n voxels of an axis falls on the same axis sampled with m voxels, the first
+    and the last of both on each other (align_corners)."""
+    return torch.arange(n, dtype=torch.float64) * ((m - 1) / (n - 1) if n > 1 else 0.0)
+
+
+def _linear_matrix(positions: torch.Tensor, m: int) -> torch.Tensor:
+    """(len(positions), m): linear interpolation at positions (in voxels) of an axis of m voxels."""
+    low = positions.floor().clamp(0, m - 1)
+    frac = (positions - low).to(torch.float64)
+    low = low.long()
+    high = (low + 1).clamp_max(m - 1)
+    matrix = torch.zeros(len(positions), m, dtype=torch.float64)
+    rows = torch.arange(len(positions))
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix
+
+
+def _smooth_field(coarse: torch.Tensor, grid: tuple[int, ...], axes: list[torch.Tensor]) -> torch.Tensor:
+    """(len(axes[0]), len(axes[1]), len(axes[2]), C): a field of C channels given at (C, p, q, r) control
+    points spanning the grid (trilinear, align_corners), at the grid voxels of the axes' indices."""
+    weights = [_linear_matrix(a.double().cpu() * ((m - 1) / (n - 1) if n > 1 else 0.0), m).to(coarse)
+               for a, n, m in zip(axes, grid, coarse.shape[1:])]
+    x = (weights[0] @ coarse.transpose(0, 1).reshape(coarse.shape[1], -1)).view(-1, coarse.shape[0], *coarse.shape[2:])  # (i, C, q, r)
+    x = weights[1] @ x  # (i, C, j, r)
+    return (x @ weights[2].T).permute(0, 2, 3, 1)  # (i, j, k, C)
+
+
+def _along_axes(matrices: list[torch.Tensor], volume: torch.Tensor) -> torch.Tensor:
+    """volume (a, b, c) -> (m0, m1, m2): matrices[i] (m_i, len_i) applied along axis i."""
+    x = (matrices[0] @ volume.reshape(volume.shape[0], -1)).reshape(-1, *volume.shape[1:])
+    x = (matrices[1] @ x.transpose(0, 1).reshape(volume.shape[1], -1)).reshape(-1, x.shape[0], x.shape[2])
+    return x.transpose(0, 1) @ matrices[2].T

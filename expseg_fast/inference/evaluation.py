@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expseg_fast.config import TrainConfig
+from expseg_fast.config import PREDICTOR, TrainConfig
 from expseg_fast.data import load_volume, preprocess_pair, random_splits
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.identity import DataPin
@@ -64,13 +64,14 @@ class Evaluation:
 
 
 def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | None = None,
-             device: str = "auto", max_voxels: int | None = None) -> Evaluation:
+             device: str = "auto", max_voxels: int | None = None, flip: bool = PREDICTOR.flip) -> Evaluation:
     """Evaluates the checkpoint on its run's validation subjects, as the run pinned them (names and
     content digests): from the run's dataset (its absolute path; the demo dataset is looked for beside
     the run folder, where the trainer built it), where a missing or changed validation subject, or a
     changed label map, is a ValueError naming it. With data (and its label_map) other data is scored
     on purpose: the run's validation subjects found in it by content, and subjects the run never saw;
-    its training subjects are left out; `Evaluation.source` says which. ValueError naming what is wrong."""
+    its training subjects are left out; `Evaluation.source` says which. flip: as segment.py's (the scan's
+    own grid only; the cube figure stays one plain pass). ValueError naming what is wrong."""
     checkpoint = Path(checkpoint)
     dev = torch_device(device)
     loaded = load_model(checkpoint, dev)
@@ -84,7 +85,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, label_map: str | N
     found.label_map = protocol
     chosen, source = _subjects(loaded.pin, found, config, other, checkpoint)
     predictors = (predictor_for(loaded.model, config, plan, dev), predictor_for(loaded.model, config, plan, dev, 1))
-    scores = [_score(found.pairs[i], protocol, plan, predictors, max_voxels, loaded.data_range) for i in chosen]
+    scores = [_score(found.pairs[i], protocol, plan, predictors, max_voxels, loaded.data_range, flip) for i in chosen]
     original, on_cube = (torch.stack([s[k] for s in scores]) for k in (0, 1))
     original[:, [c - 1 for c in lacking]] = on_cube[:, [c - 1 for c in lacking]] = float("nan")
     return Evaluation(str(checkpoint), loaded.epochs, [found.pairs[i].image.name for i in chosen], names[1:],
@@ -113,14 +114,14 @@ def _dataset(config: TrainConfig, data: str | None, label_map: str | None, check
 
 
 def _score(pair: Pair, label_map: LabelMap, plan: Plan, predictors: tuple[Predictor, Predictor],
-           max_voxels: int, seen: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+           max_voxels: int, seen: dict | None, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(Dice on the label file's grid, Dice on the training cube) of one subject, without background;
     warns, naming the scan, where it or its prediction is unlike the training data `seen`.
     predictors: the plan's windows per call, and one cube per call."""
     windows, one_cube = predictors
     num_classes = len(label_map.names)
     # the user's figure: the prediction segment.py writes, on the label file's grid
-    predicted, _, notes = segment_case(windows, pair.images, plan, list(label_map.names), seen, max_voxels)
+    predicted, _, notes = segment_case(windows, pair.images, plan, list(label_map.names), seen, max_voxels, flip)
     warn(pair.image, notes)
     predicted = predicted.astype(np.int64)
     truth = label_map.apply(load_volume(pair.label, dtype=np.int64, max_voxels=None).data).astype(np.int64)

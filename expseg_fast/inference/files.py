@@ -24,7 +24,7 @@ import torch
 
 from expseg_fast.atomic import NoSpaceError, write_atomic
 from expseg_fast.checkpoint import checkpoint_config, checkpoint_pin, load_checkpoint, non_finite_weights
-from expseg_fast.config import WINDOW_BATCH, TrainConfig
+from expseg_fast.config import PREDICTOR, WINDOW_BATCH, TrainConfig
 from expseg_fast.data import VolumeError, invert_labels, load_volume
 from expseg_fast.data.dataset import group_channels, plain_name, volume_files
 from expseg_fast.data.facts import VolumeFacts, out_of_range
@@ -34,9 +34,12 @@ from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import Resampling
 from expseg_fast.data.source import SYNTH
 from expseg_fast.data.synth import packaged_composition
+from expseg_fast.inference.mirroring import lateral_swap, left_right_axis, mirrored
 from expseg_fast.inference.plausibility import intensity_note, prediction_note
 from expseg_fast.inference.predictor import Predictor
+from expseg_fast.inference.qc import write_qc
 from expseg_fast.inference.sliding_window import sliding_window_labels
+from expseg_fast.inference.volumes import volume_row, write_volumes
 from expseg_fast.machine import torch_device
 
 
@@ -139,12 +142,14 @@ def case_image(paths: tuple[Path, ...], plan: Plan, max_voxels: int,
 
 
 def segment_case(predictor: Predictor, paths: tuple[Path, ...], plan: Plan, names: list[str], seen: dict | None,
-                 max_voxels: int) -> tuple[np.ndarray, Resampling, list[str]]:
+                 max_voxels: int, flip: bool = PREDICTOR.flip) -> tuple[np.ndarray, Resampling, list[str]]:
     """(the labels of one case on channel 0's own grid, its resampling, notes on what makes the case or
     its prediction unlike the training data (expseg_fast/inference/plausibility.py), each to be said
-    naming the file). VolumeError naming a file that is unusable."""
+    naming the file). flip: average with the left-right mirror (expseg_fast/inference/mirroring.py).
+    VolumeError naming a file that is unusable."""
     image, r, notes = case_image(paths, plan, max_voxels, seen)
-    labels = invert_labels(predict_labels(predictor, image, plan, len(names)), r)
+    mirror = (left_right_axis(r.target_affine), lateral_swap(names)) if flip else None
+    labels = invert_labels(predict_labels(predictor, image, plan, len(names), mirror), r)
     unlike = prediction_note(labels, r.source_affine, seen, names)
     return labels, r, notes + ([unlike] if unlike else [])
 
@@ -171,11 +176,15 @@ def predictor_for(model: torch.nn.Module, config: TrainConfig, plan: Plan, devic
                      channels_last=config.channels_last)
 
 
-def predict_labels(predictor: Predictor, image: np.ndarray, plan: Plan, num_classes: int) -> np.ndarray:
+def predict_labels(predictor: Predictor, image: np.ndarray, plan: Plan, num_classes: int,
+                   mirror: tuple[int, list[int] | None] | None = None) -> np.ndarray:
     """The label volume on the inference grid of one case's preprocessed image (K, ...) (case_image):
-    the plan's windows through the predictor, blended (expseg_fast/inference/sliding_window.py)."""
-    labels = sliding_window_labels(lambda w: predictor.predict(w, probabilities=True)[1],
-                                   torch.from_numpy(image).to(predictor.device), plan.size,
+    the plan's windows through the predictor, blended (expseg_fast/inference/sliding_window.py); with
+    mirror = (the grid's left-right axis, the lateral classes' swap), averaged with the mirrored windows'."""
+    probabilities = lambda w: predictor.predict(w, probabilities=True)[1]  # noqa: E731
+    if mirror is not None:
+        probabilities = mirrored(probabilities, *mirror)
+    labels = sliding_window_labels(probabilities, torch.from_numpy(image).to(predictor.device), plan.size,
                                    predictor.input_shape[0], num_classes, plan.windows(image.shape[1:]))
     return labels.cpu().numpy()
 
@@ -186,22 +195,48 @@ def warn(path: Path, notes: list[str]) -> None:
         print(f"warning: {path}: {note}; the segmentation may be poor", file=sys.stderr, flush=True)
 
 
+def _written(write, path: Path, problems: list[str]) -> None:
+    """write(path), or the line naming path (a full disk, an unreadable input) added to problems."""
+    try:
+        write(path)
+    except (VolumeError, OSError) as error:  # said with every output that could not be written
+        problems.append(str(error) if isinstance(error, (VolumeError, NoSpaceError)) else f"{path}: {error}")
+
+
+def check_reports(volumes: Path | None, qc: Path | None, overwrite: bool) -> None:
+    """ValueError naming --volumes' file or --qc's folder when it cannot be written (an existing CSV is
+    replaced only with overwrite)."""
+    if volumes is not None and volumes.is_dir():
+        raise ValueError(f"{volumes}: is a folder; --volumes takes a CSV file name")
+    if volumes is not None and volumes.exists() and not overwrite:
+        raise ValueError(f"{volumes}: exists; not replaced (use --overwrite to replace outputs)")
+    if qc is not None and qc.exists() and not qc.is_dir():
+        raise ValueError(f"{qc}: exists and is not a folder; --qc takes a folder for the PNGs")
+
+
 def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
-            overwrite: bool = False, max_voxels: int | None = None) -> list[Path]:
+            overwrite: bool = False, max_voxels: int | None = None, volumes: str | Path | None = None,
+            qc: str | Path | None = None, flip: bool = PREDICTOR.flip) -> list[Path]:
     """Segments one volume file or every volume file (NIfTI or MGH) of a folder; returns the written label
-    files, each in its input's format.
+    files, each in its input's format. volumes: a CSV of each written scan's class volumes
+    (expseg_fast/inference/volumes.py); qc: a folder for a PNG per written scan (expseg_fast/inference/qc.py);
+    flip: test-time left-right flip averaging (expseg_fast/inference/mirroring.py).
     SegmentationError (after every good file is written) when some inputs could not be segmented or
     written. max_voxels: the largest scan (and resampled grid) taken, default the checkpoint's."""
     dev = torch_device(device)
     inputs, out_dir = Path(inputs), Path(out_dir)
+    volumes, qc = (Path(p) if p is not None else None for p in (volumes, qc))
     model, config, plan, names, seen, *_ = load_model(Path(checkpoint), dev)  # a refused checkpoint says so at once
     max_voxels = max_voxels or config.max_voxels
     files = input_files(inputs)
     check_output_folder(out_dir, inputs)
+    check_reports(volumes, qc, overwrite)
     predictor = predictor_for(model, config, plan, dev)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if qc is not None:
+        qc.mkdir(parents=True, exist_ok=True)
     sources = {f.resolve() for f in files}
-    written, problems = [], []
+    written, problems, rows = [], [], []
     todo = cases(files, config.in_channels, problems)
     for index, (name, paths) in enumerate(todo, start=1):
         target = out_dir / name
@@ -212,21 +247,25 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             problems.append(f"{target}: exists; not replaced (use --overwrite to replace outputs)")
             continue
         try:
-            labels, r, notes = segment_case(predictor, paths, plan, names, seen, max_voxels)
+            labels, r, notes = segment_case(predictor, paths, plan, names, seen, max_voxels, flip)
             warn(paths[0], notes)
             save_labels(target, labels, r.source_affine)
         except (VolumeError, OSError) as error:
             problems.append(str(error) if isinstance(error, (VolumeError, NoSpaceError)) else f"{target}: {error}")
             continue
         written.append(target)
+        rows.append(volume_row(paths[0].name, labels, r.source_affine, len(names)))
         print(f"[{index}/{len(todo)}] {paths[0].name} -> {target}", flush=True)
+        if qc is not None:
+            _written(lambda picture: write_qc(picture, load_volume(paths[0], max_voxels=max_voxels).data, labels,
+                                              r.source_affine, names, f"{paths[0]}  ->  {target}"),
+                     qc / f"{plain_name(paths[0])}.png", problems)
+    if volumes is not None:
+        _written(lambda path: write_volumes(path, names, rows), volumes, problems)
     names_file = out_dir / "class_names.json"
     text = json.dumps(names, indent=1)
     if not names_file.exists() or overwrite or names_file.read_text() == text:
-        try:
-            write_atomic(names_file, lambda tmp: Path(tmp).write_text(text), ".json")
-        except OSError as error:  # a full disk: said with every output that could not be written
-            problems.append(str(error) if isinstance(error, NoSpaceError) else f"{names_file}: {error}")
+        _written(lambda path: write_atomic(path, lambda tmp: Path(tmp).write_text(text), ".json"), names_file, problems)
     else:
         problems.append(f"{names_file}: exists with other class names; not replaced (use --overwrite)")
     if problems:

@@ -4,8 +4,9 @@ Blocks of k x (3x3x3 conv, normalisation (BatchNorm, the paper's, or instance no
 convolution skip, the two branches added; max pooling between encoder levels, channels doubling;
 trilinear upsampling in the decoder, encoder features concatenated, channels halving. Deep supervision
 is multi-level fusion into one output: the chosen decoder levels are upsampled to full size,
-concatenated, and mapped by a 1x1x1 convolution to the labels. A Gaussian noise layer (on the input)
-and a dropout layer (before the fusion) act in training only.
+concatenated, and mapped by a 1x1x1 convolution to the labels (LevelFusion, which computes the same
+function in a cheaper order). A Gaussian noise layer (on the input) and channel dropout (before the
+fusion) act in training only.
 """
 
 from __future__ import annotations
@@ -89,6 +90,38 @@ def _upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
+class LevelFusion(nn.Conv3d):
+    """Deep supervision's fusion: decoder levels [(N, w_l, D_l, H_l, W_l)] -> logits (N, labels, D, H, W),
+    the 1x1x1 convolution of the levels upsampled to full size and concatenated, whole channels dropped
+    before it (rate `dropout`, per sample, in training; the kept ones scaled by 1 / (1 - dropout)).
+    Computed as the sum over levels of each level's own convolution, upsampled: the same function (both
+    maps are linear, the trilinear weights sum to 1, the dropout folded into the weights), with `labels`
+    channels upsampled instead of the levels' widths and no full-size concatenation; the sum in float32.
+    Its parameters are the convolution's (checkpoints unchanged)."""
+
+    def __init__(self, in_channels: int, labels: int, dropout: float) -> None:
+        super().__init__(in_channels, labels, 1)
+        self.dropout = dropout
+
+    def forward(self, levels: list[torch.Tensor], size) -> torch.Tensor:
+        if not (self.training and self.dropout > 0):
+            return self._fused(levels, self.weight, size)
+        keep = torch.rand(levels[0].shape[0], self.in_channels, device=self.weight.device) >= self.dropout
+        weights = self.weight[None] * (keep.to(self.weight.dtype) / (1 - self.dropout))[:, None, :, None, None, None]
+        return torch.cat([self._fused([x[n : n + 1] for x in levels], w, size) for n, w in enumerate(weights)])
+
+    def _fused(self, levels: list[torch.Tensor], weight: torch.Tensor, size) -> torch.Tensor:
+        total = None
+        for x, w in zip(levels, weight.split([x.shape[1] for x in levels], dim=1)):
+            y = F.conv3d(x, w)
+            y = y if tuple(y.shape[2:]) == tuple(size) else _upsample(y, size)
+            total = y.to(torch.promote_types(y.dtype, torch.float32), copy=True) if total is None else total.add_(y)
+        return total.add_(self.bias.view(1, -1, 1, 1, 1)).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dropout={self.dropout}"
+
+
 class ExpLogNet(nn.Module):
     """image (N, in_channels, D, H, W) -> logits (N, num_labels, D, H, W); D, H, W multiples of
     2^(len(blocks) - 1)."""
@@ -108,8 +141,7 @@ class ExpLogNet(nn.Module):
         self.decoder = nn.ModuleList(
             ResBlock(widths[i + 1] + widths[i], widths[i], config.blocks[i], config.norm) for i in range(levels - 1)
         )
-        self.dropout = nn.Dropout3d(config.dropout)
-        self.fuse = nn.Conv3d(sum(widths[lv] for lv in config.fuse_levels), config.num_labels, 1)
+        self.fuse = LevelFusion(sum(widths[lv] for lv in config.fuse_levels), config.num_labels, config.dropout)
 
     @property
     def levels(self) -> int:
@@ -129,6 +161,4 @@ class ExpLogNet(nn.Module):
             x = _upsample(x, skips[i].shape[2:])
             x = self.decoder[i](torch.cat([x, skips[i]], dim=1))
             outputs[i] = x
-        full = image.shape[2:]
-        fused = [outputs[lv] if lv == 0 else _upsample(outputs[lv], full) for lv in sorted(self.config.fuse_levels)]
-        return self.fuse(self.dropout(torch.cat(fused, dim=1)))
+        return self.fuse([outputs[lv] for lv in sorted(self.config.fuse_levels)], image.shape[2:])
