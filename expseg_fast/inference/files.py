@@ -254,7 +254,8 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
             problems.append(str(error) if isinstance(error, (VolumeError, NoSpaceError)) else f"{target}: {error}")
             continue
         written.append(target)
-        rows.append(volume_row(paths[0].name, labels, r.source_affine, len(names)))
+        if volumes is not None:
+            rows.append(volume_row(paths[0].name, labels, r.source_affine, len(names)))
         print(f"[{index}/{len(todo)}] {paths[0].name} -> {target}", flush=True)
         if qc is not None:
             _written(lambda picture: write_qc(picture, load_volume(paths[0], max_voxels=max_voxels).data, labels,
