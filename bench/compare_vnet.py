@@ -41,9 +41,9 @@ VARIANTS = {  # name -> (precision, channels_last, CUDA graph, BatchNorm folded,
 BASELINE = "eager fp32"
 
 
-def variants_for(device: str) -> list[str]:
-    """The variants that exist on a device (a CUDA graph needs CUDA)."""
-    return [v for v, (_, _, graph, _, _) in VARIANTS.items() if device == "cuda" or not graph]
+def variants_for(device: str, compiled: bool = True) -> list[str]:
+    """The variants that exist on a device (a CUDA graph needs CUDA), the torch.compile ones if `compiled`."""
+    return [v for v, (_, _, graph, _, comp) in VARIANTS.items() if (device == "cuda" or not graph) and (compiled or not comp)]
 
 
 def build(network: str, device: str, variant: str, size: int) -> Predictor:
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="cube edge (default 128 on CUDA, 64 on the CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants (the CPU "
+                        "rehearsal: minutes of compilation; tests/test_graph_options.py checks those paths)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
@@ -126,7 +128,7 @@ def main() -> None:
     rows = []
     for network in NETWORKS:
         params = count_parameters(NETWORKS[network]())
-        for variant in variants_for(args.device):
+        for variant in variants_for(args.device, not args.no_compile):
             ms, first_s = latency_ms(network, args.device, variant, size, args.repeats)
             row = {"network": network, "variant": variant, "params": params, "ms": ms, "first_call_s": first_s,
                    "peak_MiB": peak_mib(network, args.device, variant, size)}

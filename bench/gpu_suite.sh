@@ -9,6 +9,7 @@
 #   norm       bench/norm_step.py: the fused instance norm + ReLU, GroupNorm + ReLU and BatchNorm + ReLU,
 #              forward + backward, against the memory floor at the copy bandwidth measured in the same run
 #   synth      bench/synth_step.py: the label-map generator's time per example against the training step
+#   nnunet     bench/nnunet_step.py: nnU-Net's 3d_fullres step with its default loss and with L_Exp (the fused op)
 #   paper      the paper preset of Table 1 on split 0 (scripts/reproduce_table1.py), cases concurrently
 #              on the card, with the epoch profile (data / augment / step / validation / report seconds)
 #   real_scans bench/real_scans_run.py: the generator's synth-paper preset trained until the part's deadline
@@ -16,7 +17,7 @@
 # Usage (from the repository root):
 #   OUT=/some/dir bash bench/gpu_suite.sh [PART ...]        default: every part but tests
 #   OUT=/some/dir bash bench/gpu_suite.sh --smoke [PART ...] the CPU rehearsal that CI runs: the same
-#       scripts at tiny sizes, Triton under the interpreter, the tests only collected, Table 1's `smoke`
+#       scripts at tiny sizes without their torch.compile rows, Triton under the interpreter, the tests only collected, Table 1's `smoke`
 #       preset (one epoch of two subjects at 32^3). Its figures mean nothing; it proves the calls work.
 # Environment: LIMIT_<PART> (seconds) overrides a part's limit; PAPER_CASES the Table 1 cases of the
 # paper part (default all seven; L_Exp(0.3) first); SUITE_TESTS the test selection of `tests`;
@@ -30,7 +31,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
-PARTS="${*:-inference train_step loss norm synth paper real_scans}"
+PARTS="${*:-inference train_step loss norm synth nnunet paper real_scans}"
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 STAGE="$(mktemp -d)"
@@ -62,8 +63,8 @@ limit() {  # limit PART DEFAULT: the part's time limit in seconds
 
 if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu; PRESET=smoke
-  # torch.compile's graphs (the compiled and folded rows) take the 2-core CPU minutes to build, the card's host seconds
-  : "${LIMIT_INFERENCE:=300}" "${LIMIT_TRAIN_STEP:=300}"
+  # the torch.compile rows are left out (--no-compile): the 2-core CPU takes minutes to build their graphs, the
+  # card's host seconds; tests/test_graph_options.py checks the compiled step and the Predictor's compiled paths
   echo "cpu (smoke rehearsal: figures mean nothing)" > "$STAGE/card.txt"
 else
   DEVICE=cuda; PRESET=paper
@@ -89,10 +90,10 @@ for part in $PARTS; do
       step tests "$(limit tests 150)" python3 -m pytest ${SUITE_TESTS:-tests bench} -m cuda -q -p no:cacheprovider \
         "${selection[@]}" || rc=1 ;;
     inference)
-      size=$([ "$SMOKE" = 1 ] && echo "--size 16 --repeats 1" || echo "--size 128")
+      size=$([ "$SMOKE" = 1 ] && echo "--size 16 --repeats 1 --no-compile" || echo "--size 128")
       step inference "$(limit inference 120)" python3 -m bench.compare_vnet --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     train_step)
-      size=$([ "$SMOKE" = 1 ] && echo "--size 32 --repeats 1" || echo "--size 128")  # 16^3: bench/NOTES.md
+      size=$([ "$SMOKE" = 1 ] && echo "--size 32 --repeats 1 --no-compile" || echo "--size 128")  # 16^3: bench/NOTES.md
       step train_step "$(limit train_step 150)" python3 -m bench.train_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     loss)
       smoke=$([ "$SMOKE" = 1 ] && echo "--smoke")
@@ -103,6 +104,9 @@ for part in $PARTS; do
     synth)
       preset=$([ "$SMOKE" = 1 ] && echo "--preset synth-cpu --size 32 --repeats 1" || echo "--preset synth-paper")
       step synth "$(limit synth 90)" python3 -m bench.synth_step --device "$DEVICE" $preset --out "$STAGE" || rc=1 ;;
+    nnunet)
+      size=$([ "$SMOKE" = 1 ] && echo "--size 32 --stages 3 --repeats 1" || echo "--size 128")
+      step nnunet "$(limit nnunet 90)" python3 -m bench.nnunet_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     paper)
       step paper "$(limit paper 330)" bash bench/paper_run.sh "$PRESET" "$(( $(limit paper 330) - 10 ))" "$STAGE" || rc=1 ;;
     real_scans)
@@ -117,7 +121,7 @@ for part in $PARTS; do
       step real_scans "$(limit real_scans 300)" python3 -m bench.real_scans_run --stage "$STAGE" \
         --seconds "$(( $(limit real_scans 300) - 10 ))" "${where[@]}" "${how[@]}" || rc=1 ;;
     *)
-      echo "unknown part '$part' (tests, inference, train_step, loss, norm, synth, paper, real_scans)"; rc=2 ;;
+      echo "unknown part '$part' (tests, inference, train_step, loss, norm, synth, nnunet, paper, real_scans)"; rc=2 ;;
   esac
 done
 pack

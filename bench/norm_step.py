@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.outputs import write_outputs
+from bench.outputs import publish
 from bench.timing import median_ms
 from expseg_fast.models import instance_norm as op
 from expseg_fast.models.instance_norm import InstanceNormReLU
@@ -96,10 +96,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = measure(args.device, args.shapes, args.size, args.repeats)
-    text = table(rows)
-    if args.out:
-        write_outputs(args.out, "norm_step", rows, "## Normalisation + ReLU against its memory floor\n\n" + text)
-    print(text, end="")
+    publish(args.out, "norm_step", rows, "Normalisation + ReLU against its memory floor", table(rows))
 
 
 if __name__ == "__main__":

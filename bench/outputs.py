@@ -12,3 +12,10 @@ def write_outputs(out: Path, stem: str, rows: list[dict], markdown: str) -> None
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     (out / f"{stem}.md").write_text(markdown)
+
+
+def publish(out: Path | None, stem: str, rows: list[dict], heading: str, text: str) -> None:
+    """Prints text; with an --out folder, also writes out/STEM.json and out/STEM.md (## heading, then text)."""
+    if out:
+        write_outputs(out, stem, rows, f"## {heading}\n\n{text}")
+    print(text, end="")

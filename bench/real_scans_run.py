@@ -6,7 +6,7 @@ each scan's own grid). Writes STAGE/real_scans.md (epochs, training seconds, the
 profile) and STAGE/real-scans/ (every evaluation's JSON, the run's log).
 
 python -m bench.real_scans_run --preset synth-paper --seconds 300 --stage DIR [--run DIR] [--device cuda]
-       [--colin27 FOLDER] [--data NAME=FOLDER=MAP ...] [--score-seconds 60] [-- TRAIN.PY OPTIONS]
+       [--colin27 FOLDER] [--data NAME=FOLDER=MAP ...] [--score-seconds 60] [--train-only] [-- TRAIN.PY OPTIONS]
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--colin27", type=Path, default=anatomy.COLIN27)
     parser.add_argument("--data", action="append", default=[], help="another labelled set: NAME=FOLDER=MAP")
     parser.add_argument("--score-seconds", type=float, default=60, help="kept from the training for the scoring")
+    parser.add_argument("--train-only", action="store_true", help="train until the deadline, score nothing (a later "
+                        "call resumes the run and scores it)")
     parser.add_argument("train_options", nargs="*", help="further scripts/train.py options (after --)")
     args = parser.parse_args()
     deadline = time.monotonic() + args.seconds
@@ -92,6 +94,8 @@ def main() -> None:
     print(f"training {ended} after {train_s:.0f} s", flush=True)
     if not (run / "best.pt").exists():
         sys.exit(f"error: {run / 'best.pt'}: no epoch finished in {train_s:.0f} s ({out / 'train.log'} says why)")
+    if args.train_only:
+        sys.exit(1 if ended.startswith("failed") else 0)
     models = [f"generator-{args.preset}={run / 'best.pt'}", f"generator-{args.preset}-last={run / 'last.pt'}"]
     score = [sys.executable, "scripts/real_scans.py", *(f"--model={m}" for m in models), "--out", str(out),
              "--device", args.device, "--colin27", str(args.colin27), *(f"--data={d}" for d in args.data)]

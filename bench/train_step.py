@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-size", type=int, default=256, help="largest edge tried under the 12 GB cap (CUDA)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled step (the CPU rehearsal: "
+                        "minutes of compilation; tests/test_graph_options.py checks that step)")
     args = parser.parse_args()
     size = args.size or (128 if args.device == "cuda" else 32)
     if args.device == "cuda":
@@ -142,7 +144,7 @@ def main() -> None:
             row.update(measure(args.device, size, fuse, engine, args.repeats))
             rows.append(row)
             write(rows, args.device, size, args.out)
-        for mode in ("compiled", "cuda_graph") if args.device == "cuda" else ("compiled",):
+        for mode in ("compiled", "cuda_graph") if args.device == "cuda" else () if args.no_compile else ("compiled",):
             if fusion.startswith("paper") or args.device == "cuda":  # on the CPU one compilation is enough
                 rows.append({"fusion": fusion, "variant": f"engine, {MODES[mode]}",
                              **measure_mode(args.device, size, fuse, mode, args.repeats)})

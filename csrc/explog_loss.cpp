@@ -364,6 +364,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> explog_forward_cpu(
   return {at::scalar_tensor(loss, logits.options().dtype(loss_dtype(logits))), stats, bad};
 }
 
+// Writes d loss / d logits into out from per-(sample, label) coefficients a, b, kappa (N * C each, in
+// the logits' op type): the voxel pass shared by explog_backward and explog_coef_backward.
+template <typename logit_t>
+void backward_from_coefs(const at::Tensor& logits, const at::Tensor& target, at::Tensor& out, const Geometry& g,
+                         const at::opmath_type<logit_t>* a, const at::opmath_type<logit_t>* b,
+                         const at::opmath_type<logit_t>* kappa, double gamma_cross) {
+  EXPSEG_DISPATCH_LABEL_TYPES(target.scalar_type(), "explog_backward_cpu", [&] {
+    backward_tiles<logit_t, scalar_t>(logits.const_data_ptr<logit_t>(), target.const_data_ptr<scalar_t>(),
+                                       out.data_ptr<logit_t>(), g, a, b, kappa, gamma_cross);
+  });
+}
+
 at::Tensor explog_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                const at::Tensor& weights, const at::Tensor& stats, double w_dice, double w_cross,
                                double gamma_dice, double gamma_cross, bool linear_dice, double eps) {
@@ -377,8 +389,7 @@ at::Tensor explog_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& lo
   auto out = at::empty_like(logits);
   for (int k = 0; k < 5; ++k) g.gz[k] = out.stride(k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "explog_backward_cpu", [&] {
-    using logit_t = scalar_t;
-    using acc_t = at::opmath_type<logit_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     const int64_t NCn = g.N * g.C;
     std::vector<acc_t> a(NCn), b(NCn), kappa(NCn);
     const double* sp = st.const_data_ptr<double>();
@@ -390,10 +401,23 @@ at::Tensor explog_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& lo
       b[k] = acc_t(bk);
       kappa[k] = acc_t(kk);
     }
-    EXPSEG_DISPATCH_LABEL_TYPES(target.scalar_type(), "explog_backward_cpu", [&] {
-      backward_tiles<logit_t, scalar_t>(logits.const_data_ptr<logit_t>(), target.const_data_ptr<scalar_t>(),
-                                         out.data_ptr<logit_t>(), g, a.data(), b.data(), kappa.data(), gamma_cross);
-    });
+    backward_from_coefs<scalar_t>(logits, target, out, g, a.data(), b.data(), kappa.data(), gamma_cross);
+  });
+  return out;
+}
+
+at::Tensor explog_coef_backward_cpu(const at::Tensor& coefs, const at::Tensor& logits, const at::Tensor& target,
+                                    double gamma_cross) {
+  Geometry g = make_geometry(logits, target);
+  check_coefs(coefs, g, logits);
+  auto out = at::empty_like(logits);
+  for (int k = 0; k < 5; ++k) g.gz[k] = out.stride(k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "explog_coef_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor c = coefs.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* cp = c.const_data_ptr<acc_t>();
+    const int64_t NCn = g.N * g.C;
+    backward_from_coefs<scalar_t>(logits, target, out, g, cp, cp + NCn, cp + 2 * NCn, gamma_cross);
   });
   return out;
 }
@@ -405,11 +429,15 @@ TORCH_LIBRARY(expseg_fast, m) {
   m.def(
       "explog_backward(Tensor grad, Tensor logits, Tensor target, Tensor weights, Tensor stats, "
       "float w_dice, float w_cross, float gamma_dice, float gamma_cross, bool linear_dice, float eps) -> Tensor");
+  // d loss / d logits of any loss of the statistics, from its coefficients (3, N, C) float64: a = dL/dQ,
+  // b = dL/dQ + dL/dM, kappa = gamma_cross * dL/dT (expseg_fast/losses/statistics.py)
+  m.def("explog_coef_backward(Tensor coefs, Tensor logits, Tensor target, float gamma_cross) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(expseg_fast, CPU, m) {
   m.impl("explog_forward", &explog_forward_cpu);
   m.impl("explog_backward", &explog_backward_cpu);
+  m.impl("explog_coef_backward", &explog_coef_backward_cpu);
 }
 
 }  // namespace expseg

@@ -75,6 +75,12 @@ inline void check_stats(const at::Tensor& stats, const Geometry& g) {
                     "stats must be (N, C, 4) float64");
 }
 
+inline void check_coefs(const at::Tensor& coefs, const Geometry& g, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(coefs.sizes() == at::IntArrayRef({3, g.N, g.C}) && coefs.scalar_type() == at::kDouble,
+                    "coefs must be (3, N, C) float64");
+  TORCH_CHECK_VALUE(coefs.device() == logits.device(), "coefs on a different device than logits");
+}
+
 // The loss is float32, or float64 for float64 logits.
 inline at::ScalarType loss_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -203,3 +203,12 @@ def one_epoch_run(root, cases: int, seed: int):
     train(TrainConfig(out=str(root / "run"), data=str(root / "data"), label_map=str(label_map), size=16, width=4,
                       epochs=1, seed=seed, loader_workers=0))
     return root / "run"
+
+
+def readme_block(heading: str) -> str:
+    """The first fenced code block under the README's `heading` line (e.g. "### In MONAI")."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    after = text.split(f"\n{heading}\n", 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]

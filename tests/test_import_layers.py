@@ -20,7 +20,7 @@ LAYERS = [
     {"losses", "models", "data"},
     {"config"},
     {"checkpoint"},
-    {"training", "inference"},
+    {"training", "inference", "integrations"},
     {"experiments"},
     {"__init__"},
 ]

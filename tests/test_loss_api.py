@@ -168,6 +168,19 @@ def test_native_op_passes_opcheck():
         torch.library.opcheck(torch.ops.expseg_fast.explog_forward.default, args)
 
 
+def test_native_coefficient_backward_passes_opcheck():
+    """explog_coef_backward: the voxel pass from given (3, N, C) coefficients (losses/statistics.py)."""
+    for dtype, channels_last in [(torch.float32, False), (torch.bfloat16, True), (torch.float64, True)]:
+        logits = make_logits((2, 4, 3, 2, 5), dtype, channels_last)
+        target = make_target((2, 4, 3, 2, 5), 4)
+        coefs = torch.randn(3, 2, 4, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.expseg_fast.explog_coef_backward.default, (coefs, logits, target, 0.3))
+        grad = torch.ops.expseg_fast.explog_coef_backward(coefs, logits, target, 0.3)
+        assert grad.dtype == dtype and grad.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+    with pytest.raises(ValueError, match=r"coefs must be \(3, N, C\) float64"):
+        torch.ops.expseg_fast.explog_coef_backward(coefs.float(), logits, target, 0.3)
+
+
 @needs_triton_cpu
 def test_triton_op_passes_opcheck():
     for dtype, channels_last in [(torch.float32, False), (torch.bfloat16, True)]:

@@ -194,6 +194,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> explog_forward_cuda(
   return {loss, stats, bad};
 }
 
+namespace {
+
+// Writes d loss / d logits into out from coefs (a, b, kappa: 3 * N * C in the op type acc_t): the voxel
+// pass shared by explog_backward and explog_coef_backward.
+template <typename logit_t, typename acc_t>
+void launch_backward(const at::Tensor& logits, const at::Tensor& target, at::Tensor& out, const Geometry& g,
+                     const at::Tensor& coefs, double gamma_cross, cudaStream_t stream) {
+  if (g.N * g.V == 0) return;
+  const dim3 grid(blocks_per_sample(g.V, g.N), (unsigned)g.N);
+  const size_t shmem = (size_t)3 * g.C * sizeof(acc_t);
+  EXPSEG_DISPATCH_LABEL_TYPES(target.scalar_type(), "explog_backward_cuda", [&] {
+    backward_kernel<logit_t, scalar_t><<<grid, kThreads, shmem, stream>>>(
+        logits.const_data_ptr<logit_t>(), target.const_data_ptr<scalar_t>(), out.data_ptr<logit_t>(), g,
+        coefs.const_data_ptr<acc_t>(), (float)gamma_cross);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
 at::Tensor explog_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                 const at::Tensor& weights, const at::Tensor& stats, double w_dice, double w_cross,
                                 double gamma_dice, double gamma_cross, bool linear_dice, double eps) {
@@ -209,22 +229,28 @@ at::Tensor explog_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& l
   for (int k = 0; k < 5; ++k) g.gz[k] = out.stride(k);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "explog_backward_cuda", [&] {
-    using logit_t = scalar_t;
-    using acc_t = at::opmath_type<logit_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     auto coefs = at::empty({3 * g.N * g.C}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     coef_kernel<acc_t><<<1, kThreads, 0, stream>>>(st.const_data_ptr<double>(), w.const_data_ptr<float>(), g, p,
                                                    gr.const_data_ptr<double>(), coefs.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (g.N * g.V > 0) {
-      const dim3 grid(blocks_per_sample(g.V, g.N), (unsigned)g.N);
-      const size_t shmem = (size_t)3 * g.C * sizeof(acc_t);
-      EXPSEG_DISPATCH_LABEL_TYPES(target.scalar_type(), "explog_backward_cuda", [&] {
-        backward_kernel<logit_t, scalar_t><<<grid, kThreads, shmem, stream>>>(
-            logits.const_data_ptr<logit_t>(), target.const_data_ptr<scalar_t>(), out.data_ptr<logit_t>(), g,
-            coefs.const_data_ptr<acc_t>(), (float)gamma_cross);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
+    launch_backward<scalar_t, acc_t>(logits, target, out, g, coefs, gamma_cross, stream);
+  });
+  return out;
+}
+
+at::Tensor explog_coef_backward_cuda(const at::Tensor& coefs, const at::Tensor& logits, const at::Tensor& target,
+                                     double gamma_cross) {
+  Geometry g = make_geometry(logits, target);
+  check_coefs(coefs, g, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto out = at::empty_like(logits);
+  for (int k = 0; k < 5; ++k) g.gz[k] = out.stride(k);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "explog_coef_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor c = coefs.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    launch_backward<scalar_t, acc_t>(logits, target, out, g, c, gamma_cross, stream);
   });
   return out;
 }
@@ -232,6 +258,7 @@ at::Tensor explog_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& l
 TORCH_LIBRARY_IMPL(expseg_fast, CUDA, m) {
   m.impl("explog_forward", &explog_forward_cuda);
   m.impl("explog_backward", &explog_backward_cuda);
+  m.impl("explog_coef_backward", &explog_coef_backward_cuda);
 }
 
 }  // namespace expseg

@@ -11,6 +11,7 @@ from expseg_fast.losses.api import (
     linear_dice_loss,
     log_dice_loss,
     loss,
+    statistics,
 )
 from expseg_fast.losses.spec import LossSpec
 from expseg_fast.losses.weights import label_counts, label_weights
@@ -31,4 +32,5 @@ __all__ = [
     "linear_dice_loss",
     "log_dice_loss",
     "loss",
+    "statistics",
 ]

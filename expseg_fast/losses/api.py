@@ -12,7 +12,7 @@ tests), "auto" (the fastest available for the logits' device).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from expseg_fast.kernels import triton_available
 from expseg_fast.losses import native
 from expseg_fast.losses.reference import reference_loss
 from expseg_fast.losses.spec import LossSpec
+from expseg_fast.losses.statistics import label_statistics
 
 Backend = Literal["auto", "reference", "native", "triton"]
 BACKENDS = ("reference", "native", "triton")
@@ -108,6 +109,46 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+class _Checked(NamedTuple):
+    target: torch.Tensor  # ignore_index moved out of [0, C) where it was a class index
+    weights: torch.Tensor  # (C,), detached; ones when none were given
+    validate: bool  # whether to read the counts of bad values back (not under compile or a graph capture)
+    logits_too: bool  # whether non-finite logits raise (validate=True) or only bad labels ("labels")
+    ignored: int  # voxels labelled ignore_index (counted only when validating)
+
+
+def _checked(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, validate: bool | str,
+             ignore_index: int | None) -> _Checked:
+    """The shape, dtype and device checks of `loss` and `statistics`, and what their value checks need."""
+    _check_inputs(logits, target, weights)
+    num_labels = logits.shape[1]
+    if weights is None:
+        weights = torch.ones(num_labels, device=logits.device, dtype=torch.float32)
+    weights = weights.detach()
+    logits_too = validate is True
+    validate = bool(validate) and not torch.compiler.is_compiling() and not _capturing(logits.device)
+    if validate and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
+        raise ValueError("weights must be finite and >= 0")
+    ignored = int((target == ignore_index).sum()) if validate and ignore_index is not None else 0
+    if ignore_index is not None and 0 <= ignore_index < num_labels:  # a class index: moved out of range
+        target = target.long().masked_fill(target == ignore_index, -1)
+    return _Checked(target, weights, validate, logits_too, ignored)
+
+
+def _raise_for_bad(checked: _Checked, logits: torch.Tensor, bad: torch.Tensor | None, ignore_index: int | None) -> None:
+    """ValueError for bad labels (and non-finite logits) from the op's counts `bad`, or counted here (None)."""
+    if not checked.validate:
+        return
+    num_labels = logits.shape[1]
+    if bad is None:
+        bad_target = int(((checked.target < 0) | (checked.target >= num_labels)).sum())
+        bad_logits = int((~torch.isfinite(logits)).any(dim=1).sum()) if checked.logits_too else 0
+    else:
+        bad_target, bad_logits = bad.tolist()
+    _raise_for_bad_values(bad_target - checked.ignored, bad_logits if checked.logits_too else 0, num_labels,
+                          ignore_index)
+
+
 def loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -130,24 +171,11 @@ def loss(
     triton) make the loss NaN for any non-finite logit (the reference follows IEEE arithmetic: NaN or
     +Inf give NaN).
     """
-    _check_inputs(logits, target, weights)
-    num_labels = logits.shape[1]
-    if weights is None:
-        weights = torch.ones(num_labels, device=logits.device, dtype=torch.float32)
-    weights = weights.detach()
-    logits_too = validate is True
-    validate = bool(validate) and not torch.compiler.is_compiling() and not _capturing(logits.device)
-    if validate and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
-        raise ValueError("weights must be finite and >= 0")
-    ignored = int((target == ignore_index).sum()) if validate and ignore_index is not None else 0
-    if ignore_index is not None and 0 <= ignore_index < num_labels:  # a class index: moved out of range
-        target = target.long().masked_fill(target == ignore_index, -1)
+    checked = _checked(logits, target, weights, validate, ignore_index)
+    target, weights = checked.target, checked.weights
     name = resolve_backend(backend, logits.device)
     if name == "reference":
-        if validate:
-            bad_target = int(((target < 0) | (target >= num_labels)).sum())
-            bad_logits = int((~torch.isfinite(logits)).any(dim=1).sum()) if logits_too else 0
-            _raise_for_bad_values(bad_target - ignored, bad_logits, num_labels, ignore_index)
+        _raise_for_bad(checked, logits, None, ignore_index)
         return reference_loss(logits, target, weights, spec)
     if name == "triton":
         from expseg_fast.kernels.explog import explog as triton_explog
@@ -157,10 +185,30 @@ def loss(
         if target.dtype not in native.LABEL_DTYPES:
             target = target.long()
         value, bad = native.explog(logits, target, weights, spec.op_args())
-    if validate:
-        bad_target, bad_logits = bad.tolist()
-        _raise_for_bad_values(bad_target - ignored, bad_logits if logits_too else 0, num_labels, ignore_index)
+    _raise_for_bad(checked, logits, bad, ignore_index)
     return value
+
+
+def statistics(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma_cross: float = 1.0,
+    backend: Backend = "auto",
+    validate: bool | Literal["labels"] = True,
+    ignore_index: int | None = None,
+) -> torch.Tensor:
+    """The per-(sample, label) statistics (N, C, 4) float64 (G, M, Q, T: losses/statistics.py), differentiable
+    in M, Q and T, for losses built from them; checks as `loss`. Backends: native, reference ("auto": native
+    where it runs, else the reference; the Triton kernels compute the loss only)."""
+    checked = _checked(logits, target, None, validate, ignore_index)
+    if backend == "auto":
+        backend = "native" if native.available(logits.device) else "reference"
+    if backend == "triton":
+        raise ValueError("backend 'triton' computes the loss only; the label statistics run on 'native' or 'reference'")
+    name = resolve_backend(backend, logits.device)
+    stats, bad = label_statistics(logits, checked.target, gamma_cross, name)
+    _raise_for_bad(checked, logits, bad, ignore_index)
+    return stats
 
 
 def exp_log_loss(

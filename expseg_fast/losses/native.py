@@ -69,6 +69,10 @@ if LOAD_ERROR is None:
     def _backward_fake(grad, logits, target, weights, stats, *op_args):
         return torch.empty_like(logits)
 
+    @torch.library.register_fake("expseg_fast::explog_coef_backward")
+    def _coef_backward_fake(coefs, logits, target, gamma_cross):
+        return torch.empty_like(logits)
+
     def _setup_context(ctx, inputs, output) -> None:
         logits, target, weights, *op_args = inputs
         _loss, stats, bad = output
