@@ -198,7 +198,7 @@ def test_a_preset_named_on_the_command_line_gives_every_default(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config, _ = script.parse(["--preset", "synth-cpu", "--epochs", "3"])
     assert (config.data, config.preprocessing, config.spacing_mm, config.size, config.augment_probability) == (
-        "synth", "spacing", 2.5, 64, 0.0)
+        "synth", "spacing", 2.0, 64, 0.0)
     assert (config.epochs, config.synth_repeats, config.precision) == (3, 4, "bf16")
     paper = TrainConfig.for_preset("synth-paper")
     assert (paper.size, paper.spacing_mm, paper.width, paper.data) == (128, 1.5, 24, "synth")

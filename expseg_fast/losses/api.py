@@ -20,7 +20,7 @@ from torch import nn
 from expseg_fast.kernels import triton_available
 from expseg_fast.losses import native
 from expseg_fast.losses.reference import reference_loss
-from expseg_fast.losses.spec import LossSpec
+from expseg_fast.losses.spec import PAPER_EPS, PAPER_GAMMA, PAPER_W_CROSS, PAPER_W_DICE, LossSpec
 from expseg_fast.losses.statistics import label_statistics
 
 Backend = Literal["auto", "reference", "native", "triton"]
@@ -216,11 +216,11 @@ def exp_log_loss(
     target: torch.Tensor,
     weights: torch.Tensor | None = None,
     *,
-    w_dice: float = 0.8,
-    w_cross: float = 0.2,
-    gamma_dice: float = 0.3,
-    gamma_cross: float = 0.3,
-    eps: float = 1.0,
+    w_dice: float = PAPER_W_DICE,
+    w_cross: float = PAPER_W_CROSS,
+    gamma_dice: float = PAPER_GAMMA,
+    gamma_cross: float = PAPER_GAMMA,
+    eps: float = PAPER_EPS,
     backend: Backend = "auto",
     validate: bool = True,
     ignore_index: int | None = None,
@@ -231,7 +231,7 @@ def exp_log_loss(
 
 
 def linear_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0, backend: Backend = "auto", validate: bool = True,
+    logits: torch.Tensor, target: torch.Tensor, *, eps: float = PAPER_EPS, backend: Backend = "auto", validate: bool = True,
     ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Mean over (sample, label) of 1 - Dice_i."""
@@ -243,7 +243,7 @@ def log_dice_loss(
     target: torch.Tensor,
     *,
     gamma: float = 1.0,
-    eps: float = 1.0,
+    eps: float = PAPER_EPS,
     backend: Backend = "auto",
     validate: bool = True,
     ignore_index: int | None = None,
@@ -291,11 +291,11 @@ class ExpLogLoss(_LossModule):
     def __init__(
         self,
         weights: torch.Tensor | None = None,
-        w_dice: float = 0.8,
-        w_cross: float = 0.2,
-        gamma_dice: float = 0.3,
-        gamma_cross: float = 0.3,
-        eps: float = 1.0,
+        w_dice: float = PAPER_W_DICE,
+        w_cross: float = PAPER_W_CROSS,
+        gamma_dice: float = PAPER_GAMMA,
+        gamma_cross: float = PAPER_GAMMA,
+        eps: float = PAPER_EPS,
         backend: Backend = "auto",
         validate: bool = True,
         ignore_index: int | None = None,
@@ -307,7 +307,7 @@ class ExpLogLoss(_LossModule):
 class LinearDiceLoss(_LossModule):
     """Mean over (sample, label) of 1 - Dice_i."""
 
-    def __init__(self, eps: float = 1.0, backend: Backend = "auto", validate: bool = True,
+    def __init__(self, eps: float = PAPER_EPS, backend: Backend = "auto", validate: bool = True,
                  ignore_index: int | None = None) -> None:
         super().__init__(LossSpec.linear(eps), None, backend, validate, ignore_index)
 
@@ -315,7 +315,7 @@ class LinearDiceLoss(_LossModule):
 class LogDiceLoss(_LossModule):
     """L_Dice(gamma) = mean over (sample, label) of (-ln Dice_i)^gamma."""
 
-    def __init__(self, gamma: float = 1.0, eps: float = 1.0, backend: Backend = "auto", validate: bool = True,
+    def __init__(self, gamma: float = 1.0, eps: float = PAPER_EPS, backend: Backend = "auto", validate: bool = True,
                  ignore_index: int | None = None) -> None:
         super().__init__(LossSpec.log_dice(gamma, eps), None, backend, validate, ignore_index)
 

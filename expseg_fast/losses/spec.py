@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The paper's best loss (its Table 1): L_Exp with these weights and exponents, Dice smoothing eps = 1. The
+# one home of these defaults: LossSpec, the loss functions and modules (losses/api.py) and the trainer's
+# options (config.py) take them from here.
+PAPER_W_DICE, PAPER_W_CROSS, PAPER_GAMMA, PAPER_EPS = 0.8, 0.2, 0.3, 1.0
+
 
 @dataclass(frozen=True)
 class LossSpec:
@@ -14,12 +19,12 @@ class LossSpec:
     linear_dice; L_Cross = mean over voxels of w_l * (-ln p_l)^gamma_cross.
     """
 
-    w_dice: float = 0.8
-    w_cross: float = 0.2
-    gamma_dice: float = 0.3
-    gamma_cross: float = 0.3
+    w_dice: float = PAPER_W_DICE
+    w_cross: float = PAPER_W_CROSS
+    gamma_dice: float = PAPER_GAMMA
+    gamma_cross: float = PAPER_GAMMA
     linear_dice: bool = False
-    eps: float = 1.0
+    eps: float = PAPER_EPS
 
     def __post_init__(self) -> None:
         for name in ("w_dice", "w_cross"):
@@ -34,18 +39,18 @@ class LossSpec:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
     @classmethod
-    def exp_log(cls, w_dice: float = 0.8, w_cross: float = 0.2, gamma_dice: float = 0.3, gamma_cross: float = 0.3,
-                eps: float = 1.0) -> "LossSpec":
+    def exp_log(cls, w_dice: float = PAPER_W_DICE, w_cross: float = PAPER_W_CROSS, gamma_dice: float = PAPER_GAMMA,
+                gamma_cross: float = PAPER_GAMMA, eps: float = PAPER_EPS) -> "LossSpec":
         """L_Exp = w_dice * L_Dice(gamma_dice) + w_cross * L_Cross(gamma_cross); the paper's best by default."""
         return cls(w_dice, w_cross, gamma_dice, gamma_cross, False, eps)
 
     @classmethod
-    def linear(cls, eps: float = 1.0) -> "LossSpec":
+    def linear(cls, eps: float = PAPER_EPS) -> "LossSpec":
         """The linear Dice loss: mean over (sample, label) of 1 - Dice_i."""
         return cls(1.0, 0.0, 1.0, 1.0, True, eps)
 
     @classmethod
-    def log_dice(cls, gamma: float = 1.0, eps: float = 1.0) -> "LossSpec":
+    def log_dice(cls, gamma: float = 1.0, eps: float = PAPER_EPS) -> "LossSpec":
         """L_Dice(gamma) = mean over (sample, label) of (-ln Dice_i)^gamma."""
         return cls(1.0, 0.0, gamma, 1.0, False, eps)
 
