@@ -67,7 +67,8 @@ def main() -> None:
         lines.append(f"| {names[c]} | " + " | ".join(f"{100 * r['dice'][c]:.1f}" for r in rows) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{100 * np.nanmean(r['dice'][1:]):.1f}**" for r in rows) + " |")
     text = (f"Perfect partial-volume predictions on each grid, upsampled to {args.labels.name}'s "
-            f"{'x'.join(f'{s:g}' for s in spacing)} mm grid (Dice %, background left out):\n\n" + "\n".join(lines) + "\n")
+            f"{'x'.join(f'{s:g}' for s in spacing)} mm grid (Dice %, background left out):\n\n"
+            + "\n".join(lines) + "\n")
     publish(args.out, "grid_bound", rows, "What a grid costs a perfect model", text)
 
 

