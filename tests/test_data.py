@@ -65,6 +65,30 @@ def test_round_trip_returns_labels_to_the_original_grid(seed):
     assert np.allclose(r.target_affine @ np.append(t, 1), affine @ np.append(s, 1))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_nearest_resampling_equals_an_index_grid_and_fancy_indexing(seed):
+    """apply_labels / invert_labels (coordinates as broadcast axis terms, one flat gather) give exactly
+    the plain form: every voxel's index vector through the matrix product, then volume[i, j, k]."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(20, 50, 3))
+    affine = random_affine(rng, rng.uniform(0.7, 3.0, 3))
+    labels = rng.integers(0, 30, shape).astype(np.int16)
+    r = plan(shape, affine, 64)
+
+    def plain(volume, out_shape, matrix, offset, fill):
+        coords = (matrix @ np.indices(out_shape, dtype=np.float64).reshape(3, -1) + offset[:, None])
+        idx = np.rint(coords).astype(np.int64).reshape(3, *out_shape)
+        bound = np.array(volume.shape)[:, None, None, None]
+        inside = ((idx >= 0) & (idx < bound)).all(axis=0)
+        got = volume[tuple(np.clip(idx, 0, bound - 1))]
+        return got if fill is None else np.where(inside, got, fill).astype(volume.dtype)
+
+    forward = apply_labels(labels, r)
+    assert np.array_equal(forward, plain(labels, r.target_shape, r.matrix, r.offset, 0))
+    inverse = np.linalg.inv(r.matrix)
+    assert np.array_equal(invert_labels(forward, r), plain(forward, r.source_shape, inverse, -inverse @ r.offset, None))
+
+
 def test_plan_is_isotropic_cubic_and_keeps_the_whole_field_of_view():
     rng = np.random.default_rng(7)
     shape, spacing = (30, 50, 20), np.array([1.0, 0.8, 2.4])

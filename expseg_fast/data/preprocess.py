@@ -124,22 +124,39 @@ def resampling_problem(path, shape: tuple[int, int, int], affine: np.ndarray, si
     return None
 
 
-def _map(shape: tuple[int, int, int], matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """Coordinates (3, *shape) = matrix @ voxel + offset for every voxel of a grid of that shape."""
-    grid = np.indices(shape, dtype=np.float64).reshape(3, -1)
-    return (matrix @ grid + offset[:, None]).reshape(3, *shape)
+def _map(shape: tuple[int, int, int], matrix: np.ndarray, offset: np.ndarray, first: int = 0) -> np.ndarray:
+    """Coordinates (3, *shape) = matrix @ voxel + offset for every voxel of a grid of that shape, its first
+    axis starting at index `first` (a slab of a larger grid); summed as three broadcast axis terms: no
+    index grid, no matrix product over every voxel."""
+    axes = [np.arange(first, first + shape[0], dtype=np.float64)] + [np.arange(n, dtype=np.float64) for n in shape[1:]]
+    coords = np.empty((3, *shape))
+    for k in range(3):
+        coords[k] = ((matrix[k, 0] * axes[0])[:, None, None] + (matrix[k, 1] * axes[1])[None, :, None]
+                     + (matrix[k, 2] * axes[2])[None, None, :] + offset[k])
+    return coords
 
 
-def _nearest(volume: np.ndarray, coords: np.ndarray, fill) -> np.ndarray:
-    """volume sampled at the rounded coords; `fill` where they fall outside the voxels' extent
-    [-0.5, n - 0.5] (None: clamp to the nearest voxel instead)."""
-    idx = np.rint(coords).astype(np.int64)
-    shape = np.array(volume.shape)[:, None, None, None]
-    inside = ((idx >= 0) & (idx < shape)).all(axis=0)
-    idx = np.clip(idx, 0, shape - 1)
-    out = volume[idx[0], idx[1], idx[2]]
-    if fill is not None:
-        out = np.where(inside, out, fill).astype(volume.dtype)
+def _nearest(volume: np.ndarray, shape: tuple[int, int, int], matrix: np.ndarray, offset: np.ndarray,
+             fill) -> np.ndarray:
+    """volume sampled by nearest neighbour on a grid of `shape` whose voxel v sits at matrix @ v + offset
+    in volume's voxels; `fill` where that falls outside the voxels' extent [-0.5, n - 0.5] (None: clamp to
+    the nearest voxel instead). In slabs of the first axis (about 1M voxels each): no temporary of the
+    whole grid's coordinates (1.2 GB at 512^3, and a first touch of fresh memory costs seconds)."""
+    out = np.empty(shape, dtype=volume.dtype)
+    source = volume.reshape(-1)
+    rows = max(1, (1 << 20) // max(1, shape[1] * shape[2]))
+    for i0 in range(0, shape[0], rows):
+        slab = (min(rows, shape[0] - i0), shape[1], shape[2])
+        coords = _map(slab, matrix, offset, first=i0)
+        flat = np.zeros(slab, dtype=np.int64)  # each sample's index in volume.reshape(-1)
+        inside = np.ones(slab, dtype=bool)
+        for k, n in enumerate(volume.shape):
+            idx = np.rint(coords[k]).astype(np.int64)
+            if fill is not None:
+                inside &= (idx >= 0) & (idx < n)
+            flat = flat * n + np.clip(idx, 0, n - 1)
+        got = np.take(source, flat)
+        out[i0:i0 + slab[0]] = got if fill is None else np.where(inside, got, fill)
     return out
 
 
@@ -186,7 +203,7 @@ def apply_image(image: np.ndarray, r: Resampling, statistics: ScanStatistics | N
 
 def apply_labels(labels: np.ndarray, r: Resampling) -> np.ndarray:
     """Nearest-neighbour resampling of a label volume onto the target grid (0 outside)."""
-    return _nearest(labels, _map(r.target_shape, r.matrix, r.offset), fill=0)
+    return _nearest(labels, r.target_shape, r.matrix, r.offset, fill=0)
 
 
 def invert_labels(labels: np.ndarray, r: Resampling) -> np.ndarray:
@@ -195,7 +212,7 @@ def invert_labels(labels: np.ndarray, r: Resampling) -> np.ndarray:
     if tuple(labels.shape) != tuple(r.target_shape):
         raise ValueError(f"labels must have the preprocessed shape {r.target_shape}, got {labels.shape}")
     inverse = np.linalg.inv(r.matrix)
-    return _nearest(labels, _map(r.source_shape, inverse, -inverse @ r.offset), fill=None)
+    return _nearest(labels, r.source_shape, inverse, -inverse @ r.offset, fill=None)
 
 
 def write_prediction(path, labels: np.ndarray, r: Resampling) -> np.ndarray:
