@@ -64,12 +64,10 @@ class nnUNetTrainerExpLog(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
         if self.label_manager.has_regions:
             raise ValueError(f"{type(self).__name__}: region-based training (sigmoid outputs per region) is not "
                              "supported: the exponential logarithmic loss is a softmax over classes")
-        counts = training_label_counts(self)
-        missing = [i for i, n in enumerate(counts.tolist()) if n == 0]
-        if missing:
-            raise ValueError(f"{type(self).__name__}: classes {missing} occur in no training case of fold "
-                             f"{self.fold}, so their label weight (sum f / f_k)^0.5 is undefined")
-        weights = label_weights(counts)
+        try:  # label_weights names the classes that never occur
+            weights = label_weights(training_label_counts(self))
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}, the training cases of fold {self.fold}: {error}") from None
         self.print_to_log_file(f"L_Exp label weights from the training cases' voxel counts: {weights.tolist()}")
         ours = ExpLogLoss(weights, ignore_index=self.label_manager.ignore_label, validate="labels").to(self.device)
         default = super()._build_loss()  # nnU-Net's own: kept for its deep-supervision level weights
