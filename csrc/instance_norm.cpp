@@ -1,18 +1,18 @@
 // CPU implementation of expseg_fast::instance_norm_forward / instance_norm_backward (instance norm with
 // a learned scale and shift, then optionally ReLU; the math in instance_norm.h), threaded with
 // at::parallel_for over (sample, chunk of voxels) for channels-last and (sample, channel, chunk) for
-// contiguous x; the inner loops run over blocks of lcm(C, 16) elements (channels-last: see lane_period)
-// or voxels (contiguous), unit stride, in the op type (float for bfloat16 / float16) so that GCC
-// vectorises them.
+// contiguous x; each chunk's inner loop is a "run" (below): explicit vectors of 16 floats, compiled for
+// AVX-512, AVX2 and the baseline and chosen at load time, in the op type (float for bfloat16 / float16).
 //   forward:  x, weight (C,), bias (C,) -> y (x's dtype and layout), dmean and rstd (N, C) float32
 //   backward: grad_y, x, y, weight, dmean, rstd -> grad_x (x's dtype and layout), grad_weight, grad_bias
-// Three passes forward (statistics, then y) and two backward, each chunk's sums in float64 at the end.
+// Two passes each way (sums, then the elements), each chunk's sums in float64 at the end.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "instance_norm.h"
@@ -21,10 +21,9 @@ namespace expseg {
 namespace {
 
 constexpr int64_t kNormChunk = 2048;  // voxels per work item
-constexpr int64_t kLanes = 16;        // running sums of a contiguous reduction
 
 // Element reads and writes in the op type. bfloat16 by its bits, branch-free (rounding to nearest even,
-// NaN kept), so that GCC vectorises the loops: c10::BFloat16's own conversion does not vectorise.
+// NaN kept); the runs below do the same on whole vectors.
 template <typename T>
 inline at::opmath_type<T> to_acc(T v) {
   return at::opmath_type<T>(v);
@@ -54,89 +53,233 @@ std::vector<acc_t> first_voxels(const scalar_t* x, const NormGeometry& g) {
   return first;
 }
 
-// Channels-last chunks as long flat runs: a chunk of voxels [v0, v1) of sample n is (v1 - v0) * C
-// contiguous elements, walked in blocks of P = lcm(C, 16) elements (whole voxels, whole 16-float
-// vectors), lane j of a block holding channel j % C. Per-channel values are tiled over the P lanes once,
-// so every inner loop is unit-stride and P long whatever C is (rows of 12 or 24 channels were too short
-// for GCC's vectoriser).
-inline int64_t lane_period(int64_t C) {
-  return std::lcm(C, int64_t(16));
+// ---- Runs: the four passes' inner loops ----
+// A run is `length` consecutive elements of x (and grad_y, y, grad_x at the same offsets) whose element j
+// takes its per-(n, c) values from lane j % P of tiles of P values, P a multiple of kW: channels-last, a
+// chunk of whole voxels with P = lcm(C, kW) and lane j holding channel j % C; contiguous, a chunk of one
+// (n, c)'s voxels with P = kW and every lane the same value. Sums go to P running lanes. Whole vectors of
+// kW floats are written with GCC's vector extensions, so they do not depend on the auto-vectoriser (which
+// left a run scalar and branchy whenever it was inlined into a caller without OpenMP's outlining); the
+// tail runs the same math per element. Each run for float and bfloat16 is compiled for AVX-512, AVX2 and
+// the baseline, the best chosen at load time (target_clones); other dtypes run the per-element code.
+constexpr int64_t kW = 16;
+typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kW * sizeof(int32_t))));
+typedef uint32_t vbits __attribute__((vector_size(kW * sizeof(uint32_t))));
+typedef uint16_t vhalfbits __attribute__((vector_size(kW * sizeof(uint16_t))));
+
+// Vector helpers: always inlined, so no vector crosses a call (whose ABI differs between the clones; hence
+// GCC's ABI note is silenced for the file: it is emitted as the functions are compiled, after a pop).
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define EXPSEG_VEC __attribute__((always_inline)) inline
+#if defined(__x86_64__) && !defined(__clang__)
+#define EXPSEG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define EXPSEG_CLONES  // elsewhere: the build's own ISA
+#endif
+
+EXPSEG_VEC vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+EXPSEG_VEC vfloat vload(const c10::BFloat16* p) {
+  vhalfbits h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<vfloat>(__builtin_convertvector(h, vbits) << 16);
+}
+EXPSEG_VEC void vstore(float* p, vfloat v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+EXPSEG_VEC void vstore(c10::BFloat16* p, vfloat v) {  // as put(): nearest even, NaN kept
+  const vbits bits = reinterpret_cast<vbits>(v);
+  const vbits rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vbits nan = reinterpret_cast<vbits>((bits & 0x7FFFFFFFu) > 0x7F800000u);
+  const vhalfbits h = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), vhalfbits);
+  std::memcpy(p, &h, sizeof(h));
+}
+// v where keep is all ones, 0 where it is 0.
+EXPSEG_VEC vfloat vkeep(vfloat v, vint keep) {
+  return reinterpret_cast<vfloat>(reinterpret_cast<vint>(v) & keep);
+}
+// All ones where ReLU lets v through (as torch's: v <= 0 -> 0, NaN kept); every lane without ReLU.
+EXPSEG_VEC vint vpass(vfloat v, bool relu) {
+  const vfloat zero = {};
+  return relu ? ~(v <= zero) : ~vint{};
+}
+template <typename T>
+constexpr bool kVectorRuns = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// The loop of a run: vector(j, t) for each whole vector (element j, its lanes' values at t; float and
+// bfloat16 only), then element(j, t) for the tail (every element for other dtypes). The bodies are
+// always-inlined lambdas, compiled with the calling clone's instructions.
+template <typename T, typename V, typename E>
+EXPSEG_VEC void run_loop(int64_t length, int64_t P, V vector, E element) {
+  int64_t j = 0;
+  if constexpr (kVectorRuns<T>) {
+    for (; j + kW <= length; j += kW) vector(j, j % P);
+  }
+  for (; j < length; ++j) element(j, j % P);
+}
+#define EXPSEG_BODY [&](int64_t j, int64_t t) __attribute__((always_inline))
+// The vector body: generic (auto j, t), so that it is compiled only where run_loop calls it (float, bfloat16).
+#define EXPSEG_VECTOR_BODY [&](auto j, auto t) __attribute__((always_inline))
+
+// Sums of x - s and (x - s)^2 into sum and sq (P lanes each).
+template <typename T, typename A>
+EXPSEG_VEC void stat_run_impl(const T* x, int64_t length, int64_t P, const A* s, A* sum, A* sq) {
+  run_loop<T>(
+      length, P,
+      EXPSEG_VECTOR_BODY {
+        const vfloat d = vload(x + j) - vload(s + t);
+        vstore(sum + t, vload(sum + t) + d);
+        vstore(sq + t, vload(sq + t) + d * d);
+      },
+      EXPSEG_BODY {
+        const A d = to_acc(x[j]) - s[t];
+        sum[t] += d;
+        sq[t] += d * d;
+      });
 }
 
-// (N * P) lanes: per sample n, lane j holds per_nc[n * C + j % C].
+// y = relu(((x - s) - d) * scale + bias).
+template <typename T, typename A>
+EXPSEG_VEC void forward_run_impl(const T* x, T* y, int64_t length, int64_t P, const A* s, const A* d,
+                                 const A* scale, const A* bias, bool relu) {
+  run_loop<T>(
+      length, P,
+      EXPSEG_VECTOR_BODY {
+        const vfloat v = ((vload(x + j) - vload(s + t)) - vload(d + t)) * vload(scale + t) + vload(bias + t);
+        vstore(y + j, vkeep(v, vpass(v, relu)));
+      },
+      EXPSEG_BODY { put(&y[j], norm_out(to_acc(x[j]), s[t], d[t], scale[t], bias[t], relu)); });
+}
+
+// The backward's two vectors at element j (lanes' values at t): g = grad_y where y passes the ReLU, and
+// xhat = ((x - s) - d) * r.
+template <typename T>
+EXPSEG_VEC void vgrad_and_xhat(const T* gy, const T* x, const T* y, const float* s, const float* d, const float* r,
+                               int64_t j, int64_t t, bool relu, vfloat& g, vfloat& xhat) {
+  g = vkeep(vload(gy + j), vpass(vload(y + j), relu));
+  xhat = ((vload(x + j) - vload(s + t)) - vload(d + t)) * vload(r + t);
+}
+
+// A += g and B += g * xhat, g = grad_y where y passes the ReLU, xhat = ((x - s) - d) * r.
+template <typename T, typename A>
+EXPSEG_VEC void grad_run_impl(const T* gy, const T* x, const T* y, int64_t length, int64_t P, const A* s,
+                              const A* d, const A* r, A* sa, A* sb, bool relu) {
+  run_loop<T>(
+      length, P,
+      EXPSEG_VECTOR_BODY {
+        vfloat g, xhat;
+        vgrad_and_xhat(gy, x, y, s, d, r, j, t, relu, g, xhat);
+        vstore(sa + t, vload(sa + t) + g);
+        vstore(sb + t, vload(sb + t) + g * xhat);
+      },
+      EXPSEG_BODY {
+        const A grad = relu_grad(to_acc(gy[j]), to_acc(y[j]), relu);
+        sa[t] += grad;
+        sb[t] += grad * centred(to_acc(x[j]), s[t], d[t]) * r[t];
+      });
+}
+
+// grad_x = k (g - a_v - xhat b_v).
+template <typename T, typename A>
+EXPSEG_VEC void backward_run_impl(const T* gy, const T* x, const T* y, T* gx, int64_t length, int64_t P,
+                                  const A* s, const A* d, const A* r, const A* k, const A* av, const A* bv,
+                                  bool relu) {
+  run_loop<T>(
+      length, P,
+      EXPSEG_VECTOR_BODY {
+        vfloat g, xhat;
+        vgrad_and_xhat(gy, x, y, s, d, r, j, t, relu, g, xhat);
+        vstore(gx + j, vload(k + t) * (g - vload(av + t) - xhat * vload(bv + t)));
+      },
+      EXPSEG_BODY {
+        const A grad = relu_grad(to_acc(gy[j]), to_acc(y[j]), relu);
+        put(&gx[j], norm_grad(grad, centred(to_acc(x[j]), s[t], d[t]) * r[t], k[t], av[t], bv[t]));
+      });
+}
+#undef EXPSEG_BODY
+#undef EXPSEG_VECTOR_BODY
+
+// The runs for one dtype: float and bfloat16 through their clones, others per element.
+#define EXPSEG_RUNS(T, A, ATTR)                                                                               \
+  ATTR void stat_run(const T* x, int64_t n, int64_t P, const A* s, A* sum, A* sq) {                         \
+    stat_run_impl(x, n, P, s, sum, sq);                                                                     \
+  }                                                                                                         \
+  ATTR void forward_run(const T* x, T* y, int64_t n, int64_t P, const A* s, const A* d, const A* sc,        \
+                        const A* b, bool relu) {                                                            \
+    forward_run_impl(x, y, n, P, s, d, sc, b, relu);                                                        \
+  }                                                                                                         \
+  ATTR void grad_run(const T* gy, const T* x, const T* y, int64_t n, int64_t P, const A* s, const A* d,    \
+                     const A* r, A* sa, A* sb, bool relu) {                                                 \
+    grad_run_impl(gy, x, y, n, P, s, d, r, sa, sb, relu);                                                   \
+  }                                                                                                         \
+  ATTR void backward_run(const T* gy, const T* x, const T* y, T* gx, int64_t n, int64_t P, const A* s,     \
+                         const A* d, const A* r, const A* k, const A* av, const A* bv, bool relu) {         \
+    backward_run_impl(gy, x, y, gx, n, P, s, d, r, k, av, bv, relu);                                        \
+  }
+EXPSEG_RUNS(float, float, EXPSEG_CLONES)
+EXPSEG_RUNS(c10::BFloat16, float, EXPSEG_CLONES)
+EXPSEG_RUNS(c10::Half, float, inline)
+EXPSEG_RUNS(double, double, inline)
+#undef EXPSEG_RUNS
+
+// Per-channel values tiled over P lanes: channels-last, per sample n, lane j holds per_nc[n * C + j % C]
+// (N * P values); contiguous, per (n, c), every one of kW lanes holds per_nc[n * C + c] (N * C * kW).
 template <typename acc_t>
-std::vector<acc_t> tiled(const acc_t* per_nc, const NormGeometry& g, int64_t P) {
-  std::vector<acc_t> lanes(g.N * P);
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t j = 0; j < P; ++j) lanes[n * P + j] = per_nc[n * g.C + j % g.C];
+std::vector<acc_t> tiled(const acc_t* per_nc, const NormGeometry& g) {
+  const int64_t P = g.channels_last ? std::lcm(g.C, kW) : kW;
+  const int64_t rows = g.channels_last ? g.N : g.N * g.C;
+  std::vector<acc_t> lanes(rows * P);
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < P; ++j) lanes[row * P + j] = per_nc[g.channels_last ? row * g.C + j % g.C : row];
   return lanes;
 }
 
-// Each channel's lanes summed (in double) into out[c * stride].
-template <typename acc_t>
-void fold_lanes(const acc_t* lanes, int64_t P, int64_t C, double* out, int64_t stride) {
-  for (int64_t c = 0; c < C; ++c) {
-    double sum = 0.0;
-    for (int64_t j = c; j < P; j += C) sum += double(lanes[j]);
-    out[c * stride] = sum;
-  }
-}
+// A chunk of work: `row` (channels-last: sample n; contiguous: (n, c)), voxels [v0, v1), chunk index k.
+struct Chunk {
+  int64_t row, k, offset, length;  // offset and length in elements
+};
 
-// f(offset, count) for the blocks of P lanes of a channels-last chunk of `length` elements.
+// f(chunk, P) for every chunk of kNormChunk voxels (all channels of it for channels-last), over threads.
 template <typename F>
-inline void for_blocks(int64_t length, int64_t P, F f) {
-  for (int64_t b = 0; b < length; b += P) f(b, std::min(P, length - b));
+void for_chunks(const NormGeometry& g, F f) {
+  const int64_t chunks = g.chunks(kNormChunk);
+  const int64_t rows = g.channels_last ? g.N : g.N * g.C;
+  const int64_t P = g.channels_last ? std::lcm(g.C, kW) : kW;
+  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / chunks, k = item % chunks;
+      const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
+      const int64_t offset = g.channels_last ? g.at(row, 0, v0) : g.at(row / g.C, row % g.C, v0);
+      f(Chunk{row, k, offset, (v1 - v0) * (g.channels_last ? g.C : 1)}, P);
+    }
+  });
 }
 
-// Forward partials: per (n, c, chunk), sums of d = x - s and d^2, s = x[n, c, 0].
-template <typename scalar_t, typename acc_t>
-void stat_partials(const scalar_t* x, const NormGeometry& g, double* parts) {
+// Each (n, c)'s sum over its P running lanes (in double) into the chunk's column of the partials.
+template <typename acc_t>
+void fold_lanes(const acc_t* lanes, const NormGeometry& g, const Chunk& ch, int64_t P, double* parts, int col) {
   const int64_t chunks = g.chunks(kNormChunk);
-  if (g.channels_last) {
-    const int64_t P = lane_period(g.C);
-    const std::vector<acc_t> shifts = tiled(first_voxels<scalar_t, acc_t>(x, g).data(), g, P);
-    at::parallel_for(0, g.N * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sum(P), sq(P);
-      acc_t* su = sum.data();
-      acc_t* sqr = sq.data();
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / chunks, k = item % chunks;
-        const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
-        const acc_t* shift = shifts.data() + n * P;
-        const scalar_t* base = x + g.at(n, 0, v0);
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        std::fill(sq.begin(), sq.end(), acc_t(0));
-        for_blocks((v1 - v0) * g.C, P, [&](int64_t b, int64_t count) {
-#pragma omp simd
-          for (int64_t j = 0; j < count; ++j) {
-            const acc_t d = to_acc(base[b + j]) - shift[j];
-            su[j] += d;
-            sqr[j] += d * d;
-          }
-        });
-        double* out = parts + (n * g.C * chunks + k) * kPartCols;
-        fold_lanes(su, P, g.C, out + kPartSum, chunks * kPartCols);
-        fold_lanes(sqr, P, g.C, out + kPartSq, chunks * kPartCols);
-      }
-    });
-    return;
+  const int64_t per_row = g.channels_last ? g.C : 1;
+  for (int64_t c = 0; c < per_row; ++c) {
+    double sum = 0.0;
+    for (int64_t j = c; j < P; j += per_row) sum += double(lanes[j]);
+    parts[((ch.row * per_row + c) * chunks + ch.k) * kPartCols + col] = sum;
   }
-  at::parallel_for(0, g.N * g.C * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t nc = item / chunks, k = item % chunks;
-      const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
-      const scalar_t* row = x + nc * g.V;
-      const acc_t shift = to_acc(row[0]);
-      acc_t sum = 0, sq = 0;
-#pragma omp simd reduction(+ : sum, sq)
-      for (int64_t v = v0; v < v1; ++v) {
-        const acc_t d = to_acc(row[v]) - shift;
-        sum += d;
-        sq += d * d;
-      }
-      parts[item * kPartCols + kPartSum] = double(sum);
-      parts[item * kPartCols + kPartSq] = double(sq);
-    }
+}
+
+// Forward partials: per (n, c, chunk), sums of x - s and (x - s)^2, s = x[n, c, 0].
+template <typename scalar_t, typename acc_t>
+void stat_partials(const scalar_t* x, const acc_t* first, const NormGeometry& g, double* parts) {
+  const std::vector<acc_t> shifts = tiled(first, g);
+  for_chunks(g, [&](const Chunk& ch, int64_t P) {
+    std::vector<acc_t> sum(P, acc_t(0)), sq(P, acc_t(0));
+    stat_run(x + ch.offset, ch.length, P, shifts.data() + ch.row * P, sum.data(), sq.data());
+    fold_lanes(sum.data(), g, ch, P, parts, kPartSum);
+    fold_lanes(sq.data(), g, ch, P, parts, kPartSq);
   });
 }
 
@@ -144,83 +287,14 @@ void stat_partials(const scalar_t* x, const NormGeometry& g, double* parts) {
 template <typename scalar_t, typename acc_t>
 void grad_partials(const scalar_t* gy, const scalar_t* x, const scalar_t* y, const acc_t* first, const acc_t* dmean,
                    const acc_t* rstd, const NormGeometry& g, bool relu, double* parts) {
-  const int64_t chunks = g.chunks(kNormChunk);
-  if (g.channels_last) {
-    const int64_t P = lane_period(g.C);
-    const std::vector<acc_t> ls = tiled(first, g, P), ld = tiled(dmean, g, P), lr = tiled(rstd, g, P);
-    at::parallel_for(0, g.N * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sum_a(P), sum_b(P);
-      acc_t* sa = sum_a.data();
-      acc_t* sb = sum_b.data();
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / chunks, k = item % chunks;
-        const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
-        const acc_t* s = ls.data() + n * P;
-        const acc_t* d = ld.data() + n * P;
-        const acc_t* r = lr.data() + n * P;
-        const int64_t o = g.at(n, 0, v0);
-        std::fill(sum_a.begin(), sum_a.end(), acc_t(0));
-        std::fill(sum_b.begin(), sum_b.end(), acc_t(0));
-        for_blocks((v1 - v0) * g.C, P, [&](int64_t b, int64_t count) {
-#pragma omp simd
-          for (int64_t j = 0; j < count; ++j) {
-            const acc_t grad = relu_grad(to_acc(gy[o + b + j]), to_acc(y[o + b + j]), relu);
-            sa[j] += grad;
-            sb[j] += grad * centred(to_acc(x[o + b + j]), s[j], d[j]) * r[j];
-          }
-        });
-        double* out = parts + (n * g.C * chunks + k) * kPartCols;
-        fold_lanes(sa, P, g.C, out + kPartSum, chunks * kPartCols);
-        fold_lanes(sb, P, g.C, out + kPartSq, chunks * kPartCols);
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, g.N * g.C * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t nc = item / chunks, k = item % chunks;
-      const int64_t v0 = k * kNormChunk, v1 = std::min(g.V, v0 + kNormChunk);
-      const int64_t o = nc * g.V;
-      const acc_t s = first[nc], d = dmean[nc], r = rstd[nc];
-      // kLanes running sums, not an omp simd reduction: GCC leaves a reduction over a select (the ReLU
-      // mask) scalar, and vectorises lanes as it does the channels-last loops
-      acc_t sa[kLanes] = {}, sb[kLanes] = {};
-      int64_t v = v0;
-      for (; v + kLanes <= v1; v += kLanes) {
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const acc_t grad = relu_grad(to_acc(gy[o + v + j]), to_acc(y[o + v + j]), relu);
-          sa[j] += grad;
-          sb[j] += grad * centred(to_acc(x[o + v + j]), s, d) * r;
-        }
-      }
-      for (; v < v1; ++v) {
-        const acc_t grad = relu_grad(to_acc(gy[o + v]), to_acc(y[o + v]), relu);
-        sa[0] += grad;
-        sb[0] += grad * centred(to_acc(x[o + v]), s, d) * r;
-      }
-      double ta = 0.0, tb = 0.0;
-      for (int64_t j = 0; j < kLanes; ++j) {
-        ta += double(sa[j]);
-        tb += double(sb[j]);
-      }
-      parts[item * kPartCols + kPartSum] = ta;
-      parts[item * kPartCols + kPartSq] = tb;
-    }
-  });
-}
-
-// Applies f(n, c, v0, v1) to every (n, c, run of voxels), split over threads in chunks of kNormChunk
-// voxels (all channels of a chunk at once for channels-last).
-template <typename F>
-void for_chunks(const NormGeometry& g, F f) {
-  const int64_t chunks = g.chunks(kNormChunk);
-  const int64_t rows = g.channels_last ? g.N : g.N * g.C;
-  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = item / chunks, k = item % chunks;
-      f(row, k * kNormChunk, std::min(g.V, (k + 1) * kNormChunk));
-    }
+  const std::vector<acc_t> ls = tiled(first, g), ld = tiled(dmean, g), lr = tiled(rstd, g);
+  for_chunks(g, [&](const Chunk& ch, int64_t P) {
+    std::vector<acc_t> sa(P, acc_t(0)), sb(P, acc_t(0));
+    const int64_t t = ch.row * P;
+    grad_run(gy + ch.offset, x + ch.offset, y + ch.offset, ch.length, P, ls.data() + t, ld.data() + t,
+             lr.data() + t, sa.data(), sb.data(), relu);
+    fold_lanes(sa.data(), g, ch, P, parts, kPartSum);
+    fold_lanes(sb.data(), g, ch, P, parts, kPartSq);
   });
 }
 
@@ -237,44 +311,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_forward_cpu(const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "instance_norm_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    stat_partials<scalar_t, acc_t>(xp, g, parts.data());
+    const std::vector<acc_t> first = first_voxels<scalar_t, acc_t>(xp, g);
+    stat_partials(xp, first.data(), g, parts.data());
     const at::Tensor w = weight.to(stat_dtype(x)).contiguous(), b = bias.to(stat_dtype(x)).contiguous();
     const acc_t* wp = w.const_data_ptr<acc_t>();
     const acc_t* bp = b.const_data_ptr<acc_t>();
     acc_t* dp = dmean.data_ptr<acc_t>();
     acc_t* rp = rstd.data_ptr<acc_t>();
-    const std::vector<acc_t> first = first_voxels<scalar_t, acc_t>(xp, g);
-    std::vector<acc_t> scale(g.N * g.C);
+    std::vector<acc_t> scale(g.N * g.C), shift(g.N * g.C);
     for (int64_t nc = 0; nc < g.N * g.C; ++nc) {
       finish_stats(parts.data() + nc * chunks * kPartCols, chunks, double(g.V), eps, dp + nc, rp + nc);
       scale[nc] = rp[nc] * wp[nc % g.C];
+      shift[nc] = bp[nc % g.C];
     }
+    const std::vector<acc_t> ls = tiled(first.data(), g), ld = tiled(static_cast<const acc_t*>(dp), g);
+    const std::vector<acc_t> lsc = tiled(scale.data(), g), lb = tiled(shift.data(), g);
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t P = lane_period(g.C);
-    std::vector<acc_t> biases(g.N * g.C);
-    for (int64_t nc = 0; nc < g.N * g.C; ++nc) biases[nc] = bp[nc % g.C];
-    std::vector<acc_t> ls, ld, lsc, lb;
-    if (g.channels_last) {
-      ls = tiled(first.data(), g, P), ld = tiled(static_cast<const acc_t*>(dp), g, P);
-      lsc = tiled(scale.data(), g, P), lb = tiled(biases.data(), g, P);
-    }
-    for_chunks(g, [&](int64_t row, int64_t v0, int64_t v1) {
-      if (g.channels_last) {
-        const acc_t *s = ls.data() + row * P, *d = ld.data() + row * P;
-        const acc_t *sc = lsc.data() + row * P, *bi = lb.data() + row * P;
-        const int64_t o = g.at(row, 0, v0);
-        for_blocks((v1 - v0) * g.C, P, [&](int64_t b, int64_t count) {
-          _Pragma("omp simd")  // (a #pragma cannot stand inside the dispatch macro)
-          for (int64_t j = 0; j < count; ++j) {
-            put(&yp[o + b + j], norm_out(to_acc(xp[o + b + j]), s[j], d[j], sc[j], bi[j], relu));
-          }
-        });
-        return;
-      }
-      const acc_t s = first[row], d = dp[row], sc = scale[row], bias = bp[row % g.C];
-      const int64_t o = row * g.V;
-      _Pragma("omp simd")
-      for (int64_t v = v0; v < v1; ++v) put(&yp[o + v], norm_out(to_acc(xp[o + v]), s, d, sc, bias, relu));
+    for_chunks(g, [&](const Chunk& ch, int64_t P) {
+      const int64_t t = ch.row * P;
+      forward_run(xp + ch.offset, yp + ch.offset, ch.length, P, ls.data() + t, ld.data() + t, lsc.data() + t,
+                  lb.data() + t, relu);
     });
   });
   return {y, dmean, rstd};
@@ -322,35 +378,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_backward_cpu(
       gwp[c] = acc_t(sum_b[c]);
       gbp[c] = acc_t(sum_a[c]);
     }
+    const std::vector<acc_t> ls = tiled(first.data(), g), ld = tiled(dp, g), lr = tiled(rp, g);
+    const std::vector<acc_t> lk = tiled(k.data(), g), la = tiled(a_v.data(), g), lb = tiled(b_v.data(), g);
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    const int64_t P = lane_period(g.C);
-    std::vector<acc_t> ls, ld, lr, lk, la, lb;
-    if (g.channels_last) {
-      ls = tiled(first.data(), g, P), ld = tiled(dp, g, P), lr = tiled(rp, g, P);
-      lk = tiled(k.data(), g, P), la = tiled(a_v.data(), g, P), lb = tiled(b_v.data(), g, P);
-    }
-    for_chunks(g, [&](int64_t row, int64_t v0, int64_t v1) {
-      if (g.channels_last) {
-        const acc_t *s = ls.data() + row * P, *d = ld.data() + row * P, *r = lr.data() + row * P;
-        const acc_t *kk = lk.data() + row * P, *av = la.data() + row * P, *bv = lb.data() + row * P;
-        const int64_t o = g.at(row, 0, v0);
-        for_blocks((v1 - v0) * g.C, P, [&](int64_t b, int64_t count) {
-          _Pragma("omp simd")
-          for (int64_t j = 0; j < count; ++j) {
-            const acc_t grad = relu_grad(to_acc(gyp[o + b + j]), to_acc(yp[o + b + j]), relu);
-            const acc_t xhat = centred(to_acc(xp[o + b + j]), s[j], d[j]) * r[j];
-            put(&gxp[o + b + j], norm_grad(grad, xhat, kk[j], av[j], bv[j]));
-          }
-        });
-        return;
-      }
-      const int64_t o = row * g.V;
-      const acc_t s = first[row], d = dp[row], r = rp[row], kk = k[row], av = a_v[row], bv = b_v[row];
-      _Pragma("omp simd")
-      for (int64_t v = v0; v < v1; ++v) {
-        const acc_t grad = relu_grad(to_acc(gyp[o + v]), to_acc(yp[o + v]), relu);
-        put(&gxp[o + v], norm_grad(grad, centred(to_acc(xp[o + v]), s, d) * r, kk, av, bv));
-      }
+    for_chunks(g, [&](const Chunk& ch, int64_t P) {
+      const int64_t t = ch.row * P, o = ch.offset;
+      backward_run(gyp + o, xp + o, yp + o, gxp + o, ch.length, P, ls.data() + t, ld.data() + t, lr.data() + t,
+                   lk.data() + t, la.data() + t, lb.data() + t, relu);
     });
   });
   return {grad_x, grad_w.to(weight.scalar_type()), grad_b.to(weight.scalar_type())};
