@@ -8,9 +8,9 @@ that runs it.
 import os
 from pathlib import Path
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"

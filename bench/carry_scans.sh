@@ -8,7 +8,7 @@
 #             carry=[".whl", ".realscans"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
-templates=$(python3 -c "from expseg_fast.data import anatomy; print(anatomy.COLIN27)")
+templates=$("${PYTHON:-python3}" -c "from expseg_fast.data import anatomy; print(anatomy.COLIN27)")
 rm -rf .realscans && mkdir -p .realscans/colin27
 cp "$templates/ch2bet.nii.gz" "$templates/aal.nii.gz" .realscans/colin27/
 for set in "$@"; do cp -rL "${set#*=}" ".realscans/${set%%=*}"; done

@@ -6,8 +6,9 @@ on CUDA the Predictor (bf16 + channels-last + CUDA graph). Each reduced-precisio
 is compared with fp32's on the same input (argmax agreement %, max softmax difference, relative L2 error
 of the logits): one cuDNN release computes bf16 conv3d wrongly (PyTorch issue 163539), so the fast path
 proves itself on the card it is timed on. Peak memory: on CUDA the growth of max_memory_allocated over
-the first two calls of a built predictor (a CUDA graph's capture and private pool included); on the CPU the growth of the peak resident set over one forward, measured in a
-fresh process (Linux: /proc/self/clear_refs resets the peak). Prints one markdown table (and writes it
+the first two calls of a built predictor (a CUDA graph's capture and private pool included); on the CPU
+the growth of the peak resident set over one forward, measured in a fresh process (Linux:
+/proc/self/clear_refs resets the peak). Prints one markdown table (and writes it
 with a JSON to DIR).
 """
 
@@ -43,7 +44,8 @@ BASELINE = "eager fp32"
 
 def variants_for(device: str, compiled: bool = True) -> list[str]:
     """The variants that exist on a device (a CUDA graph needs CUDA), the torch.compile ones if `compiled`."""
-    return [v for v, (_, _, graph, _, comp) in VARIANTS.items() if (device == "cuda" or not graph) and (compiled or not comp)]
+    return [v for v, (_, _, graph, _, comp) in VARIANTS.items()
+            if (device == "cuda" or not graph) and (compiled or not comp)]
 
 
 def build(network: str, device: str, variant: str, size: int) -> Predictor:

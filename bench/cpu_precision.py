@@ -19,8 +19,8 @@ import torch
 
 from bench.timing import elapsed_ms
 from expseg_fast.config import TrainConfig
-from expseg_fast.machine import cpu_bf16_units, processor_name
 from expseg_fast.losses import loss
+from expseg_fast.machine import cpu_bf16_units, processor_name
 from expseg_fast.models import build_model
 
 VARIANTS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
@@ -65,8 +65,8 @@ def main() -> None:
         for (precision, cl), t in times.items():
             rows.append({"size": size, "precision": precision, "channels_last": cl, "ms": statistics.median(t),
                          "vs_fp32": base / statistics.median(t)})
-    result = {"processor": processor_name(), "bf16_units": cpu_bf16_units(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "width": args.width, "rounds": args.rounds, "rows": rows}
+    result = {"processor": processor_name(), "bf16_units": cpu_bf16_units(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "width": args.width, "rounds": args.rounds, "rows": rows}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cpu_precision.json").write_text(json.dumps(result, indent=1))
@@ -74,7 +74,8 @@ def main() -> None:
           f"{result['threads']} threads, width {args.width}, torch {torch.__version__}")
     print("| size | precision | channels-last | step ms (median) | speed vs fp32 |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']}³ | {r['precision']} | {'yes' if r['channels_last'] else 'no'} | {r['ms']:.0f} | {r['vs_fp32']:.2f}× |")
+        print(f"| {r['size']}³ | {r['precision']} | {'yes' if r['channels_last'] else 'no'} | {r['ms']:.0f} | "
+              f"{r['vs_fp32']:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@
 #   OUT=/some/dir bash bench/gpu_suite.sh --smoke [PART ...] the CPU rehearsal that CI runs: the same
 #       scripts at tiny sizes without their torch.compile rows, Triton under the interpreter, the tests only collected, Table 1's `smoke`
 #       preset (one epoch of two subjects at 32^3). Its figures mean nothing; it proves the calls work.
-# Environment: LIMIT_<PART> (seconds) overrides a part's limit; PAPER_CASES the Table 1 cases of the
-# paper part (default all seven; L_Exp(0.3) first); SUITE_TESTS the test selection of `tests`;
+# Environment: PYTHON the interpreter (default python3); LIMIT_<PART> (seconds) overrides a part's limit;
+# PAPER_CASES the Table 1 cases of the paper part (default all seven; L_Exp(0.3) first); SUITE_TESTS the
+# test selection of `tests`;
 # REAL_SCANS_TRAIN further scripts/train.py options of the real_scans part (e.g. "--epochs 60": a poly
 # schedule that ends within the window); SUITE_REAL_SCANS more labelled sets it scores, "NAME=FOLDER=MAP ...".
 # Colin27 travels as .realscans/colin27 (bench/carry_scans.sh), where the machine lacks mricron-data.
@@ -35,9 +36,10 @@ PARTS="${*:-inference train_step loss norm synth nnunet paper real_scans}"
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 STAGE="$(mktemp -d)"
+export PYTHON="${PYTHON:-python3}"  # the interpreter of every part (the CI rehearsal passes its own)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 
@@ -70,15 +72,15 @@ else
   DEVICE=cuda; PRESET=paper
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$STAGE/card.txt"
 fi
-python3 -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN',
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN',
 torch.backends.cudnn.version(), 'triton', triton.__version__)" >> "$STAGE/card.txt"
 cat "$STAGE/card.txt"
 
 start=$(date +%s)
 if [ "$SMOKE" = 1 ]; then  # CI built the CPU extension; the rehearsal checks it loads
-  python3 -c "import expseg_fast._C" > "$STAGE/build.log" 2>&1
+  "$PYTHON" -c "import expseg_fast._C" > "$STAGE/build.log" 2>&1
 else
-  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 EXPSEG_FAST_CUDA=1 python3 setup.py build_ext --inplace > "$STAGE/build.log" 2>&1
+  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 EXPSEG_FAST_CUDA=1 "$PYTHON" setup.py build_ext --inplace > "$STAGE/build.log" 2>&1
 fi || { tail -40 "$STAGE/build.log"; pack; exit 1; }
 echo "== build: $(( $(date +%s) - start )) s" | tee -a "$STAGE/steps.txt"
 
@@ -87,26 +89,26 @@ for part in $PARTS; do
   case "$part" in
     tests)
       if [ "$SMOKE" = 1 ]; then selection=(--collect-only); else selection=(--maxfail=20); fi
-      step tests "$(limit tests 150)" python3 -m pytest ${SUITE_TESTS:-tests bench} -m cuda -q -p no:cacheprovider \
+      step tests "$(limit tests 150)" "$PYTHON" -m pytest ${SUITE_TESTS:-tests bench} -m cuda -q -p no:cacheprovider \
         "${selection[@]}" || rc=1 ;;
     inference)
       size=$([ "$SMOKE" = 1 ] && echo "--size 16 --repeats 1 --no-compile" || echo "--size 128")
-      step inference "$(limit inference 120)" python3 -m bench.compare_vnet --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
+      step inference "$(limit inference 120)" "$PYTHON" -m bench.compare_vnet --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     train_step)
       size=$([ "$SMOKE" = 1 ] && echo "--size 32 --repeats 1 --no-compile" || echo "--size 128")  # 16^3: bench/NOTES.md
-      step train_step "$(limit train_step 150)" python3 -m bench.train_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
+      step train_step "$(limit train_step 150)" "$PYTHON" -m bench.train_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     loss)
       smoke=$([ "$SMOKE" = 1 ] && echo "--smoke")
-      step loss "$(limit loss 150)" python3 -m bench.gpu_loss $smoke --out "$STAGE" || rc=1 ;;
+      step loss "$(limit loss 150)" "$PYTHON" -m bench.gpu_loss $smoke --out "$STAGE" || rc=1 ;;
     norm)
       size=$([ "$SMOKE" = 1 ] && echo "--size 16 --repeats 1")
-      step norm "$(limit norm 60)" python3 -m bench.norm_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
+      step norm "$(limit norm 60)" "$PYTHON" -m bench.norm_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     synth)
       preset=$([ "$SMOKE" = 1 ] && echo "--preset synth-cpu --size 32 --repeats 1" || echo "--preset synth-paper")
-      step synth "$(limit synth 90)" python3 -m bench.synth_step --device "$DEVICE" $preset --out "$STAGE" || rc=1 ;;
+      step synth "$(limit synth 90)" "$PYTHON" -m bench.synth_step --device "$DEVICE" $preset --out "$STAGE" || rc=1 ;;
     nnunet)
       size=$([ "$SMOKE" = 1 ] && echo "--size 32 --stages 3 --repeats 1" || echo "--size 128")
-      step nnunet "$(limit nnunet 90)" python3 -m bench.nnunet_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
+      step nnunet "$(limit nnunet 90)" "$PYTHON" -m bench.nnunet_step --device "$DEVICE" $size --out "$STAGE" || rc=1 ;;
     paper)
       step paper "$(limit paper 330)" bash bench/paper_run.sh "$PRESET" "$(( $(limit paper 330) - 10 ))" "$STAGE" || rc=1 ;;
     real_scans)
@@ -118,7 +120,7 @@ for part in $PARTS; do
       else
         how=(--preset synth-paper --device cuda -- ${REAL_SCANS_TRAIN:-})
       fi
-      step real_scans "$(limit real_scans 300)" python3 -m bench.real_scans_run --stage "$STAGE" \
+      step real_scans "$(limit real_scans 300)" "$PYTHON" -m bench.real_scans_run --stage "$STAGE" \
         --seconds "$(( $(limit real_scans 300) - 10 ))" "${where[@]}" "${how[@]}" || rc=1 ;;
     *)
       echo "unknown part '$part' (tests, inference, train_step, loss, norm, synth, nnunet, paper, real_scans)"; rc=2 ;;

@@ -84,7 +84,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| shape | device | kind | ms (fwd + bwd) | floor ms | × floor |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} {'x'.join(map(str, r['size']))} | {r['device']} | {r['kind']} | {r['ms']:.2f} | "
               f"{r['floor_ms']:.2f} | {r['over_floor']:.1f} |" for r in rows]
-    return "\n".join(lines) + f"\n\nCopy bandwidth measured in this run: {rows[0]['copy_gbs']:.0f} GB/s.\n" if rows else ""
+    if not rows:
+        return ""
+    return "\n".join(lines) + f"\n\nCopy bandwidth measured in this run: {rows[0]['copy_gbs']:.0f} GB/s.\n"
 
 
 def main() -> None:

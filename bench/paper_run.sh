@@ -8,18 +8,18 @@ cd "$(dirname "$0")/.."
 preset=$1 deadline=$(( $(date +%s) + $2 )) stage=$3
 runs=/tmp/expseg-table1-$preset
 cases="${PAPER_CASES:-exp_g0.3 linear_dice log_dice_g1 cross_g1 exp_g1 exp_g2 vnet_exp_g0.3}"
-python3 scripts/reproduce_table1.py --preset "$preset" --runs "$runs" --prepare-only || exit 1
+"${PYTHON:-python3}" scripts/reproduce_table1.py --preset "$preset" --runs "$runs" --prepare-only || exit 1
 echo "data and cache prepared; $(( deadline - $(date +%s) )) s left for training"
 pids=()
 for case in $cases; do
-  timeout $(( deadline - $(date +%s) - 30 )) python3 scripts/reproduce_table1.py --preset "$preset" --runs "$runs" \
+  timeout $(( deadline - $(date +%s) - 30 )) "${PYTHON:-python3}" scripts/reproduce_table1.py --preset "$preset" --runs "$runs" \
     --splits 0 --cases "$case" --train-only > "$stage/paper-$case.log" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
 results="$stage/table1-$preset"
-python3 scripts/reproduce_table1.py --preset "$preset" --runs "$runs" --results "$results" --collect-only --partial || exit 1
+"${PYTHON:-python3}" scripts/reproduce_table1.py --preset "$preset" --runs "$runs" --results "$results" --collect-only --partial || exit 1
 for case in $cases; do
   cp "$runs/$case-split0/log.jsonl" "$results/$case-split0.jsonl" 2> /dev/null
 done
-python3 -m bench.epoch_profile "$results"/*-split0.jsonl --out "$stage/epoch_profile.md"
+"${PYTHON:-python3}" -m bench.epoch_profile "$results"/*-split0.jsonl --out "$stage/epoch_profile.md"

@@ -4,8 +4,8 @@ run, at a preset's settings (it must not dominate the step).
 python -m bench.synth_step [--preset synth-cpu] [--size N] [--device cpu|cuda] [--repeats 5] [--norms batch instance]
                            [--out DIR]
 Prints one table, a row per normalisation (all measured in this run): generator ms per example (the plan's
-whole-scan grid, then the window), network step ms (forward, fused loss, backward, NAdam) at the preset's
-size, width and precision, and their ratio.
+whole-scan grid, then the window), network step ms (the trainer's TrainStep: forward, fused loss, backward,
+the finiteness check, NAdam) at the preset's size, width and precision, and their ratio.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from bench.timing import median_ms
 from expseg_fast.config import DTYPES, TrainConfig
 from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
 from expseg_fast.data.dataset import LabelMap
-from expseg_fast.data.synth import Generator, LabelMapSource
-from expseg_fast.losses import loss as loss_fn
+from expseg_fast.data.synth import ImageGenerator, LabelMapSource
 from expseg_fast.models import NORMS
+from expseg_fast.training.step import TrainStep
 
 
 def measure(preset: str, device: str, repeats: int, size: int | None = None, norm: str | None = None) -> dict:
@@ -31,7 +31,7 @@ def measure(preset: str, device: str, repeats: int, size: int | None = None, nor
     dev, plan = torch.device(device), config.plan()
     table, classes = GenerationTable.read(), LabelMap.from_json(CLASSES_FILE)
     source = LabelMapSource(label_map_files()[0], plan, dev, config.synth_settings().field_of_view_mm)
-    generator = Generator(table, classes, plan, config.synth_settings(), dev)
+    generator = ImageGenerator(table, classes, plan, config.synth_settings(), dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     image, labels = generator(source, gen)
     generate_ms = median_ms(lambda: generator(source, gen), repeats, warmup=1, device=device)
@@ -39,18 +39,12 @@ def measure(preset: str, device: str, repeats: int, size: int | None = None, nor
     memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler(dev.type, enabled=config.precision == "fp16")
     weights = torch.ones(len(classes.names), device=dev)
-    batch, target = image[None].contiguous(memory_format=memory_format), labels[None]
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        dtype = DTYPES[config.precision]
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(batch)
-        loss_fn(logits, target, weights, config.loss_spec(), validate=False).backward()
-        optimizer.step()
-
-    step_ms = median_ms(step, repeats, warmup=1, device=device)
+    step = TrainStep(model, model, optimizer, scaler, weights, config.loss_spec(), DTYPES[config.precision],
+                     memory_format)  # the trainer's own step (eager)
+    batch, target = image[None], labels[None]
+    step_ms = median_ms(lambda: step(batch, target), repeats, warmup=1, device=device)
     return {"preset": preset, "device": device, "grid": list(source.grid.target_shape), "size": plan.size,
             "width": config.width, "norm": config.norm, "precision": config.precision, "generator_ms": generate_ms,
             "step_ms": step_ms, "generator_share": generate_ms / (generate_ms + step_ms), "torch": torch.__version__,

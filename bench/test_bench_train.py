@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expseg_fast.models import ExpLogNet, NetConfig
 from bench.train_step import step_fn
+from expseg_fast.models import ExpLogNet, NetConfig
 
 
 @pytest.mark.parametrize("engine", [False, True], ids=["eager-fp32-reference", "engine"])

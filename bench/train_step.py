@@ -140,7 +140,8 @@ def main() -> None:
     rows: list[dict] = []
     for fusion, fuse in FUSIONS.items():
         for engine in (False, True):
-            row = {"fusion": fusion, "variant": "engine (bf16, channels-last, fused loss)" if engine else "eager fp32, reference loss"}
+            variant = "engine (bf16, channels-last, fused loss)" if engine else "eager fp32, reference loss"
+            row = {"fusion": fusion, "variant": variant}
             row.update(measure(args.device, size, fuse, engine, args.repeats))
             rows.append(row)
             write(rows, args.device, size, args.out)
@@ -199,7 +200,8 @@ def markdown(rows: list[dict], device: str, size: int) -> str:
             lines.append(f"- {r['fusion']}: {r['variant']} {engine['ms'] / r['ms']:.2f}x the eager engine's speed, "
                          f"first call {r['first_call_s']:.1f} s")
         if "edge" in r:
-            lines.append(f"- largest cube edge (steps of 16) that trains under 12 GB with all four levels fused: {r['edge']}")
+            lines.append(f"- largest cube edge (steps of 16) that trains under 12 GB with all four levels fused: "
+                         f"{r['edge']}")
     return "\n".join(lines) + "\n"
 
 

@@ -2,10 +2,12 @@
 memory does not grow with the number of subjects").
 
 Usage: python -m bench.trainer_memory FOLDER [--size 96] [--subjects 12 120] [--width 4] [--source-size S]
-Writes SUBJECTS random subjects of SIZE³ (or S³: fit mode resizes them to SIZE³ all the same) (imagesTr/labelsTr and labels.json, float32 images, 4 classes) under FOLDER
-once, trains `scripts/train.py --size SIZE --width W --epochs 1` (fit mode) on the first N of them in a
-fresh run folder (with a fresh cache beside it, so every subject is prepared), samples the trainer's RssAnon (/proc/PID/status; its worker processes are not
-counted) every 20 ms, and prints one JSON line per N: the peak and the peak while preparing.
+Writes SUBJECTS random subjects of SIZE³ (or S³: fit mode resizes them to SIZE³ all the same)
+(imagesTr/labelsTr and labels.json, float32 images, 4 classes) under FOLDER once, trains
+`scripts/train.py --size SIZE --width W --epochs 1` (fit mode) on the first N of them in a fresh run
+folder (with a fresh cache beside it, so every subject is prepared), samples the trainer's RssAnon
+(/proc/PID/status; its worker processes are not counted) every 20 ms, and prints one JSON line per N:
+the peak and the peak while preparing.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def write_subjects(folder: Path, n: int, size: int, seed: int = 0) -> None:
 
 def peak(data: Path, out: Path, subjects: int, size: int, width: int) -> dict:
     """Trains once; the trainer's peak RssAnon (MiB) overall and up to the end of preparation."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--data", str(data), "--label-map", str(data / "labels.json"), "--size", str(size),
-           "--width", str(width), "--epochs", "1", "--preprocessing", "fit", "--limit-subjects", str(subjects),
-           "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--data", str(data), "--label-map",
+           str(data / "labels.json"), "--size", str(size), "--width", str(width), "--epochs", "1",
+           "--preprocessing", "fit", "--limit-subjects", str(subjects), "--out", str(out)]
     log = open(out.with_suffix(".log"), "w")
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
     samples: list[tuple[float, int]] = []

@@ -29,7 +29,8 @@ from expseg_fast.kernels import explog
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 C, D = 20, 128
 V = D**3
-CONFIGS = {"tiles": ((64, 2), (128, 2), (128, 4), (256, 4)), "rows": ((128, 1), (256, 2), (256, 4), (512, 4), (1024, 4))}
+CONFIGS = {"tiles": ((64, 2), (128, 2), (128, 4), (256, 4)),
+           "rows": ((128, 1), (256, 2), (256, 4), (512, 4), (1024, 4))}
 
 
 def strides(channels_last: bool) -> dict:

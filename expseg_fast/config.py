@@ -1,8 +1,10 @@
-"""Every default in one place: the presets (`cpu`, `cpu-bf16`, `paper`, and the GPU suite's `smoke`)
-and the training configuration whose defaults they set; `main_preset` picks this machine's.
+"""Every default in one place: the presets (`synth-cpu` and `synth-paper`, the generator's, which the main
+command trains; `cpu`, `cpu-bf16` and `paper`, which a run on the demo or the user's own data takes; and the
+GPU suite's `smoke`) and the training configuration whose defaults they set; `main_preset` picks this
+machine's.
 
-A preset names, for one kind of machine, the synthetic demo data it builds, the main command's training
-(scripts/train.py) and the Table 1 experiment's settings (scripts/reproduce_table1.py). TrainConfig's
+A preset names, for one kind of machine, the synthetic demo data it builds, its training (scripts/train.py)
+and the Table 1 experiment's settings (scripts/reproduce_table1.py). TrainConfig's
 defaults are the `cpu` preset's; `TrainConfig.for_preset(name)` gives another's. The command-line
 defaults of the scripts come from here.
 """
@@ -24,7 +26,8 @@ from expseg_fast.data.augment import AugmentConfig
 from expseg_fast.data.demo import DemoSettings
 from expseg_fast.data.nifti import MAX_VOXELS
 from expseg_fast.data.plans import PLANS, Plan, plan_of
-from expseg_fast.data.source import SYNTH
+from expseg_fast.data.source import SYNTH, Dataset, open_dataset
+from expseg_fast.data.splits import random_splits
 from expseg_fast.data.synth import CONTRASTS, SynthSettings
 from expseg_fast.losses import LossSpec
 from expseg_fast.models import build_model
@@ -37,6 +40,7 @@ LR_SCHEDULES = ("constant", "poly")  # the learning rate over the epochs (TrainC
 POLY_EXPONENT = 0.9  # poly: lr x (1 - epoch / epochs)^0.9, nnU-Net's schedule
 STEP_MODES = ("eager", "compiled", "cuda_graph")  # the forms of a training step (expseg_fast/training/step.py)
 MODELS = ("ours", "vnet")
+SELECT_ON = ("auto", "validation", "colin27")  # the figure that chooses best.pt (training/selection.py)
 BOTTOM_FACTOR = {"ours": 8, "vnet": 16}  # cube edge / the edge of the network's bottom level
 INPUT_PATHS = ("data", "label_map", "val_data", "val_label_map")  # TrainConfig's fields that name files or folders read
 
@@ -75,33 +79,32 @@ class Preset:
 
 _CPU_DEMO = DemoSettings(spacing_mm=3.0, field_of_view_mm=None)  # coarse voxels, a tight field of view
 PRESETS = {
-    # a 2-core CPU: the main command in about 4 minutes of training (48^3) plus the demo data, Table 1 in
-    # about 2.5 hours (32^3, widths halved)
+    # a CPU without bf16 units: the demo's training in minutes (48^3), Table 1 at 32^3 with widths halved
+    # (times: results/table1-cpu/)
     "cpu": Preset(_CPU_DEMO, 48, 12, 12, "fp32", False, Table1Settings("cpu", 32, 12, 8, 32, 5, "fp32", False)),
-    # the paper's setting on a GPU: 128^3 in a field of view where background is about 93.5 %
+    # the paper's setting on a GPU: 128^3 in a field of view where background is about the paper's share
     "paper": Preset(DemoSettings(spacing_mm=2.0, field_of_view_mm=290.0), 128, 24, 100, "bf16", True,
                     Table1Settings("paper", 128, 24, 16, 100, 5, "bf16", True)),
     # the GPU suite's CI rehearsal (bench/gpu_suite.sh --smoke): one epoch of two subjects; figures mean nothing
     "smoke": Preset(_CPU_DEMO, 32, 4, 1, "fp32", False, Table1Settings("cpu", 32, 4, 4, 1, 5, "fp32", False, 2)),
 }
-# a 2-core CPU that multiplies bf16 natively: bf16 + channels-last steps 2.8-2.9x as fast as fp32
-# (bench/cpu_precision.py); spent on 32 epochs at 48^3 in the cpu preset's time, which beat 12-13
-# epochs at 64^3 (results/table1-cpu/ablations.md, section 5)
+# a CPU that multiplies bf16 natively: bf16 + channels-last steps faster than fp32 (bench/cpu_precision.py,
+# bench/NOTES.md), spent on more epochs at 48^3 in the cpu preset's time, which beat fewer at 64^3
+# (results/table1-cpu/ablations.md, section 5)
 PRESETS["cpu-bf16"] = dataclasses.replace(PRESETS["cpu"], size=48, epochs=32, precision="bf16", channels_last=True,
                                           demo_of="cpu")
 # images drawn from 20 real subjects' label maps (expseg_fast/data/synth.py), segmenting real T1 scans: voxels of
-# 2 mm (a perfect model's bound on a real FreeSurfer-labelled scan: 92.4 % against 85.3 % at 2.5 mm; the same run
-# at 2 mm scored higher on both real scans, results/real-scans/README.md), the 64^3 window (128 mm), the
-# generator's own spatial augmentation instead of the trainer's; 14
-# training maps x 4 draws = 56 steps an epoch, as many epochs as fit the main command's hour on a 2-core CPU
-# with bf16 units; the poly learning rate and instance norm, each chosen by real-scan Dice
-# (results/real-scans/README.md; times in bench/NOTES.md)
-_SYNTH = (("data", SYNTH), ("preprocessing", "spacing"), ("spacing_mm", 2.0), ("augment_probability", 0.0),
-          ("synth_repeats", 4), ("lr_schedule", "poly"), ("norm", "instance"))
+# 2 mm (chosen by a perfect model's bound on a real FreeSurfer-labelled scan and by the same run at 2 and 2.5 mm
+# on both real scans: results/real-scans/README.md), the 64^3 window (128 mm), the generator's own spatial
+# augmentation instead of the trainer's; 14 training maps x 4 draws an epoch, as many epochs as fit the main
+# command's hour on a 2-core CPU with bf16 units (times: bench/NOTES.md); the poly learning rate and instance
+# norm, each chosen by real-scan Dice (results/real-scans/README.md)
+_SYNTH = (("data", SYNTH), ("out", "runs/synth"), ("preprocessing", "spacing"), ("spacing_mm", 2.0),
+          ("augment_probability", 0.0), ("synth_repeats", 4), ("lr_schedule", "poly"), ("norm", "instance"))
 PRESETS["synth-cpu"] = dataclasses.replace(PRESETS["cpu-bf16"], size=64, epochs=110, settings=_SYNTH)
 # the same on a GPU at the paper's width: 1.5 mm voxels, 128^3 (192 mm)
 PRESETS["synth-paper"] = dataclasses.replace(PRESETS["paper"], size=128, epochs=300, demo_of="paper",
-                                             settings=(*_SYNTH[:2], ("spacing_mm", 1.5), *_SYNTH[3:]))
+                                             settings=tuple((k, 1.5 if k == "spacing_mm" else v) for k, v in _SYNTH))
 _DEFAULT = PRESETS["cpu"]
 
 
@@ -124,7 +127,9 @@ def preset_precision(name: str, size: int, model: str, device_type: str) -> tupl
     problem = TrainConfig(precision=precision, size=size, model=model).device_problem(device_type)
     if not problem and precision == "bf16" and device_type == "cpu" and not machine.cpu_bf16_units():
         problem = "this processor does not multiply bf16 natively (no avx512_bf16 or amx_bf16 flag)"
-    return ("fp32", f"{problem}; training in fp32 (the {name} preset's {precision} does not apply)") if problem else (precision, None)
+    if problem:
+        return "fp32", f"{problem}; training in fp32 (the {name} preset's {precision} does not apply)"
+    return precision, None
 
 LOSSES = {  # --loss name -> its LossSpec from (gamma_dice, gamma_cross, w_dice, w_cross, eps)
     "exp": lambda gd, gc, wd, wc, eps: LossSpec.exp_log(wd, wc, gd, gc, eps),
@@ -180,7 +185,7 @@ class TrainConfig:
                                      "drawn from 20 real subjects' label maps (SynthSeg); default: the synthetic "
                                      "demo dataset")
     label_map: str | None = _option(None, "JSON label map naming the classes (required with --data)")
-    demo_preset: str = _option("cpu", "the preset whose demo data the run uses", command_line=False)
+    demo_preset: str = _option("cpu", "the preset whose demo data the run uses", tuple(PRESETS), command_line=False)
     size: int = _option(_DEFAULT.size, "edge of the training cube in voxels (a multiple of 16)")
     model: str = _option("ours", "network: ours (the paper's) or vnet", MODELS)
     width: int = _option(_DEFAULT.width, "channels of the network's first level (the paper: 24)")
@@ -225,6 +230,11 @@ class TrainConfig:
                                          "split of --data; all of --data is then trained on")
     val_label_map: str | None = _option(None, "the JSON label map of --val-data (its classes a subset of --data's; "
                                               "\"unlisted\": \"ignore\" leaves other ids unscored)")
+    select_on: str = _option("auto", "the validation figure that chooses best.pt: validation (the run's own: its "
+                                     "split, --val-data, or the generated validation images), colin27 (--data "
+                                     "synth: Colin27's T1 scored through its AAL labels, from Debian's mricron-data, "
+                                     "besides the run's own), or auto: colin27 where --data synth without --val-data "
+                                     "finds mricron-data, else validation", SELECT_ON)
     synth_contrast: str = _option("t1", "--data synth: the generator's contrasts: t1 (the T1 priors) or random "
                                         "(any contrast)", CONTRASTS)
     synth_repeats: int = _option(4, "--data synth: images drawn from each training label map per epoch")
@@ -282,7 +292,8 @@ class TrainConfig:
                     f"{self.precision}, {processes} process(es))")
         if device_type == "cpu" and self.precision == "bf16" and self.size // BOTTOM_FACTOR[self.model] <= 2:
             return (f"precision bf16 on the CPU needs size > {2 * BOTTOM_FACTOR[self.model]} for {self.model}, got "
-                    f"{self.size}: oneDNN's bf16 conv3d weight gradient is unreliable at the network's 2^3 bottom level")
+                    f"{self.size}: oneDNN's bf16 conv3d weight gradient is unreliable at the network's 2^3 bottom "
+                    f"level")
         return None
 
     def with_paths(self, change: Callable[[str], str], fields: tuple[str, ...] = INPUT_PATHS) -> "TrainConfig":
@@ -320,43 +331,44 @@ class TrainConfig:
             return self.lr * (1 - epoch / self.epochs) ** POLY_EXPONENT
         return self.lr
 
+    def split_indices(self, subjects: int) -> tuple[list[int], list[int]]:
+        """(training, validation) indices of this run's split (`split` of `splits` random 70/30 splits,
+        from `seed`) of a dataset of that many subjects: what a new run pins, and what a checkpoint older
+        than pinning is taken to have used."""
+        return random_splits(subjects, self.splits, seed=self.seed)[self.split]
+
     def loss_spec(self) -> LossSpec:
         return LOSSES[self.loss](self.gamma_dice, self.gamma_cross, self.w_dice, self.w_cross, self.eps)
 
     def demo_settings(self) -> DemoSettings:
         return PRESETS[self.demo_preset].demo
 
+    def open_data(self, data: str | None, label_map: str | None, run_folder: Path, limit_subjects: int | None = None,
+                  plan: Plan | None = None, max_voxels: int = MAX_VOXELS) -> Dataset:
+        """open_dataset (data/source.py) of data with its label map, where None is this configuration's demo
+        dataset: built once, and found again, beside the run folder (in its parent)."""
+        return open_dataset(data, label_map, self.demo_settings(), self.demo_preset, Path(run_folder).absolute().parent,
+                            limit_subjects, plan, max_voxels)
+
     def check(self) -> None:
         """Raises ValueError naming every setting that is out of range or of the wrong type."""
         problems = self._type_problems()
         if problems:  # the range checks below need the types right
             raise ValueError("; ".join(problems))
-        if self.model not in MODELS:
-            problems.append(f"model must be 'ours' or 'vnet', got {self.model!r}")
-        if self.loss not in LOSSES:
-            problems.append(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.norm not in NORMS:
-            problems.append(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.preprocessing not in PREPROCESSINGS:
-            problems.append(f"preprocessing must be one of {', '.join(PREPROCESSINGS)}, got {self.preprocessing!r}")
-        if self.demo_preset not in PRESETS:
-            problems.append(f"demo_preset must be one of {sorted(PRESETS)}, got {self.demo_preset!r}")
+        for f in dataclasses.fields(self):  # every option with declared choices
+            choices = f.metadata["choices"]
+            if choices is not None and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.size < 16 or self.size % 16:
             problems.append(f"size must be a multiple of 16 (>= 16), got {self.size}")
         elif self.model == "vnet" and self.size < 32:  # its 1-voxel bottom level cannot batch-normalise a batch of 1
             problems.append(f"size must be >= 32 for V-Net (4 halvings), got {self.size}")
         elif self.size**3 > self.max_voxels:
             problems.append(f"size^3 must be at most max_voxels ({self.max_voxels}), got {self.size}^3")
-        for name in ("lr", "spacing_mm", "eps", "gamma_dice", "gamma_cross"):
+        for name in ("lr", "spacing_mm"):
             if not 0 < getattr(self, name) < math.inf:
                 problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
-        for name in ("w_dice", "w_cross"):
-            if not 0 <= getattr(self, name) < math.inf:
-                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        problems += LossSpec.problems(self.w_dice, self.w_cross, self.gamma_dice, self.gamma_cross, self.eps)
         if not 0 <= self.augment_probability <= 1:
             problems.append(f"augment_probability must be in [0, 1], got {self.augment_probability}")
         if not (0 <= self.augment_rotation_deg <= 180 and 0 <= self.augment_shift < 1
@@ -368,15 +380,17 @@ class TrainConfig:
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.limit_subjects is not None and self.limit_subjects < 2:
-            problems.append(f"limit_subjects must be >= 2 (a training and a validation subject), got {self.limit_subjects}")
+            problems.append(f"limit_subjects must be >= 2 (a training and a validation subject), got "
+                            f"{self.limit_subjects}")
         if not set(self.fuse_levels) <= {0, 1, 2, 3} or not self.fuse_levels:
             problems.append(f"fuse_levels must be some of 0, 1, 2, 3, got {list(self.fuse_levels)}")
         if self.data == SYNTH and self.label_map is not None:
             problems.append("label_map does not apply to data synth (its classes are the packaged label maps')")
         if (self.val_data is None) != (self.val_label_map is None):
             problems.append("val_data and val_label_map go together")
-        if self.step_mode not in STEP_MODES:
-            problems.append(f"step_mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}")
+        if self.select_on == "colin27" and (self.data != SYNTH or self.val_data is not None):
+            problems.append("select_on colin27 needs data synth without val_data (Colin27 is scored on the "
+                            "generator's classes, beside the generated validation images)")
         if self.synth_repeats < 1:
             problems.append(f"synth_repeats must be >= 1, got {self.synth_repeats}")
         if self.splits < 1 or not 0 <= self.split < self.splits:

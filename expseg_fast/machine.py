@@ -19,7 +19,8 @@ def _cpuinfo() -> str:
 
 
 def _field(cpuinfo: str, name: str) -> str | None:
-    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() == name), None)
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                 if line.split(":", 1)[0].strip() == name), None)
 
 
 def processor_name() -> str:

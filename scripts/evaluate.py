@@ -25,8 +25,8 @@ from expseg_fast.inference.evaluation import evaluate
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--data", help="score this dataset folder or list instead of the run's (its validation subjects "
-                                           "found there by content, and subjects it never saw)")
+    parser.add_argument("--data", help="score this dataset folder or list instead of the run's (its validation "
+                                       "subjects found there by content, and subjects it never saw)")
     parser.add_argument("--label-map", help="its JSON label map (with --data)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="write every figure to this JSON file")

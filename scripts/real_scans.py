@@ -47,7 +47,8 @@ def main() -> None:
             aal = {name: anatomy.PROTOCOLS / ("aal_vermis.json" if "CVL I-V" in load_checkpoint(path)["class_names"]
                                               else "aal.json") for name, path in models.items()}
             datasets = {"colin27": (colin27, aal)}
-            datasets.update({name: (Path(folder), {m: Path(protocol) for m in models}) for name, folder, protocol in args.data})
+            datasets.update({name: (Path(folder), {m: Path(protocol) for m in models})
+                             for name, folder, protocol in args.data})
             written = real_scans.evaluate_all(models, datasets, args.out, args.device)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")

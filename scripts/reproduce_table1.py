@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from expseg_fast.experiments import table1, table1_run
 from expseg_fast.config import PRESETS
+from expseg_fast.experiments import table1, table1_run
 from expseg_fast.training.run_folder import RunError
 
 

@@ -1,7 +1,7 @@
 """Segment NIfTI or MGH files with a trained checkpoint: labels written in each input's original space and format.
 
-python scripts/segment.py CHECKPOINT INPUT(.nii[.gz], .mgz, .mgh or folder) OUTPUT_FOLDER [--device cpu|cuda] [--overwrite]
-                          [--volumes FILE.csv] [--qc FOLDER]
+python scripts/segment.py CHECKPOINT INPUT(.nii[.gz], .mgz, .mgh or folder) OUTPUT_FOLDER
+                          [--device cpu|cuda] [--overwrite] [--volumes FILE.csv] [--qc FOLDER]
 Every good input is segmented; the bad ones are listed at the end, one line each, and the exit status is
 then 1. Outputs keep the input names; an existing one is replaced only with --overwrite, an input never.
 --volumes: a row per scan (its file name, mm³ per class on its own grid, their total); --qc: a PNG per

@@ -1,10 +1,11 @@
 """Train the paper's network (or V-Net) with the exp-log loss family.
 
-With no arguments: builds the synthetic demo dataset once and trains this machine's preset: `cpu-bf16`
-(48^3, width 12, 32 epochs, bf16, channels-last) on a CPU that multiplies bf16 natively, `cpu` (48^3,
-width 12, 12 epochs, fp32) on other CPUs (each about 4 minutes of training on 2 cores), or `paper`
-(128^3, width 24, 100 epochs, bf16, channels-last) on a GPU; the presets are in expseg_fast/config.py.
-The options are TrainConfig's fields (expseg_fast/config.py), with their documentation.
+With no arguments: trains the network to segment real T1 brain scans on images drawn from 20 real
+subjects' label maps (--data synth), into runs/synth: the `synth-cpu` preset on a CPU, `synth-paper` on a
+GPU. With --data FOLDER (and --label-map), this machine's preset for the user's data: `cpu-bf16` on a CPU
+that multiplies bf16 natively, `cpu` on other CPUs, `paper` on a GPU; `--preset cpu-bf16` (or `cpu`) with
+no --data trains the synthetic demo dataset of earlier versions. The presets, their figures and every
+default: expseg_fast/config.py. The options are TrainConfig's fields, with their documentation.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def parse(argv=None) -> tuple[TrainConfig, bool]:
     p = parser(TrainConfig.for_preset(preset), preset)  # every default, from the preset
     p.add_argument("--preset", choices=sorted(PRESETS), default=preset,
                    help="the settings every default comes from (expseg_fast/config.py); default: the generator's "
-                        "(synth-cpu, synth-paper on a GPU), or with --data FOLDER this machine's (cpu-bf16, cpu, paper)")
+                        "(synth-cpu, synth-paper on a GPU), or with --data FOLDER this machine's (cpu-bf16, cpu, "
+                        "paper)")
     a = p.parse_args(argv)
     if a.resume:
         return _resumed(p, a, argv if argv is not None else sys.argv[1:]), True

@@ -55,7 +55,8 @@ def make_target(shape, num_labels, generator=None) -> torch.Tensor:
     return torch.randint(0, num_labels, (n, d, h, w), generator=generator)
 
 
-def oracle_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
+def oracle_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+                spec: LossSpec) -> torch.Tensor:
     """The loss in float64 straight from the paper's formulas (differentiable by autograd)."""
     z = logits.double()
     n, c = z.shape[:2]
@@ -96,7 +97,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def mp_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, spec: LossSpec, dps: int = 80):
+def mp_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, spec: LossSpec,
+                     dps: int = 80):
     """Loss and d loss / d logits in `dps`-digit arithmetic (mpmath), straight from the formulas
     (DESIGN.md section 2, no stabilising rewrites): the judge for saturated logits, where float64
     loses 1 - p_l and -ln Dice_i to rounding. The gradient coefficient floor GRAD_FLOOR on u applies.
@@ -139,16 +141,16 @@ def mp_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, weights: torch.
                     for x in range(v):
                         dl_dp[x][i] += spec.w_dice * dphi * (1 / b_ - (2 / a_ if lf[n][x] == i else 0)) / nc
             for x in range(v):
-                l = lf[n][x]
+                label = lf[n][x]
                 px = p[x]
                 gbar = mp.fsum(px[k] * dl_dp[x][k] for k in range(c))
                 dz = [px[j] * (dl_dp[x][j] - gbar) for j in range(c)]
                 if spec.w_cross:
-                    t = -mp.log(px[l])
-                    total += spec.w_cross * w[l] * t**spec.gamma_cross / nv
-                    coef = spec.w_cross * w[l] * spec.gamma_cross * t ** (spec.gamma_cross - 1) / nv
+                    t = -mp.log(px[label])
+                    total += spec.w_cross * w[label] * t**spec.gamma_cross / nv
+                    coef = spec.w_cross * w[label] * spec.gamma_cross * t ** (spec.gamma_cross - 1) / nv
                     for j in range(c):
-                        dz[j] += coef * (px[j] - (1 if j == l else 0))
+                        dz[j] += coef * (px[j] - (1 if j == label else 0))
                 for j in range(c):
                     grad[n][j][x] = float(dz[j])
         value = float(total)

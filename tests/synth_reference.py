@@ -10,12 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expseg_fast.data.synth import Generator, LabelMapSource
+from expseg_fast.data.synth import ImageGenerator, LabelMapSource
 
 
-class FullFieldGenerator(Generator):
+class FullFieldGenerator(ImageGenerator):
     """Draws (image (1, S, S, S) float32, labels (S, S, S) uint8 class indices) as the generator did before
-    issue 34: the whole scan, then the window (its tables, priors and random affine are the Generator's)."""
+    issue 34: the whole scan, then the window (its tables, priors and random affine are the ImageGenerator's)."""
 
     def __call__(self, source: LabelMapSource, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         image, labels = self.whole_scan(source, gen)
@@ -60,7 +60,8 @@ class FullFieldGenerator(Generator):
         s, groups = self.settings, self.mean_prior.shape[1]
         if s.contrast == "t1":
             means = self.mean_prior[0] + self.mean_prior[1] * torch.randn(groups, generator=gen, device=self.device)
-            stds = (self.std_prior[0] + self.std_prior[1] * torch.randn(groups, generator=gen, device=self.device)).abs()
+            spread = self.std_prior[1] * torch.randn(groups, generator=gen, device=self.device)
+            stds = (self.std_prior[0] + spread).abs()
         else:
             means, stds = self._uniform(gen, 25.0, 225.0, (groups,)), self._uniform(gen, 5.0, 25.0, (groups,))
         group = self.intensity_class[indices.long()]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import write_dataset
 
 from expseg_fast.config import TrainConfig

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from expseg_fast.config import TrainConfig
@@ -68,7 +67,8 @@ def test_augment_is_seeded_aligned_and_keeps_label_values():
 def test_probability_zero_is_the_identity():
     labels = torch.randint(0, 4, (2, 8, 8, 8))
     images = torch.randn(2, 1, 8, 8, 8)
-    out_images, out_labels = augment(images, labels, torch.Generator().manual_seed(0), dataclasses.replace(PAPER, probability=0.0))
+    never = dataclasses.replace(PAPER, probability=0.0)
+    out_images, out_labels = augment(images, labels, torch.Generator().manual_seed(0), never)
     assert torch.allclose(out_images, images, atol=1e-5) and torch.equal(out_labels, labels)
 
 

@@ -16,9 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scipy.spatial.transform import Rotation
-
 from helpers import write_dataset
+from scipy.spatial.transform import Rotation
 
 from expseg_fast import atomic
 from expseg_fast.checkpoint import load_checkpoint

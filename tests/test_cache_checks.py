@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import write_dataset
 
 from expseg_fast.atomic import TEMP_PREFIX
@@ -25,8 +24,8 @@ from expseg_fast.data import cache as cache_module
 from expseg_fast.data.cache import ENTRY_FILES, entry_path, read_entry
 from expseg_fast.data.loader import prepare
 from expseg_fast.data.plans import FitPlan
-from expseg_fast.training.run_folder import RunError
 from expseg_fast.training import train
+from expseg_fast.training.run_folder import RunError
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
@@ -86,7 +85,8 @@ def test_a_damaged_entry_is_rebuilt_with_a_note_naming_it(tmp_path, capsys, dama
     assert prepare(pairs, label_map, FitPlan(16), tmp_path / "cache", workers=1, report=False) == entries
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"note: cache entry {entries[1]} (of {pairs[1].label}) failed its "
-                                               f"check: ") and why in err[0] and err[0].endswith("rebuilt from its source files")
+                                               f"check: ")
+    assert why in err[0] and err[0].endswith("rebuilt from its source files")
     after = arrays(entries[1])
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
     assert sorted(p.name for p in entries[1].iterdir()) == sorted(ENTRY_FILES)

@@ -38,11 +38,13 @@ def test_loss_spec_of_each_loss_name_with_eps(loss, want):
 
 def test_script_defaults_come_from_the_preset_and_options_reach_the_config(monkeypatch):
     import train as script
+
     from expseg_fast import machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(machine, "cpu_bf16_units", lambda: [])  # a CPU without bf16 units: the cpu preset
-    config, resume = script.parse(["--data", "mine", "--eps", "1e-5", "--loss", "log_dice", "--preprocessing", "spacing"])
+    config, resume = script.parse(["--data", "mine", "--eps", "1e-5", "--loss", "log_dice", "--preprocessing",
+                                   "spacing"])
     assert not resume and (config.size, config.width, config.epochs, config.precision, config.channels_last) == (
         48, 12, 12, "fp32", False)
     assert (config.eps, config.loss, config.preprocessing) == (1e-5, "log_dice", "spacing")
@@ -52,6 +54,7 @@ def test_the_scripts_options_are_the_configurations_fields_with_their_documentat
     """Generated, not written three times: one option per command-line field, with its type, choices and
     help; a value given for each reaches the configuration; --resume names every setting it may change."""
     import train as script
+
     from expseg_fast.config import RESUME_MAY_CHANGE
 
     parser = script.parser(TrainConfig(), "cpu")
@@ -176,6 +179,7 @@ def test_the_script_refuses_cpu_bf16_at_16_before_writing(tmp_path):
 
 def test_the_presets_bf16_gives_way_to_fp32_where_it_cannot_train_unless_asked_for(monkeypatch, capsys):
     import train as script
+
     from expseg_fast import machine
     from expseg_fast.config import preset_precision
 
@@ -183,7 +187,8 @@ def test_the_presets_bf16_gives_way_to_fp32_where_it_cannot_train_unless_asked_f
     assert preset_precision("cpu-bf16", 48, "ours", "cpu") == ("bf16", None)
     precision, note = preset_precision("cpu-bf16", 32, "vnet", "cpu")
     assert precision == "fp32" and "needs size > 32 for vnet" in note and "cpu-bf16 preset's bf16" in note
-    assert preset_precision("paper", 16, "ours", "cuda") == ("bf16", None) and preset_precision("cpu", 16, "ours", "cpu") == ("fp32", None)
+    assert preset_precision("paper", 16, "ours", "cuda") == ("bf16", None)
+    assert preset_precision("cpu", 16, "ours", "cpu") == ("fp32", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert script.parse([])[0].precision == "bf16" and "note" not in capsys.readouterr().err
     assert script.parse(["--size", "16"])[0].precision == "fp32" and "training in fp32" in capsys.readouterr().err
@@ -192,6 +197,7 @@ def test_the_presets_bf16_gives_way_to_fp32_where_it_cannot_train_unless_asked_f
 
 def test_a_preset_named_on_the_command_line_gives_every_default(monkeypatch):
     import train as script
+
     from expseg_fast import machine
 
     monkeypatch.setattr(machine, "cpu_bf16_units", lambda: ["amx_bf16"])

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from expseg_fast.data.plans import FitPlan, SpacingPlan
-
 from expseg_fast.data import (
     DatasetError,
     LabelMap,
@@ -26,6 +24,7 @@ from expseg_fast.data import (
     scan,
     validate,
 )
+from expseg_fast.data.plans import FitPlan, SpacingPlan
 
 
 def random_affine(rng, spacing) -> np.ndarray:
@@ -97,7 +96,8 @@ def test_plan_is_isotropic_cubic_and_keeps_the_whole_field_of_view():
     target_spacing = np.linalg.norm(r.target_affine[:3, :3], axis=0)
     assert np.allclose(target_spacing, target_spacing[0])  # isotropic
     assert np.isclose(target_spacing[0] * 64, max(n * z for n, z in zip(shape, spacing)), rtol=0.02)
-    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], float)
+    ends = [(0, n - 1) for n in shape]
+    corners = np.array([[i, j, k] for i in ends[0] for j in ends[1] for k in ends[2]], float)
     inside = np.linalg.solve(r.matrix, (corners - r.offset).T).T  # corners on the target grid
     assert (inside > -0.5).all() and (inside < 63.5).all()
 
@@ -189,7 +189,8 @@ def test_find_pairs_reports_missing_partners_and_reads_lists(tmp_path):
 
 def test_label_map_json(tmp_path):
     path = tmp_path / "map.json"
-    path.write_text(json.dumps({"classes": [{"name": "background", "ids": [0, 7]}, {"name": "grey", "ids": [100, 101]}]}))
+    classes = [{"name": "background", "ids": [0, 7]}, {"name": "grey", "ids": [100, 101]}]
+    path.write_text(json.dumps({"classes": classes}))
     label_map = LabelMap.from_json(path)
     assert label_map.names == ("background", "grey")
     assert label_map.apply(np.array([[[0, 7, 100, 101]]])).tolist() == [[[0, 0, 1, 1]]]

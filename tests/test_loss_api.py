@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import make_logits, make_target, needs_triton_cpu, oracle_loss, use_backend, with_triton_designs
 
 import expseg_fast
 from expseg_fast.losses import (
@@ -23,7 +24,6 @@ from expseg_fast.losses import (
     log_dice_loss,
     loss,
 )
-from helpers import make_logits, make_target, needs_triton_cpu, oracle_loss, use_backend, with_triton_designs
 
 BACKENDS = available_backends("cpu")
 
@@ -161,7 +161,8 @@ def test_fused_backends_ignore_out_of_range_labels_without_validation(backend):
 
 
 def test_native_op_passes_opcheck():
-    for dtype, channels_last in [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float64, True)]:
+    for dtype, channels_last in [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+                                 (torch.float64, True)]:
         logits = make_logits((2, 4, 3, 2, 5), dtype, channels_last).requires_grad_(True)
         target = make_target((2, 4, 3, 2, 5), 4)
         args = (logits, target, torch.rand(4) + 0.5, *LossSpec().op_args())

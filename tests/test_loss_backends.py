@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    SPECS,
+    assert_grad_close,
+    loss_and_grad,
+    make_logits,
+    make_target,
+    oracle_loss,
+    use_backend,
+    with_triton_designs,
+)
 
 from expseg_fast.losses import available_backends, loss
-from helpers import (
-    SPECS, assert_grad_close, loss_and_grad, make_logits, make_target, oracle_loss, use_backend, with_triton_designs,
-)
 
 BACKENDS = available_backends("cpu")
 F64_BACKENDS = [b for b in BACKENDS if b != "triton"]  # the Triton kernels compute in float32

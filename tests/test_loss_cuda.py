@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    SPECS,
+    assert_grad_close,
+    loss_and_grad,
+    make_logits,
+    make_target,
+    mp_loss_and_grad,
+    oracle_loss,
+    rel_err,
+    use_backend,
+    with_triton_designs,
+)
 
 from expseg_fast.losses import LossSpec, available_backends, loss
-from helpers import (
-    SPECS, assert_grad_close, loss_and_grad, make_logits, make_target, mp_loss_and_grad, oracle_loss, rel_err,
-    use_backend, with_triton_designs,
-)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -26,7 +34,8 @@ def test_native_cuda_kernels_are_built():
 
 @pytest.mark.parametrize("backend", VARIANTS)
 @pytest.mark.parametrize("spec_name", list(SPECS))
-@pytest.mark.parametrize("shape", [(1, 2, 3, 5, 7), (2, 5, 9, 8, 7), (2, 20, 5, 6, 33)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 2, 3, 5, 7), (2, 5, 9, 8, 7), (2, 20, 5, 6, 33)],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_matches_float64_oracle(backend, spec_name, shape, channels_last, dtype):

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from expseg_fast.losses import LossSpec, available_backends, loss
 from helpers import (
-    loss_and_grad, make_target, mp_loss_and_grad, needs_triton_cpu, oracle_loss, rel_err, use_backend,
+    loss_and_grad,
+    make_target,
+    mp_loss_and_grad,
+    needs_triton_cpu,
+    oracle_loss,
+    rel_err,
+    use_backend,
     with_triton_designs,
 )
+
+from expseg_fast.losses import LossSpec, available_backends, loss
 
 BACKENDS = available_backends("cpu")
 GAMMAS = [0.1, 0.3, 1.0, 3.0]

@@ -24,7 +24,8 @@ def test_paper_configuration_parameter_counts():
     assert vnet / ours >= 10
 
 
-@pytest.mark.parametrize("model_fn", [lambda: ExpLogNet(SMALL), lambda: VNet(num_labels=5, width=4)], ids=["ours", "vnet"])
+@pytest.mark.parametrize("model_fn", [lambda: ExpLogNet(SMALL), lambda: VNet(num_labels=5, width=4)],
+                         ids=["ours", "vnet"])
 @pytest.mark.parametrize("size", [(16, 16, 16), (32, 16, 48)])
 def test_output_shape(model_fn, size):
     model = model_fn()
@@ -32,7 +33,8 @@ def test_output_shape(model_fn, size):
     assert out.shape == (2, 5, *size)
 
 
-@pytest.mark.parametrize("model_fn,bad", [(lambda: ExpLogNet(SMALL), (1, 1, 12, 16, 16)), (lambda: VNet(width=4), (1, 1, 24, 32, 32))], ids=["ours", "vnet"])
+@pytest.mark.parametrize("model_fn,bad", [(lambda: ExpLogNet(SMALL), (1, 1, 12, 16, 16)),
+                                          (lambda: VNet(width=4), (1, 1, 24, 32, 32))], ids=["ours", "vnet"])
 def test_bad_input_size_is_a_clear_error(model_fn, bad):
     with pytest.raises(ValueError, match="multiples of"):
         model_fn()(torch.randn(bad))
@@ -110,8 +112,9 @@ def test_each_fused_level_reaches_the_output(levels):
     assert start == model.fuse.in_channels
 
 
-@pytest.mark.parametrize("levels, batch, dropout, channels_last", [((0, 1, 2), 1, 0.0, False), ((0, 1, 2), 2, 0.3, True),
-                                                                   ((1, 3), 3, 0.5, False), ((0,), 1, 0.2, True)])
+@pytest.mark.parametrize("levels, batch, dropout, channels_last",
+                         [((0, 1, 2), 1, 0.0, False), ((0, 1, 2), 2, 0.3, True), ((1, 3), 3, 0.5, False),
+                          ((0,), 1, 0.2, True)])
 def test_the_level_fusion_is_the_convolution_of_the_upsampled_concatenation(levels, batch, dropout, channels_last):
     """LevelFusion (the sum of each level's upsampled convolution, the dropout in the weights) against the
     paper's order in float64: the levels upsampled to full size, concatenated, whole channels dropped
@@ -162,8 +165,11 @@ def conv_inputs_channels_last(model: nn.Module, x: torch.Tensor, dtype, emulate_
     cl = torch.channels_last_3d
     seen: list[bool] = []
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.extend(
-        x.is_contiguous(memory_format=cl) for x in (args[0] if isinstance(args[0], list) else [args[0]]))) for m in convs]
+    def record(module, args) -> None:
+        inputs = args[0] if isinstance(args[0], list) else [args[0]]
+        seen.extend(x.is_contiguous(memory_format=cl) for x in inputs)
+
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
     if emulate_cl_kernels:
         hooks += [m.register_forward_hook(lambda m, args, out: out.contiguous(memory_format=cl)) for m in convs]
     try:
@@ -212,5 +218,6 @@ def test_channels_last_check_catches_a_layout_break():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_channels_last_end_to_end_on_cuda(model_fn, dtype):
     model = model_fn().cuda().to(memory_format=torch.channels_last_3d)
-    seen = conv_inputs_channels_last(model, torch.randn(1, 1, 32, 32, 32, device="cuda"), dtype, emulate_cl_kernels=False)
+    image = torch.randn(1, 1, 32, 32, 32, device="cuda")
+    seen = conv_inputs_channels_last(model, image, dtype, emulate_cl_kernels=False)
     assert all(seen), f"{seen.count(False)} of {len(seen)} convolution inputs / output not channels-last"

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import write_case
 
 from expseg_fast import runlog
@@ -21,8 +20,8 @@ from expseg_fast.data import LabelMap, find_pairs, load_volume, preprocess_pair,
 from expseg_fast.data.plans import SpacingPlan
 from expseg_fast.data.preprocess import ScanStatistics, invert_labels
 from expseg_fast.inference.evaluation import evaluate
-from expseg_fast.inference.predictor import Predictor
 from expseg_fast.inference.files import case_image, predict_labels
+from expseg_fast.inference.predictor import Predictor
 from expseg_fast.metrics import hard_dice
 from expseg_fast.training import train
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import write_case, write_dataset
 
 from expseg_fast import runlog

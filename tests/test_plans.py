@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
 from expseg_fast.config import TrainConfig
-from expseg_fast.data.plans import PLANS, FitPlan, Plan, SpacingPlan, window_starts
-from expseg_fast.data.preprocess import apply_labels, foreground_centre, plan_spacing, plan_spacing_whole
+from expseg_fast.data import preprocess
+from expseg_fast.data.plans import PLANS, FitPlan, Plan, SpacingPlan, value_moments, window_starts
+from expseg_fast.data.preprocess import IGNORE, apply_labels, foreground_centre, plan_spacing, plan_spacing_whole
 
 
 def test_window_starts_cover_every_voxel_and_end_at_the_end():
@@ -91,3 +94,45 @@ def test_the_generators_windows_are_drawn_among_those_inference_slides_over():
     corners = [tuple(s.start for s in plan.training_window(grid, classes, gen)) for _ in range(400)]
     assert {c[0] for c in corners} == set(range(5)) and {c[1] for c in corners} == set(range(12))
     assert {c[2] for c in corners} == {0} and FitPlan(16).training_window((16,) * 3, classes, gen) == (slice(None),) * 3
+
+
+@pytest.mark.parametrize("plan", [FitPlan(24), SpacingPlan(16, 2.0)], ids=["fit", "spacing"])
+def test_the_numpy_and_torch_normalisations_are_one_rule(plan):
+    """The files' path (numpy: apply_image through plan.image) and the generator's (torch: plan.normalise
+    on the resampled grid) normalise alike: the fov rule by the voxels inside the scan, the nonzero rule
+    by the scan's own non-zero statistics; the two moments functions (numpy and torch) against float64
+    NumPy and each other, on a scan with zeros and a grid that reaches beyond it."""
+    rng = np.random.default_rng(11)
+    image = rng.normal(60.0, 12.0, (19, 23, 14)).astype(np.float32)
+    image[:5] = 0.0
+    affine = np.diag([1.7, 1.1, 2.3, 1.0])
+    r = plan.inference_grid(image.shape, affine)
+    resampled = ndimage.map_coordinates(image, preprocess._map(r.target_shape, r.matrix, r.offset), order=1,
+                                        mode="nearest")
+    inside = preprocess.field_of_view(r)
+    assert not inside.all()  # the grid reaches beyond the scan
+    stats = plan.statistics(image)
+    moments = None if stats is None else (torch.tensor(stats.mean), torch.tensor(stats.std))
+    numpy_path = plan.image([image], r)[0]
+    torch_path = plan.normalise(torch.from_numpy(resampled), torch.from_numpy(inside), moments).numpy()
+    np.testing.assert_allclose(torch_path, numpy_path, atol=2e-5)
+    values = image[image != 0].astype(np.float64) if stats is not None else resampled[inside].astype(np.float64)
+    for found in (preprocess.array_moments(values), value_moments(torch.from_numpy(values))):  # the twins
+        assert float(found[0]) == pytest.approx(values.mean(), rel=1e-12)
+        assert float(found[1]) == pytest.approx(values.std(), rel=1e-12)
+    for edge, want in ((np.zeros(0), [0.0, 1.0]), (np.full(5, 3.0), [3.0, 1.0])):  # none; no spread: divided by 1
+        assert list(preprocess.array_moments(edge)) == want
+        assert [float(v) for v in value_moments(torch.from_numpy(edge))] == want
+
+
+def test_the_training_window_centres_the_foreground_as_the_numpy_plan_leaving_ignored_voxels_out():
+    """SpacingPlan's window on a whole-scan grid (torch classes) is centred where foreground_centre says:
+    ignored voxels (IGNORE) are not foreground."""
+    classes = np.zeros((40, 36, 44), np.uint8)
+    classes[6:14, 20:30, 9:15] = 3
+    classes[35:, :3, 40:] = IGNORE
+    plan = SpacingPlan(16, 2.0)
+    window = plan.training_window(classes.shape, torch.from_numpy(classes))
+    centre = foreground_centre(classes)
+    for s, c in zip(window, centre):
+        assert s.stop - s.start == 16 and abs((s.start + s.stop - 1) / 2 - c) <= 0.5

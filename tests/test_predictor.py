@@ -29,6 +29,7 @@ def test_predictor_matches_eager_fp32_on_cpu():
     assert labels.shape == (1, 16, 16, 16) and probs.shape == (1, 4, 16, 16, 16)
     assert (labels == expected).float().mean() >= 0.999
     assert torch.allclose(probs.sum(1), torch.ones(1, 16, 16, 16))
+    assert torch.equal(predictor.probabilities(image), probs)  # what sliding windows blend, without the arg max
 
 
 def test_predictor_bf16_agrees_with_fp32():
@@ -74,3 +75,19 @@ def test_cuda_graph_predictor_matches_eager(precision):
     assert torch.equal(predictor(images[0]), labels[0])  # a replay gives the captured call's result
     for got, want in zip(labels, expected):
         assert (got == want).float().mean() >= (0.999 if precision == "fp32" else 0.97)
+
+
+def test_a_checkpoint_infers_in_bf16_on_a_cpu_only_where_it_trained_in_bf16_and_the_cpu_multiplies_it(monkeypatch):
+    """inference_precision (segment.py, evaluate.py): CUDA takes the run's precision; the CPU bf16 only for a
+    bf16 run on a processor with bf16 units (else fp32: emulated bf16 is slow), and the predictor built for
+    such a run computes in bf16."""
+    from expseg_fast.config import TrainConfig
+    from expseg_fast.inference import files
+
+    bf16, fp32 = TrainConfig(precision="bf16", size=32), TrainConfig(precision="fp32")
+    monkeypatch.setattr(files, "cpu_bf16_units", lambda: ["avx512_bf16"])
+    assert files.inference_precision(bf16, "cpu") == "bf16" and files.inference_precision(fp32, "cpu") == "fp32"
+    assert files.predictor_for(trained_like_model(), bf16, bf16.plan(), torch.device("cpu")).dtype == torch.bfloat16
+    monkeypatch.setattr(files, "cpu_bf16_units", lambda: [])
+    assert files.inference_precision(bf16, "cpu") == "fp32"
+    assert files.inference_precision(bf16, "cuda") == "bf16" and files.inference_precision(fp32, "cuda") == "fp32"

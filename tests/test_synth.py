@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from expseg_fast.config import TrainConfig
-from expseg_fast.data import anatomy, save_volume
+from expseg_fast.data import anatomy, preprocess_pair, save_volume
 from expseg_fast.data.anatomy import CLASSES_FILE, PROTOCOLS, GenerationTable, label_map_files
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.plans import FitPlan, SpacingPlan
-from expseg_fast.data.preprocess import ScanStatistics, apply_image
-from expseg_fast.data.source import open_synth
-from expseg_fast.data.synth import Generator, LabelMapSource, SynthSettings
+from expseg_fast.data.preprocess import IGNORE, ScanStatistics, apply_image
+from expseg_fast.data.source import open_dataset, open_synth
+from expseg_fast.data.synth import ImageGenerator, LabelMapSource, SynthSettings
 from expseg_fast.runlog import read_log
 from expseg_fast.training import train
 
@@ -49,7 +49,7 @@ def test_the_packaged_label_maps_are_compact_licensed_and_mapped():
 @pytest.mark.parametrize("plan", [FitPlan(32), SpacingPlan(32, 3.0)])
 def test_the_generator_is_deterministic_from_its_generator_and_varies_with_it(plan):
     source = LabelMapSource(label_map_files()[1], plan, torch.device("cpu"), 256.0)
-    generator = Generator(TABLE, CLASSES, plan, SynthSettings(), torch.device("cpu"))
+    generator = ImageGenerator(TABLE, CLASSES, plan, SynthSettings(), torch.device("cpu"))
     a, b, c = (generator(source, torch.Generator().manual_seed(s)) for s in (5, 5, 6))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])  # other geometry, other intensities
@@ -64,7 +64,8 @@ def test_the_generator_is_deterministic_from_its_generator_and_varies_with_it(pl
 def test_t1_contrast_orders_white_grey_and_ventricles_as_a_t1_scan():
     plan = SpacingPlan(64, 2.5)
     source = LabelMapSource(label_map_files()[2], plan, torch.device("cpu"), 256.0)
-    generator = Generator(TABLE, CLASSES, plan, dataclasses.replace(SynthSettings(), gamma=0.0), torch.device("cpu"))
+    no_gamma = dataclasses.replace(SynthSettings(), gamma=0.0)
+    generator = ImageGenerator(TABLE, CLASSES, plan, no_gamma, torch.device("cpu"))
     white, grey, ventricle = (CLASSES.names.index(n) for n in ("cerebral white", "cerebral grey", "lateral ventricle"))
     ordered = 0
     for seed in range(10):
@@ -190,8 +191,27 @@ def test_colin27_carried_to_a_relative_folder_is_linked_from_anywhere(tmp_path, 
 @pytest.mark.skipif(not (anatomy.COLIN27 / "aal.nii.gz").exists(), reason="Colin27 needs Debian's mricron-data")
 def test_colin27_with_its_aal_labels_is_scored_on_the_aal_classes(tmp_path):
     out = tmp_path / "run"
-    train(tiny_synth(out, 1))
+    config = tiny_synth(out, 1)
+    train(config)
     data = anatomy.colin27_dataset(tmp_path / "colin27")
+    # the run chose best.pt on Colin27 (training/selection.py): its logged per-class Dice is a NumPy Dice of
+    # last.pt's prediction on Colin27 preprocessed by the run's plan, NaN exactly for the 9 classes AAL lacks
+    record = read_log(out / "log.jsonl")[-1]
+    assert record["best_by"] == "colin27"
+    state = torch.load(out / "last.pt", weights_only=False)
+    model = config.network(len(state["class_names"])).eval()
+    model.load_state_dict(state["model"])
+    scan = open_dataset(str(data), str(PROTOCOLS / "aal.json"), config.demo_settings(), config.demo_preset, tmp_path)
+    label_map, lacking = scan.label_map.aligned_to(state["class_names"], "aal.json")
+    sample = preprocess_pair(scan.pairs[0], label_map, config.plan())
+    with torch.no_grad():
+        pred = model(torch.from_numpy(np.ascontiguousarray(sample.image))[None, None].float()).argmax(1)[0].numpy()
+    truth, scored = sample.labels.astype(np.int64), sample.labels != IGNORE
+    want = [np.nan if c in lacking else numpy_dice(pred[scored], truth[scored], c)
+            for c in range(1, len(state["class_names"]))]
+    assert len(lacking) == 9
+    np.testing.assert_allclose(record["colin27_dice_per_label"], want, atol=1e-12)
+    assert record["colin27_dice_mean"] == pytest.approx(np.nanmean(want))
     done = subprocess.run([sys.executable, str(SCRIPTS / "evaluate.py"), str(out / "last.pt"), "--data", str(data),
                            "--label-map", str(PROTOCOLS / "aal.json"), "--device", "cpu", "--json",
                            str(tmp_path / "e.json")], capture_output=True, text=True, timeout=600)
@@ -214,8 +234,7 @@ def test_colin27_with_its_aal_labels_is_scored_on_the_aal_classes(tmp_path):
 
 
 def test_a_bad_packaged_label_map_and_a_non_finite_draw_are_one_line(tmp_path, monkeypatch):
-    from expseg_fast.data import DatasetError
-    from expseg_fast.data import synth
+    from expseg_fast.data import DatasetError, synth
 
     for i in range(3):
         source = label_map_files()[i]
@@ -226,7 +245,8 @@ def test_a_bad_packaged_label_map_and_a_non_finite_draw_are_one_line(tmp_path, m
     data[0, 0, 0] = 200
     nib.save(nib.Nifti1Image(data, bad.affine), str(tmp_path / "maps" / "subject_02.nii.gz"))
     turned = nib.load(str(tmp_path / "maps" / "subject_03.nii.gz"))  # the same voxels, read as RAS
-    nib.save(nib.Nifti1Image(np.asarray(turned.dataobj), np.diag([1.0, 1.0, 1.0, 1.0])), str(tmp_path / "maps" / "subject_03.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(turned.dataobj), np.diag([1.0, 1.0, 1.0, 1.0])),
+             str(tmp_path / "maps" / "subject_03.nii.gz"))
     monkeypatch.setattr(anatomy, "MAPS", tmp_path / "maps")
     with pytest.raises(DatasetError) as error:
         open_synth()
@@ -235,9 +255,12 @@ def test_a_bad_packaged_label_map_and_a_non_finite_draw_are_one_line(tmp_path, m
     assert any(line.endswith("subject_03.nii.gz: orientation RAS, the packaged label maps are LIA (FreeSurfer's "
                              "conformed axes)") for line in lines), lines
     monkeypatch.undo()
-    real = synth.Generator.__call__
-    monkeypatch.setattr(synth.Generator, "__call__", lambda self, source, gen: (real(self, source, gen)[0] * float("nan"),
-                                                                                real(self, source, gen)[1]))
+    real = synth.ImageGenerator.__call__
+    def non_finite(self, source, gen):
+        image, labels = real(self, source, gen)
+        return image * float("nan"), labels
+
+    monkeypatch.setattr(synth.ImageGenerator, "__call__", non_finite)
     with pytest.raises(ValueError, match=r"subject_\d\d.nii.gz: the generator drew a non-finite image from it"):
         train(tiny_synth(tmp_path / "run", 1))
     assert os.path.exists(tmp_path / "run" / "splits.json") and not (tmp_path / "run" / "last.pt").exists()

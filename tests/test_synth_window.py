@@ -17,7 +17,14 @@ from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_fi
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.plans import FitPlan, SpacingPlan, value_moments
 from expseg_fast.data.preprocess import apply_labels
-from expseg_fast.data.synth import AcquisitionAxis, Generator, LabelMapSource, SynthSettings, _along_axes, _smooth_field
+from expseg_fast.data.synth import (
+    AcquisitionAxis,
+    ImageGenerator,
+    LabelMapSource,
+    SynthSettings,
+    _along_axes,
+    _smooth_field,
+)
 
 TABLE, CLASSES = GenerationTable.read(), LabelMap.from_json(CLASSES_FILE)
 CPU = torch.device("cpu")
@@ -43,8 +50,9 @@ def test_the_windows_acquisition_is_the_whole_scans_cut_to_the_window(seed):
     expected = _acquire(volume, factors)[tuple(window)]
     assert found.shape == expected.shape
     torch.testing.assert_close(found, expected, atol=2e-5, rtol=1e-5)
-    assert all(abs(op.noise_variance - float((AcquisitionAxis.of(n, f, slice(0, n)).matrix.double() ** 2).sum(1).mean()))
-               < 1e-6 for op, n, f in zip(operators, grid, factors))
+    for op, n, f in zip(operators, grid, factors):
+        whole = AcquisitionAxis.of(n, f, slice(0, n)).matrix.double()
+        assert abs(op.noise_variance - float((whole**2).sum(1).mean())) < 1e-6
 
 
 def test_the_smooth_fields_at_some_voxels_are_the_trilinear_upsampling_there():
@@ -64,7 +72,7 @@ def test_without_randomness_the_windows_labels_are_the_numpy_resampling_there(pl
     on half voxels of the map, ties that float rounding breaks either way: the full-field generator
     agreed on 0.996 of them)."""
     source = LabelMapSource(label_map_files()[3], plan, CPU, 256.0)
-    generator = Generator(TABLE, CLASSES, plan, STILL, CPU)
+    generator = ImageGenerator(TABLE, CLASSES, plan, STILL, CPU)
     expected = torch.from_numpy(apply_labels(source.classes(TABLE, CLASSES), source.grid).astype(np.int64))
     for seed in range(3):
         window = plan.training_window(source.grid.target_shape, None, torch.Generator().manual_seed(seed))
@@ -80,7 +88,7 @@ def test_the_lattices_moments_are_the_whole_scans():
     deviation within 10 % (the lattice cannot see the partial volume at the brain's edge: at 2.5 mm the
     mean is 0.04 of a deviation off on average, 0.2 at most, in 15 draws; bench/NOTES.md)."""
     plan = SpacingPlan(48, 2.5)
-    generator = Generator(TABLE, CLASSES, plan, SynthSettings(), CPU)
+    generator = ImageGenerator(TABLE, CLASSES, plan, SynthSettings(), CPU)
     for index, seed in ((0, 0), (5, 1), (9, 2), (14, 3)):
         source = LabelMapSource(label_map_files()[index], plan, CPU, 256.0)
         grid, gen = source.grid.target_shape, torch.Generator().manual_seed(seed)
@@ -138,7 +146,7 @@ def test_the_window_first_images_are_distributed_as_the_full_field_generators():
     plan, settings = SpacingPlan(32, 3.0), dataclasses.replace(SynthSettings(), resolution_mm=(1.0, 6.0))
     sources = [LabelMapSource(path, plan, CPU, 256.0) for path in label_map_files()[:4]]
     white = CLASSES.names.index("cerebral white")
-    ours = _draw_statistics(Generator(TABLE, CLASSES, plan, settings, CPU), sources, range(64), white)
+    ours = _draw_statistics(ImageGenerator(TABLE, CLASSES, plan, settings, CPU), sources, range(64), white)
     full = _draw_statistics(FullFieldGenerator(TABLE, CLASSES, plan, settings, CPU), sources, range(64), white)
     assert _agree(ours["fractions"], full["fractions"], 0.002).all()
     present = np.nanmean(full["fractions"], 0) > 0.002

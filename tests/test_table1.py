@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expseg_fast.experiments import table1, table1_run
 from expseg_fast.config import PRESETS, Table1Settings
+from expseg_fast.experiments import table1, table1_run
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "reproduce_table1.py"
 TWO = (table1.CASES[0], table1.CASES[-1])  # linear Dice with ours, L_Exp(0.3) with V-Net

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import needs_triton_cpu
 
 triton = pytest.importorskip("triton")

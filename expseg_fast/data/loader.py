@@ -136,7 +136,8 @@ class OrderSampler(torch.utils.data.Sampler):
         return len(self.order)
 
 
-def subject_loader(subjects: CachedSubjects, sampler: OrderSampler, workers: int, pin: bool) -> torch.utils.data.DataLoader:
+def subject_loader(subjects: CachedSubjects, sampler: OrderSampler, workers: int,
+                   pin: bool) -> torch.utils.data.DataLoader:
     """One subject per item (batch size 1), prefetched by `workers` background processes (0: in this one).
     Its own generator: iterating draws the workers' seeds from it, never from the global torch RNG that
     the model's noise and dropout use (so the loader leaves training results unchanged)."""

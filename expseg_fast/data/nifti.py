@@ -13,7 +13,6 @@ import numpy as np
 
 from expseg_fast.atomic import write_atomic
 
-
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")  # what the project reads and writes, by file name
 MGH_SUFFIXES = (".mgz", ".mgh")
 

@@ -48,8 +48,9 @@ def window_starts(length: int, window: int, overlap: float = WINDOW_OVERLAP) -> 
 
 
 def value_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, standard deviation) of 1-D values, the deviation 1 where it is 0 and (0, 1) for none: what a
-    normalisation divides by."""
+    """(mean, standard deviation) of 1-D values, the deviation 1 where it is 0 and (0, 1) for none: the
+    torch twin of preprocess.array_moments (tested equal), for the label-map generator on its device
+    (no synchronisation)."""
     if not values.numel():
         return values.new_zeros(()), values.new_ones(())
     std = values.std(unbiased=False)
@@ -216,9 +217,7 @@ class SpacingPlan(Plan):
         if gen is not None:
             corners = [int(torch.randint(n - self.size + 1, (), generator=gen, device=gen.device)) for n in grid]
             return tuple(slice(c, c + self.size) for c in corners)
-        where = torch.nonzero(classes != 0)
-        centre = ((where.min(0).values + where.max(0).values).float() / 2).tolist() if where.numel() else \
-            [(n - 1) / 2 for n in grid]
+        centre = foreground_centre(classes.cpu().numpy())
         corners = [min(max(int(round(c - (self.size - 1) / 2)), 0), n - self.size) for c, n in zip(centre, grid)]
         return tuple(slice(c, c + self.size) for c in corners)
 

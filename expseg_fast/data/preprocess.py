@@ -25,7 +25,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-
 IGNORE = 255  # the class index of voxels that are not scored (source ids an evaluation map leaves out)
 
 
@@ -167,6 +166,18 @@ def field_of_view(r: Resampling) -> np.ndarray:
     return ((coords >= -0.5) & (coords <= n - 0.5)).all(axis=0)
 
 
+def array_moments(values: np.ndarray) -> tuple[float, float]:
+    """(mean, standard deviation) of values in float64, the deviation 1 where it is 0 and (0, 1) for none:
+    what a normalisation divides by. The numpy preprocessing's one definition (ScanStatistics, apply_image);
+    plans.value_moments is its torch twin for the generator, tested equal (tests/test_plans.py). NumPy
+    only: the cache's preprocessing runs in forked workers, where torch's thread pool can deadlock."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return 0.0, 1.0
+    std = float(values.std())
+    return float(values.mean()), std if std > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class ScanStatistics:
     """The intensity statistics of one scan channel that the `nonzero` normalisation uses: mean and
@@ -177,12 +188,8 @@ class ScanStatistics:
 
     @classmethod
     def of(cls, data: np.ndarray) -> "ScanStatistics":
-        values = np.asarray(data, dtype=np.float64)
-        nonzero = values[values != 0]
-        if nonzero.size == 0:
-            return cls(0.0, 1.0)
-        std = float(nonzero.std())
-        return cls(float(nonzero.mean()), std if std > 0 else 1.0)
+        values = np.asarray(data)
+        return cls(*array_moments(values[values != 0]))
 
 
 def apply_image(image: np.ndarray, r: Resampling, statistics: ScanStatistics | None = None) -> np.ndarray:
@@ -194,11 +201,8 @@ def apply_image(image: np.ndarray, r: Resampling, statistics: ScanStatistics | N
     inside = field_of_view(r)
     if statistics is not None:
         return ((np.where(inside, out, 0.0) - statistics.mean) / statistics.std).astype(np.float32)
-    values = out[inside]
-    if values.size:
-        std = float(values.std())
-        out = np.where(inside, (out - float(values.mean())) / (std if std > 0 else 1.0), 0.0)
-    return out.astype(np.float32)
+    mean, std = array_moments(out[inside])
+    return np.where(inside, (out - mean) / std, 0.0).astype(np.float32)
 
 
 def apply_labels(labels: np.ndarray, r: Resampling) -> np.ndarray:
@@ -266,8 +270,9 @@ def plan_spacing_whole(shape: tuple[int, int, int], affine: np.ndarray, size: in
 
 
 def foreground_centre(labels: np.ndarray) -> np.ndarray:
-    """The centre (source voxel coordinates) of the voxels of a class other than background (and not
-    IGNORE), or of the volume if there are none."""
+    """The centre (source voxel coordinates) of the bounding box of the voxels of a class other than
+    background (and not IGNORE), or of the volume if there are none. The one definition: the plans'
+    training window on a whole-scan grid asks it too."""
     where = np.argwhere((labels != 0) & (labels != IGNORE))
     if where.size == 0:
         return (np.array(labels.shape, dtype=np.float64) - 1) / 2.0

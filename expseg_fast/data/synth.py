@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
-from expseg_fast.data.facts import composition, voxel_ml
 from expseg_fast.data.dataset import LabelMap
+from expseg_fast.data.facts import composition, voxel_ml
 from expseg_fast.data.nifti import load_volume
 from expseg_fast.data.plans import Plan, value_moments
 
@@ -135,7 +135,7 @@ class ExampleDraw:
     gamma: float
 
 
-class Generator:
+class ImageGenerator:
     """Draws (image (1, S, S, S) float32, labels (S, S, S) uint8 class indices) from label maps: the window
     first, then the map and the intensities only where the window's acquisition reads them."""
 
@@ -207,7 +207,8 @@ class Generator:
         matrix, offset = (torch.as_tensor(a, dtype=torch.float32, device=dev) for a in (matrix, offset))
         columns = [(a.float()[:, None] * matrix[:, i]).view(*(-1 if j == i else 1 for j in range(3)), 3)
                    for i, a in enumerate(axes)]
-        displacement = _smooth_field(draw.displacement, grid.target_shape, axes) @ matrix.new_tensor(from_world[:3, :3]).T
+        to_map = matrix.new_tensor(from_world[:3, :3]).T
+        displacement = _smooth_field(draw.displacement, grid.target_shape, axes) @ to_map
         src = columns[0] + columns[1] + columns[2] + offset + displacement  # (.., 3) map voxel coordinates
         size = torch.as_tensor(source.shape, dtype=torch.float32, device=dev)
         inside = ((src >= -0.5) & (src <= size - 0.5)).all(-1)
@@ -238,7 +239,8 @@ class Generator:
         stride = max(1, math.ceil(max(grid) / LATTICE))
         axes = tuple(torch.arange(stride // 2, n, stride, device=self.device) for n in grid)
         lattice = [AcquisitionAxis.of(len(a), f / stride, slice(0, len(a))) for a, f in zip(axes, draw.factors)]
-        kept = math.sqrt(math.prod(op.noise_variance for op in operators) / math.prod(op.noise_variance for op in lattice))
+        kept = math.sqrt(math.prod(op.noise_variance for op in operators)
+                         / math.prod(op.noise_variance for op in lattice))
         _, inside, image = self._synthesise(source, draw, axes, gen, kept)
         empty = image == 0
         image = self._noisy(_along_axes([op.matrix.to(self.device) for op in lattice], image), empty, level, gen)
@@ -320,7 +322,8 @@ def _smooth_field(coarse: torch.Tensor, grid: tuple[int, ...], axes: list[torch.
     points spanning the grid (trilinear, align_corners), at the grid voxels of the axes' indices."""
     weights = [_linear_matrix(a.double().cpu() * ((m - 1) / (n - 1) if n > 1 else 0.0), m).to(coarse)
                for a, n, m in zip(axes, grid, coarse.shape[1:])]
-    x = (weights[0] @ coarse.transpose(0, 1).reshape(coarse.shape[1], -1)).view(-1, coarse.shape[0], *coarse.shape[2:])  # (i, C, q, r)
+    x = weights[0] @ coarse.transpose(0, 1).reshape(coarse.shape[1], -1)
+    x = x.view(-1, coarse.shape[0], *coarse.shape[2:])  # (i, C, q, r)
     x = weights[1] @ x  # (i, C, j, r)
     return (x @ weights[2].T).permute(0, 2, 3, 1)  # (i, j, k, C)
 

@@ -24,11 +24,11 @@ import torch
 from expseg_fast import runlog
 from expseg_fast.atomic import write_atomic
 from expseg_fast.config import Table1Settings, TrainConfig
-from expseg_fast.machine import processor_name
 from expseg_fast.data import preprocess_pair
 from expseg_fast.data.demo import CLASS_NAMES, PAPER_SIZES
 from expseg_fast.data.plans import FitPlan
 from expseg_fast.data.source import open_dataset
+from expseg_fast.machine import processor_name
 
 
 @dataclass(frozen=True)
@@ -126,13 +126,15 @@ def label_voxels(preset: Table1Settings, runs: Path) -> list[float]:
     pairs, label_map = data.pairs, data.label_map
     totals = [0.0] * (len(CLASS_NAMES) - 1)
     for pair in pairs:
-        labels = torch.from_numpy(preprocess_pair(pair, label_map, FitPlan(preset.size), runs / "cache", mmap=True).labels.astype("int64"))
+        sample = preprocess_pair(pair, label_map, FitPlan(preset.size), runs / "cache", mmap=True)
+        labels = torch.from_numpy(sample.labels.astype("int64"))
         counts = torch.bincount(labels.reshape(-1), minlength=len(CLASS_NAMES))[1:]
         totals = [t + float(c) / len(pairs) for t, c in zip(totals, counts)]
     return totals
 
 
-def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = False, previous: dict | None = None) -> dict:
+def collect(preset: Table1Settings, runs: Path, cases=CASES, partial: bool = False,
+            previous: dict | None = None) -> dict:
     """Every figure of the complete runs (with partial, of every run with an epoch, its "epochs" saying
     how far it got): per case, per split the last epoch's per-label Dice and the curve, and the machine
     that trained it; across splits per-label and average mean ± std (in %). previous: an earlier
@@ -238,7 +240,8 @@ def plot_fig3(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(result: dict, preset_name: str, preset: Table1Settings, out: Path, wall_seconds: float | None) -> None:
+def write_results(result: dict, preset_name: str, preset: Table1Settings, out: Path,
+                  wall_seconds: float | None) -> None:
     """table1.md, table1.json and fig3.png under out (each written atomically)."""
     machine = {"platform": platform.platform(), "processor": processor_name(), "cpus": os.cpu_count(),
                "torch": torch.__version__,

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from expseg_fast.config import PREDICTOR, TrainConfig
-from expseg_fast.data import load_volume, preprocess_pair, random_splits
+from expseg_fast.data import load_volume, preprocess_pair
 from expseg_fast.data.dataset import LabelMap, Pair
 from expseg_fast.data.identity import DataPin
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import IGNORE
-from expseg_fast.data.source import SYNTH, Dataset, open_dataset
+from expseg_fast.data.source import SYNTH, Dataset
 from expseg_fast.inference.files import load_model, predictor_for, segment_case, warn
 from expseg_fast.inference.predictor import Predictor
 from expseg_fast.machine import torch_device
@@ -106,11 +106,10 @@ def _dataset(config: TrainConfig, data: str | None, label_map: str | None, check
                          f"({scored_on}); score it with --data FOLDER --label-map MAP")
     if data is None and config.val_data is not None:
         data, label_map = config.val_data, config.val_label_map
+    run_folder = checkpoint.resolve().parent
     if data is not None:
-        return open_dataset(data, label_map, config.demo_settings(), config.demo_preset, checkpoint.parent,
-                            max_voxels=max_voxels)
-    return open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset,
-                        checkpoint.resolve().parent.parent, config.limit_subjects, max_voxels=max_voxels)
+        return config.open_data(data, label_map, run_folder, max_voxels=max_voxels)
+    return config.open_data(config.data, config.label_map, run_folder, config.limit_subjects, max_voxels=max_voxels)
 
 
 def _score(pair: Pair, label_map: LabelMap, plan: Plan, predictors: tuple[Predictor, Predictor],
@@ -134,14 +133,15 @@ def _score(pair: Pair, label_map: LabelMap, plan: Plan, predictors: tuple[Predic
     return original, on_cube
 
 
-def _subjects(pin: DataPin | None, found: Dataset, config: TrainConfig, other: bool, checkpoint: Path) -> tuple[list[int], str]:
+def _subjects(pin: DataPin | None, found: Dataset, config: TrainConfig, other: bool,
+              checkpoint: Path) -> tuple[list[int], str]:
     """(indices of the subjects to score, a line saying what they are)."""
     if pin is None and other:
         return list(range(len(found.pairs))), (f"{found.root}: OTHER data than the run's, scored on purpose: all its "
                                                f"{len(found.pairs)} subjects ({checkpoint} predates pinned splits, so "
                                                f"its training subjects cannot be told apart)")
     if pin is None:  # a checkpoint older than pinning
-        _, val_idx = random_splits(len(found.pairs), config.splits, seed=config.seed)[config.split]
+        _, val_idx = config.split_indices(len(found.pairs))
         return val_idx, (f"{found.root}: the validation split recomputed from the subject count ({checkpoint} "
                          f"predates pinned splits: right only if the dataset is unchanged)")
     if not other:

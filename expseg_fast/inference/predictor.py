@@ -19,6 +19,7 @@ from torch import nn
 
 from expseg_fast.config import DTYPES, PREDICTOR
 from expseg_fast.models.folding import fold_batchnorm
+from expseg_fast.models.forward import logits_at
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -57,9 +58,7 @@ class Predictor:
         self._static_logits: torch.Tensor | None = None
 
     def _forward(self, image: torch.Tensor) -> torch.Tensor:
-        enabled = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled):
-            return self.model(image)
+        return logits_at(self.model, image, self.dtype)
 
     def _capture(self) -> None:
         self._static_input = torch.zeros(self.input_shape, device=self.device).to(memory_format=self.memory_format)
@@ -96,6 +95,11 @@ class Predictor:
         if probabilities:
             return labels, torch.softmax(logits.float(), dim=1)
         return labels
+
+    @torch.inference_mode()
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """The softmax (N, C, D, H, W) float32 only (what sliding windows blend: no arg max per window)."""
+        return torch.softmax(self.logits(image).float(), dim=1)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.predict(image)

@@ -82,7 +82,8 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, weights: torch.Ten
         raise ValueError(f"logits must be (N, C, D, H, W), got shape {tuple(logits.shape)}")
     if logits.shape[1] < 2:
         raise ValueError(f"logits must have at least 2 labels (dim 1), got {logits.shape[1]}")
-    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+    if (not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex()
+            or target.dtype == torch.bool):
         raise ValueError(f"target must hold integer labels, got {getattr(target, 'dtype', type(target))}")
     n, _, d, h, w = logits.shape
     if tuple(target.shape) != (n, d, h, w):
@@ -231,8 +232,8 @@ def exp_log_loss(
 
 
 def linear_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, eps: float = PAPER_EPS, backend: Backend = "auto", validate: bool = True,
-    ignore_index: int | None = None,
+    logits: torch.Tensor, target: torch.Tensor, *, eps: float = PAPER_EPS, backend: Backend = "auto",
+    validate: bool = True, ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Mean over (sample, label) of 1 - Dice_i."""
     return loss(logits, target, None, LossSpec.linear(eps), backend, validate, ignore_index)

@@ -25,7 +25,8 @@ def _kernel_device_types() -> frozenset[str]:
     if LOAD_ERROR is not None:
         return frozenset()
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return frozenset(kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA")) if has("expseg_fast::explog_forward", key))
+    return frozenset(kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if has("expseg_fast::explog_forward", key))
 
 
 # Device types with a native kernel, fixed at import (so torch.compile traces a constant).
@@ -49,7 +50,8 @@ def unavailable_reason(device: torch.device) -> str:
 def explog(
     logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, op_args: tuple
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss, bad): the scalar loss (float32; float64 for float64 logits) and int64 (2,) counts of bad labels/logits."""
+    """Returns (loss, bad): the scalar loss (float32; float64 for float64 logits) and int64 (2,) counts of bad
+    labels/logits."""
     loss, _stats, bad = torch.ops.expseg_fast.explog_forward(logits, target, weights, *op_args)
     return loss, bad
 

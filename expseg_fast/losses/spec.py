@@ -27,16 +27,23 @@ class LossSpec:
     eps: float = PAPER_EPS
 
     def __post_init__(self) -> None:
-        for name in ("w_dice", "w_cross"):
-            value = getattr(self, name)
-            if not value >= 0.0 or value == float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if self.w_dice == 0.0 and self.w_cross == 0.0:
-            raise ValueError("w_dice and w_cross are both 0: the loss would be identically 0")
-        for name in ("gamma_dice", "gamma_cross", "eps"):
-            value = getattr(self, name)
-            if not 0.0 < value < float("inf"):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        problems = self.problems(self.w_dice, self.w_cross, self.gamma_dice, self.gamma_cross, self.eps)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @staticmethod
+    def problems(w_dice: float, w_cross: float, gamma_dice: float, gamma_cross: float, eps: float) -> list[str]:
+        """One line per parameter out of its range (the one home of these ranges: TrainConfig.check asks
+        too, so that the command line reports them with its other problems)."""
+        found = [f"{name} must be a finite number >= 0, got {value}"
+                 for name, value in (("w_dice", w_dice), ("w_cross", w_cross))
+                 if not value >= 0.0 or value == float("inf")]
+        if w_dice == 0.0 and w_cross == 0.0:
+            found.append("w_dice and w_cross are both 0: the loss would be identically 0")
+        found += [f"{name} must be a finite number > 0, got {value}"
+                  for name, value in (("gamma_dice", gamma_dice), ("gamma_cross", gamma_cross), ("eps", eps))
+                  if not 0.0 < value < float("inf")]
+        return found
 
     @classmethod
     def exp_log(cls, w_dice: float = PAPER_W_DICE, w_cross: float = PAPER_W_CROSS, gamma_dice: float = PAPER_GAMMA,

@@ -6,8 +6,8 @@ Per sample and channel, statistics over D*H*W (biased variance, eps inside the r
 one channel per group), computed in float32 (float64 for float64 x) whatever x's dtype, so bf16 features
 stay bf16 in and out with no casts around the op; channels-last x stays channels-last. The statistics
 are (N, C): dmean, the mean less each (sample, channel)'s first voxel (so a large mean costs no
-precision), and rstd. The forward saves x, y and them; the backward reads them in two passes. Where the extension lacks the op
-for a device, `InstanceNormReLU` computes GroupNorm (+ ReLU) instead and says so once.
+precision), and rstd. The forward saves x, y and them; the backward reads them in two passes. Where
+the extension lacks the op for a device, `InstanceNormReLU` computes GroupNorm (+ ReLU) instead and says so once.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class VNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_labels: int = 20, width: int = 16, norm: str = "batch") -> None:
         super().__init__()
         if in_channels < 1 or num_labels < 2 or width < 1:
-            raise ValueError(f"in_channels >= 1, num_labels >= 2, width >= 1 required, got {in_channels}, {num_labels}, {width}")
+            raise ValueError(f"in_channels >= 1, num_labels >= 2, width >= 1 required, got {in_channels}, "
+                             f"{num_labels}, {width}")
         self.width = width
         self.input = _conv5(in_channels, width, norm)
         self.down = nn.ModuleList(_Down(width * 2**i, n, norm) for i, n in enumerate((2, 3, 3, 3)))

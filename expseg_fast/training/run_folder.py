@@ -16,7 +16,6 @@ from pathlib import Path
 from expseg_fast.atomic import remove_temporaries
 from expseg_fast.runlog import read_log
 
-
 _HELD: set[int] = set()  # lock file descriptors held by this process
 
 

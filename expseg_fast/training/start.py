@@ -1,6 +1,6 @@
 """Everything a run needs before its first step, in one `Run`: the checked configuration, the device and
 processes, the scanned data (a dataset, or the packaged label maps for the generator, and the data it
-validates on) with its pinned split, the sources of its subjects (training/sources.py), the loss's
+validates on) with its pinned split, the sources of its subjects (training/subject_sources.py), the loss's
 label weights, the model, optimizer and random generators, restored from the last checkpoint when the
 run resumes. Option errors (a resumed run's differences included) come before the data is read; the
 data's problems before anything of the run is written."""
@@ -17,18 +17,19 @@ import torch
 from expseg_fast.atomic import NoSpaceError, write_atomic
 from expseg_fast.checkpoint import checkpoint_pin, load_checkpoint
 from expseg_fast.config import DTYPES, TrainConfig
-from expseg_fast.data import AugmentConfig, random_splits
+from expseg_fast.data import AugmentConfig
 from expseg_fast.data.identity import DataPin, PinnedSubjects, label_map_digest
 from expseg_fast.data.loader import prepare
 from expseg_fast.data.plans import Plan
-from expseg_fast.data.source import SYNTH, Dataset, open_dataset, open_synth
+from expseg_fast.data.source import SYNTH, Dataset, open_synth
 from expseg_fast.losses import LossSpec, label_weights
 from expseg_fast.machine import torch_device
 from expseg_fast.runlog import read_log
-from expseg_fast.training import checkpointing, distributed
+from expseg_fast.training import distributed, run_state, selection
 from expseg_fast.training.run_folder import RunError, RunFolder
-from expseg_fast.training.sources import CacheSource, SynthSource
+from expseg_fast.training.selection import RealCheck
 from expseg_fast.training.step import TrainStep
+from expseg_fast.training.subject_sources import CacheSource, SynthSource
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Run:
     data/val_data: the training and validation data (one dataset for a split of it; val_data.lacking: the
     classes its labels do not have, not scored); train_idx/val_idx: the pinned subjects (indices of
     train_source and val_source); data_range: what segment.py warns outside of; best, best_epoch: the best
-    validation Dice so far."""
+    figure of best_by so far."""
 
     config: TrainConfig
     plan: Plan
@@ -66,6 +67,8 @@ class Run:
     start_epoch: int = 0
     best: float = -1.0
     best_epoch: int = -1
+    best_by: str = selection.VALIDATION  # the figure that chooses best.pt
+    real_check: RealCheck | None = None  # a real scan scored besides the validation (Colin27)
     history: list[dict] = field(default_factory=list)
 
     @property
@@ -99,7 +102,7 @@ def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
         raise ValueError(problem)
     state = load_checkpoint(out / "last.pt") if resume and (out / "last.pt").exists() else None
     if state is not None:  # option errors before the data is read or preprocessed
-        checkpointing.check_resume(config, state, out / "last.pt", rank == 0)
+        run_state.check_resume(config, state, out / "last.pt", rank == 0)
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic  # fixed shapes
     if rank != 0:
@@ -112,12 +115,16 @@ def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
     train_idx, val_idx, pin = pinned_split(config, data, val_data, state, out, rank == 0)
     train_source, val_source = _sources(config, plan, data, val_data, val_idx, device, out.parent / "cache",
                                         rank == 0)
+    chosen_by = selection.best_by(config, state)
+    check = (selection.colin27_check(config, plan, data, device, out.parent / "cache", rank == 0)
+             if chosen_by == selection.COLIN27 else None)
     if rank == 0:
         distributed.barrier()
     run = _assemble(config, plan, out, device, rank, world, (data, val_data), (train_idx, val_idx), pin,
                     (train_source, val_source))
+    run.best_by, run.real_check = chosen_by, check
     if state is not None:
-        checkpointing.restore(run, state)
+        run_state.restore(run, state)
     elif run.main:
         (out / "log.jsonl").write_text("")
     run.history = read_log(out / "log.jsonl") if run.main else []
@@ -130,15 +137,14 @@ def _datasets(config: TrainConfig, out: Path, plan: Plan) -> tuple[Dataset, Data
     if config.data == SYNTH:
         data = open_synth(config.limit_subjects)
     else:
-        data = open_dataset(config.data, config.label_map, config.demo_settings(), config.demo_preset, out.parent,
-                            config.limit_subjects, plan, config.max_voxels)
+        data = config.open_data(config.data, config.label_map, out, config.limit_subjects, plan, config.max_voxels)
     if config.val_data is None:
         return data, data
-    val = open_dataset(config.val_data, config.val_label_map, config.demo_settings(), config.demo_preset,
-                       out.parent, None, plan, config.max_voxels)
+    val = config.open_data(config.val_data, config.val_label_map, out, None, plan, config.max_voxels)
     val.label_map, val.lacking = val.label_map.aligned_to(data.label_map.names, config.val_label_map)
     if val.channels != data.channels:
-        raise ValueError(f"{config.val_data}: {val.channels} channel(s) per case, the training data has {data.channels}")
+        raise ValueError(f"{config.val_data}: {val.channels} channel(s) per case, the training data has "
+                         f"{data.channels}")
     return data, val
 
 
@@ -174,8 +180,8 @@ def _assemble(config: TrainConfig, plan: Plan, out: Path, device: torch.device, 
     model = model.to(memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     graphed = config.step_mode == "cuda_graph"  # the graph reads the scheduled learning rate from the device
-    optimizer = torch.optim.NAdam(model.parameters(), lr=torch.tensor(config.lr, device=device) if graphed else config.lr,
-                                  capturable=graphed)
+    lr = torch.tensor(config.lr, device=device) if graphed else config.lr
+    optimizer = torch.optim.NAdam(model.parameters(), lr=lr, capturable=graphed)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     step = TrainStep(model, net, optimizer, scaler, weights, config.loss_spec(), DTYPES[config.precision],
                      memory_format, config.step_mode)
@@ -215,7 +221,7 @@ def pinned_split(config: TrainConfig, data: Dataset, val_data: Dataset, state: d
         print(f"warning: {out / 'last.pt'} predates pinned splits: its split is recomputed from the subject count "
               f"(the same only if the dataset is unchanged)", file=sys.stderr, flush=True)
     if val_data is data:
-        train_idx, val_idx = random_splits(len(data.subjects), config.splits, seed=config.seed)[config.split]
+        train_idx, val_idx = config.split_indices(len(data.subjects))
     else:
         train_idx, val_idx = list(range(len(data.subjects))), list(range(len(val_data.subjects)))
     pin = DataPin(_pinned(data, train_idx), _pinned(val_data, val_idx), config.split, config.seed)

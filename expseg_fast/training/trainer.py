@@ -2,12 +2,13 @@
 
 `train(config)` runs a TrainConfig (expseg_fast/config.py): `start` sets the run up (start.py), then per
 epoch one pass over the shuffled training split (epoch.py), the validation hard Dice per label
-(validation.py), one JSON line in log.jsonl with the seconds spent in each phase, the plots
-(dice_curve.png, overlay.png) and dice_table.md refreshed (reports.py), and the `last` and `best`
-checkpoints written atomically (checkpointing.py). Every random draw comes from torch generators whose
-states are checkpointed, so a resumed run continues exactly (bitwise in deterministic mode on the CPU).
-Under torchrun each process trains on its shard of every epoch (DistributedDataParallel), validation is
-gathered, and only the first process writes.
+(validation.py; also on Colin27 for a generator run: selection.py says which figure chooses best.pt), one
+JSON line in log.jsonl with the seconds spent in each phase, the plots (dice_curve.png, overlay.png) and
+dice_table.md refreshed (reports.py), and the `last` and `best` checkpoints written atomically
+(run_state.py). Every random draw comes from torch generators whose states are checkpointed, so a
+resumed run continues exactly (bitwise in deterministic mode on the CPU). Under torchrun each process
+trains on its shard of every epoch (DistributedDataParallel), validation is gathered, and only the first
+process writes.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 import torch
 
 from expseg_fast.config import TrainConfig
-from expseg_fast.training import checkpointing, distributed
+from expseg_fast.training import distributed, run_state, selection
 from expseg_fast.training.epoch import PhaseClock, train_epoch
 from expseg_fast.training.run_folder import RunFolder
 from expseg_fast.training.start import Run, start
-from expseg_fast.training.validation import epoch_record, validate
+from expseg_fast.training.validation import epoch_record, validate, validate_real
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
@@ -37,6 +38,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             print(f"training {c.model} on {len(run.train_idx)} subjects, validating on {len(run.val_idx)}, "
                   f"{c.size}^3, {c.epochs} epochs, {c.loss} loss, {c.precision} on {run.device} x {run.world}; "
                   f"output in {run.out}", flush=True)
+            print(selection.describe(run.best_by, run.real_check, run.data.label_map.names), flush=True)
         record: dict = {}
         for epoch in range(run.start_epoch, run.config.epochs):
             record = run_epoch(run, epoch)
@@ -57,14 +59,14 @@ def run_epoch(run: Run, epoch: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     losses, steps = train_epoch(run, epoch, clock)
     dice, first_prediction = validate(run)
-    record = epoch_record(run, epoch, distributed.gather(losses), steps, dice)
+    record = epoch_record(run, epoch, distributed.gather(losses), steps, dice, validate_real(run))
     clock.lap("validation")
-    run.best = max(run.best, record["val_dice_mean"])
+    run.best = max(run.best, selection.figure(record, run.best_by))
     if not run.main:
         return record
     run.history.append(record)
-    checkpointing.check_weights(run, epoch)
-    with checkpointing.full_disk_stops_the_run(run.out):
+    run_state.check_weights(run, epoch)
+    with run_state.full_disk_stops_the_run(run.out):
         from expseg_fast.training import reports  # matplotlib: loaded when the first epoch is over
 
         reports.write_reports(run.out, run.data.label_map.names, run.val_source.sample(run.val_idx[0]),
@@ -72,10 +74,11 @@ def run_epoch(run: Run, epoch: int) -> dict:
         clock.lap("report")
         record["phase_seconds"] = clock.seconds
         record["seconds"] = time.perf_counter() - clock.started
-        checkpointing.save_epoch(run, epoch, record)
+        run_state.save_epoch(run, epoch, record)
     eta = record["seconds"] * (run.config.epochs - epoch - 1)
+    real = f"  {run.real_check.name} {record['colin27_dice_mean']:.3f}" if run.real_check else ""
     print(f"epoch {epoch + 1}/{run.config.epochs}  loss {record['train_loss']:.4f}  val Dice "
-          f"{record['val_dice_mean']:.3f}  {record['seconds']:.1f} s  ETA {eta / 60:.1f} min", flush=True)
+          f"{record['val_dice_mean']:.3f}{real}  {record['seconds']:.1f} s  ETA {eta / 60:.1f} min", flush=True)
     return record
 
 

@@ -1,6 +1,7 @@
 """The epoch's validation: the hard Dice per label of each validation subject's predicted label map on its
-training cube (the paper's measure, background left out of the averages), gathered over the processes,
-and the epoch's log record."""
+training cube (the paper's measure, background left out of the averages), gathered over the processes;
+the same for the run's real check (Colin27, training/selection.py) where it has one; and the epoch's log
+record."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from expseg_fast.data.preprocess import IGNORE
 from expseg_fast.metrics import hard_dice, nanstd
-from expseg_fast.training import distributed
+from expseg_fast.models.forward import labels_at
+from expseg_fast.training import distributed, selection
 
 if TYPE_CHECKING:
     from expseg_fast.training.start import Run
@@ -19,24 +21,40 @@ if TYPE_CHECKING:
 def validate(run: Run) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Dice (subjects, C) of every validation subject, gathered; the prediction (1, D, H, W) of the
     first validation subject, for the overlay, where this process measured it)."""
+    return _dice(run, run.val_source, run.val_idx, run.val_data.lacking)
+
+
+def validate_real(run: Run) -> torch.Tensor | None:
+    """Dice (1, C) of the run's real check (Colin27), gathered; None for a run without one."""
+    if run.real_check is None:
+        return None
+    return _dice(run, run.real_check.source, [0], run.real_check.lacking)[0]
+
+
+def _dice(run: Run, source, indices: list[int], lacking: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Dice (subjects, C) of these subjects of the source, each predicted once on its training cube and
+    gathered over the processes, NaN for the classes their labels lack; the first one's prediction where
+    this process measured it)."""
     run.model.eval()
     dice, first = [], None
-    with torch.no_grad(), torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
-        for j in run.val_idx[run.rank::run.world]:
-            image, labels = run.val_source.sample(j)
-            pred = run.model(image.contiguous(memory_format=run.memory_format)).argmax(1)
+    with torch.no_grad():
+        for j in indices[run.rank::run.world]:
+            image, labels = source.sample(j)
+            pred = labels_at(run.model, image, run.dtype, run.memory_format)
             dice.append(hard_dice(pred, labels, run.num_labels, IGNORE))
-            if j == run.val_idx[0]:
+            if j == indices[0]:
                 first = pred
     dice = torch.stack([d.cpu() for d in distributed.gather(dice)])
-    dice[:, run.val_data.lacking] = float("nan")  # classes the validation labels do not have: not scored
+    dice[:, lacking] = float("nan")  # classes the labels do not have: not scored
     return dice, first
 
 
-def epoch_record(run: Run, epoch: int, losses: list[float], steps: int, dice: torch.Tensor) -> dict:
-    """The epoch's line of log.jsonl (timings are added when the epoch is over)."""
+def epoch_record(run: Run, epoch: int, losses: list[float], steps: int, dice: torch.Tensor,
+                 real: torch.Tensor | None = None) -> dict:
+    """The epoch's line of log.jsonl (timings are added when the epoch is over); with the real check's
+    Dice (1, C), its mean and per-label figures too, and which figure chose best.pt."""
     per_label = dice[:, 1:]  # without background, like the paper
-    return {
+    record = {
         "epoch": epoch,
         "train_loss": sum(losses) / len(losses),
         "train_steps": steps,
@@ -46,3 +64,8 @@ def epoch_record(run: Run, epoch: int, losses: list[float], steps: int, dice: to
         "val_dice_std_per_label": [float(x) for x in nanstd(per_label)],
         "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None,
     }
+    if real is not None:
+        record[selection.RECORD_KEYS[selection.COLIN27]] = float(real[:, 1:].nanmean())
+        record["colin27_dice_per_label"] = [float(x) for x in real[0, 1:]]
+        record["best_by"] = run.best_by
+    return record

@@ -104,7 +104,8 @@ def colin27_dataset(out: Path, templates: Path = COLIN27) -> Path:
     if not (image.exists() and labels.exists()):
         raise FileNotFoundError(f"{image}, {labels}: Colin27 comes with Debian's mricron-data "
                                 f"(apt-get install mricron-data)")
-    for link, target in ((out / "imagesTr" / "colin27_0000.nii.gz", image), (out / "labelsTr" / "colin27.nii.gz", labels)):
+    links = ((out / "imagesTr" / "colin27_0000.nii.gz", image), (out / "labelsTr" / "colin27.nii.gz", labels))
+    for link, target in links:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(target)

@@ -23,7 +23,7 @@ from expseg_fast.data.facts import VolumeFacts, training_range
 from expseg_fast.data.loader import CachedSubjects, OrderSampler, facts_range, subject_loader
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import apply_labels
-from expseg_fast.data.synth import Generator, LabelMapSource, SynthSettings
+from expseg_fast.data.synth import ImageGenerator, LabelMapSource, SynthSettings
 from expseg_fast.losses import label_counts
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -73,7 +73,7 @@ class SynthSource:
         self.maps = [LabelMapSource(path, plan, device, settings.field_of_view_mm) for path in maps]
         self.classes = [m.classes(table, label_map) for m in self.maps]
         self.plan, self.device, self.repeats, self.num_classes = plan, device, repeats, len(label_map.names)
-        self.generator = Generator(table, label_map, plan, settings, device)
+        self.generator = ImageGenerator(table, label_map, plan, settings, device)
         self.gen = torch.Generator(device=device).manual_seed(seed + 3)
         fixed = torch.Generator(device=device).manual_seed(seed + 4)
         self.validation = {i: self.generator(self.maps[i], fixed) for i in val_indices}

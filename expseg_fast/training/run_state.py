@@ -17,6 +17,7 @@ from expseg_fast.atomic import NoSpaceError
 from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finite_weights, save_checkpoint, to_bytes
 from expseg_fast.config import TrainConfig
 from expseg_fast.runlog import append_record, read_log, rewrite_log
+from expseg_fast.training import selection
 from expseg_fast.training.run_folder import RunError
 
 if TYPE_CHECKING:
@@ -62,8 +63,9 @@ def state_of(run: Run, epoch: int) -> dict:
     """What the checkpoint of an epoch holds."""
     state = {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "epoch": epoch, "best": run.best, "best_epoch": run.best_epoch, "aug_rng": run.aug_gen.get_state(),
-        "order_rng": run.order_gen.get_state(), "torch_rng": torch.get_rng_state(), "config": run.config.to_json(),
+        "epoch": epoch, "best": run.best, "best_epoch": run.best_epoch, "best_by": run.best_by,
+        "aug_rng": run.aug_gen.get_state(), "order_rng": run.order_gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "config": run.config.to_json(),
         "class_names": list(run.data.label_map.names), "data_range": json.dumps(run.data_range),
         "data_pin": run.pin.to_json(), "plan": json.dumps(run.plan.record()),
     }
@@ -95,7 +97,7 @@ def save_epoch(run: Run, epoch: int, record: dict) -> None:
     """Appends the epoch's log record and writes last.pt, then best.pt when the epoch is the best so far,
     and epoch_NNN.pt with keep_checkpoints (each atomically; NoSpaceError naming the file)."""
     append_record(run.out / "log.jsonl", record)
-    if record["val_dice_mean"] >= run.best:
+    if selection.figure(record, run.best_by) >= run.best:
         run.best_epoch = epoch
     blob = to_bytes(state_of(run, epoch))
     save_checkpoint(run.out / "last.pt", blob)  # first: a kill before best.pt is repaired on resume

@@ -1,0 +1,73 @@
+"""Which validation figure chooses best.pt (TrainConfig.select_on): the run's own validation Dice, or, for
+a run on the label-map generator, Colin27's — a real T1 (Debian's mricron-data, read in place) scored
+through its manual AAL labels on the classes they share with the generator's (8 of 17), on its training
+cube (the plan's grid, as the run's own validation). The choice is made when a run starts and kept in its
+checkpoints, so a resumed run chooses by the same figure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from expseg_fast.config import TrainConfig
+from expseg_fast.data import anatomy
+from expseg_fast.data.loader import prepare
+from expseg_fast.data.plans import Plan
+from expseg_fast.data.source import SYNTH, Dataset
+from expseg_fast.training.run_folder import RunError
+from expseg_fast.training.subject_sources import CacheSource
+
+VALIDATION, COLIN27 = "validation", "colin27"  # the figures (config.SELECT_ON without auto)
+RECORD_KEYS = {VALIDATION: "val_dice_mean", COLIN27: "colin27_dice_mean"}  # each one's field of an epoch's record
+
+
+@dataclass
+class RealCheck:
+    """A real scan scored each epoch besides the run's own validation: its cached training cube and the
+    model's classes its labels lack (not scored)."""
+
+    name: str
+    source: CacheSource
+    lacking: list[int]
+
+
+def best_by(config: TrainConfig, state: dict | None) -> str:
+    """The figure of a run (resumed: the one it started with; checkpoints from before the choice chose by
+    the run's own validation)."""
+    if state is not None:
+        return str(state.get("best_by", VALIDATION))
+    if config.select_on != "auto":
+        return config.select_on
+    found = (anatomy.COLIN27 / "ch2bet.nii.gz").exists() and (anatomy.COLIN27 / "aal.nii.gz").exists()
+    return COLIN27 if config.data == SYNTH and config.val_data is None and found else VALIDATION
+
+
+def colin27_check(config: TrainConfig, plan: Plan, data: Dataset, device: torch.device, cache_dir: Path,
+                  main: bool) -> RealCheck:
+    """Colin27 through the run's plan (prepared into the run's cache like any scan); RunError naming the
+    package when mricron-data is not installed."""
+    try:
+        folder = anatomy.colin27_dataset(cache_dir / "colin27")
+    except FileNotFoundError as error:
+        raise RunError(f"select_on colin27: {error}") from error
+    protocol = anatomy.PROTOCOLS / "aal.json"
+    scan = config.open_data(str(folder), str(protocol), cache_dir, None, plan, config.max_voxels)
+    scan.label_map, lacking = scan.label_map.aligned_to(data.label_map.names, str(protocol))
+    return RealCheck("Colin27", CacheSource(prepare(scan.pairs, scan.label_map, plan, cache_dir, report=main),
+                                            device, 0), lacking)
+
+
+def figure(record: dict, chosen_by: str) -> float:
+    """The epoch record's figure that chooses best.pt."""
+    return float(record[RECORD_KEYS[chosen_by]])
+
+
+def describe(chosen_by: str, check: RealCheck | None, names: tuple[str, ...] | list[str]) -> str:
+    """The line the run prints at its start: which figure chooses best.pt."""
+    if chosen_by == VALIDATION or check is None:
+        return "best.pt: the epoch of the best validation Dice"
+    scored = [n for i, n in enumerate(names) if i > 0 and i not in check.lacking]
+    return (f"best.pt: the epoch of the best Dice on {check.name} (real T1, mricron-data; {len(scored)} classes: "
+            f"{', '.join(scored)}), besides the validation Dice on generated images")
