@@ -40,7 +40,7 @@ def best_by(config: TrainConfig, state: dict | None) -> str:
         return str(state.get("best_by", VALIDATION))
     if config.select_on != "auto":
         return config.select_on
-    found = (anatomy.COLIN27 / "ch2bet.nii.gz").exists() and (anatomy.COLIN27 / "aal.nii.gz").exists()
+    found = anatomy.colin27_installed(anatomy.COLIN27)
     return COLIN27 if config.data == SYNTH and config.val_data is None and found else VALIDATION
 
 

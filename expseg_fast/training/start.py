@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,11 +115,12 @@ def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
         folder.open(resume)  # locked; a new run never replaces one, resume needs a checkpoint
     config = dataclasses.replace(config, in_channels=data.channels)  # a property of the data
     train_idx, val_idx, pin = pinned_split(config, data, val_data, state, out, rank == 0)
-    train_source, val_source = _sources(config, plan, data, val_data, val_idx, device, out.parent / "cache",
-                                        rank == 0)
     chosen_by = selection.best_by(config, state)
-    check = (selection.colin27_check(config, plan, data, device, out.parent / "cache", rank == 0)
-             if chosen_by == selection.COLIN27 else None)
+    with _cache_space():
+        train_source, val_source = _sources(config, plan, data, val_data, val_idx, device, out.parent / "cache",
+                                            rank == 0)
+        check = (selection.colin27_check(config, plan, data, device, out.parent / "cache", rank == 0)
+                 if chosen_by == selection.COLIN27 else None)
     if rank == 0:
         distributed.barrier()
     run = _assemble(config, plan, out, device, rank, world, (data, val_data), (train_idx, val_idx), pin,
@@ -152,16 +155,23 @@ def _sources(config: TrainConfig, plan: Plan, data: Dataset, val_data: Dataset, 
              device: torch.device, cache_dir: Path, main: bool):
     """(the training source, the validation source): the generator for synth, else the data's cache
     (prepared now: subjects missing from it are preprocessed)."""
+    if data.maps:
+        train = SynthSource(data.maps, data.label_map, plan, config.synth_settings(), device, config.seed,
+                            val_idx if val_data is data else [], config.synth_repeats)
+    else:
+        train = CacheSource(prepare(data.pairs, data.label_map, plan, cache_dir, report=main), device,
+                            config.loader_workers)
+    if val_data is data:
+        return train, train
+    return train, CacheSource(prepare(val_data.pairs, val_data.label_map, plan, cache_dir, report=main), device, 0)
+
+
+@contextmanager
+def _cache_space() -> Iterator[None]:
+    """A full disk while the cache is prepared (the run's subjects, Colin27's check) becomes the RunError
+    that says nothing half-written was kept."""
     try:
-        if data.maps:
-            train = SynthSource(data.maps, data.label_map, plan, config.synth_settings(), device, config.seed,
-                                val_idx if val_data is data else [], config.synth_repeats)
-        else:
-            train = CacheSource(prepare(data.pairs, data.label_map, plan, cache_dir, report=main), device,
-                                config.loader_workers)
-        if val_data is data:
-            return train, train
-        return train, CacheSource(prepare(val_data.pairs, val_data.label_map, plan, cache_dir, report=main), device, 0)
+        yield
     except NoSpaceError as error:
         raise RunError(f"{error}; nothing half-written was kept: free some space and run again") from error
 

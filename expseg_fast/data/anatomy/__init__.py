@@ -94,14 +94,25 @@ PROTOCOLS = HERE / "protocols"  # label maps that score real scans of other prot
 COLIN27 = Path("/usr/share/mricron/templates")  # Debian's mricron-data (BSD-3): ch2bet, aal
 
 
+def colin27_files(templates: Path = COLIN27) -> tuple[Path, Path]:
+    """(Colin27's skull-stripped T1 ch2bet, its manual AAL labels) as Debian's mricron-data installs them
+    in templates (or a copy of its two files carried elsewhere); they may not exist."""
+    return templates / "ch2bet.nii.gz", templates / "aal.nii.gz"
+
+
+def colin27_installed(templates: Path = COLIN27) -> bool:
+    """Whether both of Colin27's files are there."""
+    return all(path.exists() for path in colin27_files(templates))
+
+
 def colin27_dataset(out: Path, templates: Path = COLIN27) -> Path:
     """A dataset folder (imagesTr/colin27_0000.nii.gz, labelsTr/colin27.nii.gz) of Colin27's
     skull-stripped T1 (ch2bet) with its manual AAL labels, linked to the files of Debian's mricron-data
     (read in place from templates: the package's folder, or a copy of its two files carried to a
     machine without the package). FileNotFoundError naming the package when they are not there."""
     templates = templates.resolve()  # the links are made elsewhere
-    image, labels = templates / "ch2bet.nii.gz", templates / "aal.nii.gz"
-    if not (image.exists() and labels.exists()):
+    image, labels = colin27_files(templates)
+    if not colin27_installed(templates):
         raise FileNotFoundError(f"{image}, {labels}: Colin27 comes with Debian's mricron-data "
                                 f"(apt-get install mricron-data)")
     links = ((out / "imagesTr" / "colin27_0000.nii.gz", image), (out / "labelsTr" / "colin27.nii.gz", labels))
