@@ -24,7 +24,9 @@ from expseg_fast.data import (
     scan,
     validate,
 )
+from expseg_fast.data.dataset import present_values
 from expseg_fast.data.plans import FitPlan, SpacingPlan
+from expseg_fast.data.preprocess import IGNORE
 
 
 def random_affine(rng, spacing) -> np.ndarray:
@@ -185,6 +187,41 @@ def test_find_pairs_reports_missing_partners_and_reads_lists(tmp_path):
     assert len(find_pairs(csv_list)) == 1
     with pytest.raises(DatasetError, match="not a dataset folder"):
         find_pairs(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("dtype, low, high", [
+    (np.int8, -128, 127), (np.uint8, 0, 255), (np.int16, -300, 300), (np.uint16, 1000, 1040), (np.int32, -5, 70000),
+    (np.int64, 2**40, 2**40 + 9), (np.float32, -3, 40)])
+@pytest.mark.parametrize("ignore_unlisted", [False, True])
+def test_label_map_apply_unknown_and_present_values_match_a_per_voxel_lookup(dtype, low, high, ignore_unlisted):
+    """The lookup table over a narrow range and the sorting fallback (wide ranges, floats) against a dict, voxel
+    by voxel, on fresh random ids: negatives, ids the map does not list, the type's own limits."""
+    rng = np.random.default_rng()
+    labels = rng.integers(low, high, size=(3, 5, 7), endpoint=True).astype(dtype)
+    labels.flat[0], labels.flat[1] = low, high
+    listed = [int(v) for v in rng.choice(np.unique(labels), size=4, replace=False)]
+    label_map = LabelMap(("a", "b", "c"), {v: i % 3 for i, v in enumerate(listed)}, ignore_unlisted)
+    values = sorted({int(v) for v in labels.flat})
+    assert present_values(labels) == values
+    if ignore_unlisted:
+        expected = [label_map.lookup.get(int(v), IGNORE) for v in labels.flat]
+        assert label_map.apply(labels).ravel().tolist() == expected
+        assert label_map.unknown(labels) == []
+    else:
+        assert label_map.unknown(labels) == [v for v in values if v not in label_map.lookup]
+        known = np.isin(labels, listed)
+        assert label_map.apply(labels)[known].tolist() == [label_map.lookup[int(v)] for v in labels[known]]
+    assert label_map.apply(labels).dtype == np.uint8 and label_map.apply(labels).shape == labels.shape
+
+
+def test_label_map_apply_on_empty_and_one_valued_arrays():
+    label_map = LabelMap(("a", "b"), {-2: 0, 5: 1}, ignore_unlisted=True)
+    assert label_map.apply(np.zeros((0, 4), np.int32)).shape == (0, 4)
+    assert present_values(np.zeros(0, np.int16)) == []
+    assert label_map.apply(np.full((2, 2), 5, np.int16)).tolist() == [[1, 1], [1, 1]]
+    assert label_map.apply(np.full(3, -2, np.int8)).tolist() == [0, 0, 0]
+    wide = LabelMap.identity(300)  # more classes than uint8 holds: int16 with IGNORE for an unlisted id
+    assert label_map.apply(np.array([7])).tolist() == [IGNORE] and wide.apply(np.array([299])).dtype == np.int16
 
 
 def test_label_map_json(tmp_path):

@@ -93,7 +93,7 @@ class LabelMapSource:
     def classes(self, table: GenerationTable, label_map: LabelMap) -> np.ndarray:
         """The map's class indices on the imitated scan's grid (scan_shape; background around the head),
         through the table's FreeSurfer ids and label_map."""
-        crop = label_map.apply(np.asarray(table.freesurfer_ids)[self.indices.cpu().numpy()])
+        crop = label_map.apply(np.asarray(table.freesurfer_ids))[self.indices.cpu().numpy()]  # the table, then a gather
         scan = np.zeros(self.scan_shape, crop.dtype)
         lo = (np.array(self.scan_shape) - np.array(self.shape)) // 2
         scan[lo[0]:lo[0] + self.shape[0], lo[1]:lo[1] + self.shape[1], lo[2]:lo[2] + self.shape[2]] = crop
