@@ -25,6 +25,7 @@ from bench.cpu_memory import reset_peak_kib, status_kib
 from bench.outputs import write_outputs
 from bench.timing import elapsed_ms, median_ms
 from expseg_fast.inference.predictor import Predictor
+from expseg_fast.machine import cpu_bf16_units
 from expseg_fast.models import ExpLogNet, NetConfig, VNet, count_parameters
 
 ROOT = Path(__file__).parents[1]  # the worker runs as `python -m bench.compare_vnet` from there
@@ -43,9 +44,11 @@ BASELINE = "eager fp32"
 
 
 def variants_for(device: str, compiled: bool = True) -> list[str]:
-    """The variants that exist on a device (a CUDA graph needs CUDA), the torch.compile ones if `compiled`."""
-    return [v for v, (_, _, graph, _, comp) in VARIANTS.items()
-            if (device == "cuda" or not graph) and (compiled or not comp)]
+    """The variants that exist on a device (a CUDA graph needs CUDA; bf16 on a CPU only where it multiplies
+    bf16 natively: emulated, one call takes seconds), the torch.compile ones if `compiled`."""
+    bf16 = device == "cuda" or bool(cpu_bf16_units())
+    return [v for v, (precision, _, graph, _, comp) in VARIANTS.items()
+            if (device == "cuda" or not graph) and (compiled or not comp) and (bf16 or precision != "bf16")]
 
 
 def build(network: str, device: str, variant: str, size: int) -> Predictor:
@@ -169,6 +172,8 @@ def markdown(rows: list[dict], device: str, size: int) -> str:
     for variant, r in ours.items():
         lines.append(f"- {variant}: V-Net / ours latency {vnet[variant]['ms'] / r['ms']:.2f}x")
     lines.append(f"- parameters V-Net / ours: {vnet[BASELINE]['params'] / ours[BASELINE]['params']:.1f}x")
+    if device == "cpu" and not cpu_bf16_units():
+        lines.append("- the bf16 variants are left out: this CPU does not multiply bf16 natively")
     return "\n".join(lines) + "\n"
 
 

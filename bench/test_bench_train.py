@@ -1,5 +1,6 @@
 """pytest-benchmark: a full training step (forward, exp-log loss, backward, NAdam) of our network,
-eager fp32 + reference loss vs the engine (bf16 autocast, channels-last, fused loss), same run."""
+eager fp32 + reference loss vs the engine (bf16 autocast where the CPU multiplies bf16 natively, channels-last,
+fused loss), same run."""
 
 from __future__ import annotations
 

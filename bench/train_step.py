@@ -1,8 +1,9 @@
 """One training step (forward, loss, backward, NAdam step) of our network: time and peak memory.
 
 python -m bench.train_step [--device cuda|cpu] [--size 128] [--out DIR]
-Variants, same run: the eager fp32 baseline with the reference loss, and the engine (bf16 autocast,
-channels-last, fused loss: the auto backend, the trainer's step: expseg_fast/training/step.py), each
+Variants, same run: the eager fp32 baseline with the reference loss, and the engine (bf16 autocast where
+the device multiplies bf16 natively, as the trainer's presets; channels-last, fused loss: the auto
+backend, the trainer's step: expseg_fast/training/step.py), each
 with the paper's deep supervision (levels 0-2) and with the 192-channel level fused too; the engine's
 step compiled (torch.compile of forward and backward) and, on CUDA, captured whole in one CUDA graph,
 each with its first call's seconds (compilation, capture) apart and its loss curve over 20 steps against
@@ -22,7 +23,9 @@ import torch
 
 from bench.outputs import write_outputs
 from bench.timing import elapsed_ms, median_ms
+from expseg_fast.config import DTYPES, TrainConfig
 from expseg_fast.losses import LossSpec, exp_log_loss
+from expseg_fast.machine import cpu_bf16_units
 from expseg_fast.models import ExpLogNet, NetConfig
 from expseg_fast.training.step import TrainStep
 
@@ -52,12 +55,19 @@ def fits_under_cap(size: int, fuse: tuple[int, ...]) -> bool:
         torch.cuda.empty_cache()
 
 
+def engine_precision(device: str) -> str:
+    """The engine's precision on a device, as the trainer's presets choose it: bf16 on CUDA and on a CPU that
+    multiplies bf16 natively, else fp32 (emulated bf16 takes seconds a step: expseg_fast/config.py)."""
+    return "bf16" if device == "cuda" or cpu_bf16_units() else "fp32"
+
+
 def step_fn(model, optimizer, image, target, engine: bool):
     backend = "auto" if engine else "reference"
+    autocast = engine and engine_precision(image.device.type) == "bf16"
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=engine):
+        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(image)
         loss = exp_log_loss(logits, target, backend=backend, validate=False)
         loss.backward()
@@ -68,12 +78,20 @@ def step_fn(model, optimizer, image, target, engine: bool):
 
 
 def engine_step(device: str, size: int, fuse: tuple[int, ...], mode: str) -> TrainStep:
-    """The trainer's step (bf16, channels-last, fused loss) of a freshly seeded network in `mode`."""
+    """The trainer's step (engine_precision, channels-last, fused loss) of a freshly seeded network in `mode`."""
     torch.manual_seed(0)
     model = ExpLogNet(NetConfig(num_labels=20, fuse_levels=fuse)).to(device).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.NAdam(model.parameters(), lr=1e-3, capturable=mode == "cuda_graph")
     return TrainStep(model, model, optimizer, torch.amp.GradScaler(device, enabled=False),
-                     torch.ones(20, device=device), LossSpec(), torch.bfloat16, torch.channels_last_3d, mode)
+                     torch.ones(20, device=device), LossSpec(), DTYPES[engine_precision(device)],
+                     torch.channels_last_3d, mode)
+
+
+def step_modes(device: str, no_compile: bool) -> list[str]:
+    """The step modes beyond eager that the trainer takes on device (TrainConfig.device_problem); on the
+    CPU without compiled where --no-compile asks."""
+    return [mode for mode in MODES if TrainConfig(step_mode=mode).device_problem(device) is None
+            and not (no_compile and device == "cpu" and mode == "compiled")]
 
 
 def batch(device: str, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,12 +158,13 @@ def main() -> None:
     rows: list[dict] = []
     for fusion, fuse in FUSIONS.items():
         for engine in (False, True):
-            variant = "engine (bf16, channels-last, fused loss)" if engine else "eager fp32, reference loss"
+            variant = (f"engine ({engine_precision(args.device)}, channels-last, fused loss)" if engine
+                       else "eager fp32, reference loss")
             row = {"fusion": fusion, "variant": variant}
             row.update(measure(args.device, size, fuse, engine, args.repeats))
             rows.append(row)
             write(rows, args.device, size, args.out)
-        for mode in ("compiled", "cuda_graph") if args.device == "cuda" else () if args.no_compile else ("compiled",):
+        for mode in step_modes(args.device, args.no_compile):
             if fusion.startswith("paper") or args.device == "cuda":  # on the CPU one compilation is enough
                 rows.append({"fusion": fusion, "variant": f"engine, {MODES[mode]}",
                              **measure_mode(args.device, size, fuse, mode, args.repeats)})

@@ -2,10 +2,12 @@
 
 A checkpoint is a dict of tensors and plain values (loaded with weights_only=True, so one carrying
 arbitrary pickled objects is refused): the model's, optimizer's and grad scaler's state dicts, the
-epoch it ends, the best validation Dice so far and the epoch that reached it, every random
-generator's state (exact resume), the run's TrainConfig as JSON, the class names and the data the run
-pinned (expseg_fast/data/identity.py, as JSON; absent from checkpoints older than that). It is serialised
-in memory and then written atomically with plain file writes, so a full disk is reported as such
+epoch it ends, the best figure so far, the epoch that reached it and which figure it is, every random
+generator's state (exact resume), the run's TrainConfig as JSON, the class names, the training data's
+range, the data the run pinned (expseg_fast/data/identity.py) and its preprocessing plan, as JSON, and
+its format. load_checkpoint brings a checkpoint of any earlier format to today's (upgrade: the one place
+that knows what older ones lack; tests/fixtures/checkpoints holds one of each). It is serialised in
+memory and then written atomically with plain file writes, so a full disk is reported as such
 (NoSpaceError naming the file) and the previous checkpoint stays.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import re
 import warnings
 from pathlib import Path
@@ -20,11 +23,24 @@ from pathlib import Path
 import torch
 
 from expseg_fast.atomic import write_bytes_atomic
-from expseg_fast.config import INPUT_PATHS, TrainConfig
+from expseg_fast.config import INPUT_PATHS, VALIDATION, TrainConfig
 from expseg_fast.data.identity import DataPin, PinnedSubjects
+from expseg_fast.data.source import SYNTH
+from expseg_fast.data.synth import packaged_composition
 
-# What every checkpoint holds (cuda_rng only when trained on CUDA).
+# What a checkpoint of every format holds (cuda_rng only when trained on CUDA, synth_rng for generator runs).
 KEYS = ("model", "optimizer", "scaler", "epoch", "best", "aug_rng", "order_rng", "torch_rng", "config", "class_names")
+# What each format added, oldest first; FORMAT (the index of the last) is what this code writes.
+FORMATS = (
+    "KEYS",
+    "best_epoch; data_range (the training data's range, JSON)",
+    "data_pin (the data the run pinned, JSON)",
+    "plan (the preprocessing plan, JSON); synth_rng for generator runs",
+    "best_by (the figure that chose best.pt); a generator run's data_range holds its label maps' composition",
+    "format; inference_only in every checkpoint (before, only scripts/export_model.py's copies held it)",
+)
+FORMAT = len(FORMATS) - 1
+CURRENT_KEYS = (*KEYS, "best_epoch", "data_range", "data_pin", "plan", "best_by", "format", "inference_only")
 
 
 def to_bytes(state: dict) -> bytes:
@@ -56,7 +72,56 @@ def load_checkpoint(path: Path) -> dict:
     missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"{path}: not an expseg_fast checkpoint (missing {', '.join(missing)})")
+    return upgrade(state, path)
+
+
+def _format_of(state: dict) -> int:
+    """The format of a checkpoint, read from what it holds where it predates the number."""
+    if "format" in state:
+        return int(state["format"])
+    added = ("best_epoch", "data_pin", "plan", "best_by")  # the key each format up to 4 added first
+    return sum(key in state for key in added)
+
+
+def upgrade(state: dict, path: Path) -> dict:
+    """The checkpoint `state` (loaded from path) in today's format, whatever format it was written in, with
+    what an older one lacks stood in for as the code of its day read it: no best epoch (-1), no data range
+    or data pin (null/None: not recorded), the plan its configuration implies, best.pt chosen by the run's
+    own validation, a generator run's composition from all the packaged label maps (its split of them was
+    not recorded). ValueError naming path for a format newer than this code's, or an unreadable one."""
+    try:
+        version = _format_of(state)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: its format number {state.get('format')!r} is not an integer") from None
+    if version > FORMAT:
+        raise ValueError(f"{path}: written in checkpoint format {version} by a newer expseg_fast (this one reads "
+                         f"formats up to {FORMAT}); update expseg_fast to use it")
+    state = dict(state)
+    if version < 1:
+        state.update(best_epoch=-1, data_range="null")
+    if version < 2:
+        state["data_pin"] = None
+    if version < 3:
+        state["plan"] = json.dumps(checkpoint_config(state, path).plan().record())
+    if version < 4:
+        state["best_by"] = VALIDATION
+        try:
+            state["data_range"] = _with_composition(state, path)
+        except (TypeError, ValueError, KeyError, RecursionError) as error:
+            raise ValueError(f"{path}: its record of the training data's range is unreadable "
+                             f"({type(error).__name__})") from None
+    state.setdefault("inference_only", False)
+    state["format"] = FORMAT
     return state
+
+
+def _with_composition(state: dict, path: Path) -> str:
+    """A checkpoint's data_range (JSON), with the packaged label maps' composition where a generator run's
+    lacks one."""
+    seen = json.loads(state["data_range"])
+    if seen is not None and "composition" not in seen and checkpoint_config(state, path).data == SYNTH:
+        seen["composition"] = packaged_composition(list(state["class_names"]))
+    return json.dumps(seen)
 
 
 def _reason(error: Exception) -> str:
@@ -110,9 +175,9 @@ def checkpoint_config(state: dict, path: Path) -> TrainConfig:
 
 
 def checkpoint_pin(state: dict, path: Path) -> DataPin | None:
-    """The data a checkpoint's run pinned, or None for a checkpoint older than pinning; ValueError
-    naming the file when it is unreadable."""
-    if "data_pin" not in state:
+    """The data a checkpoint's run pinned, or None where it was not recorded (a checkpoint older than
+    pinning); ValueError naming the file when it is unreadable."""
+    if state["data_pin"] is None:
         return None
     try:
         return DataPin.from_json(state["data_pin"])

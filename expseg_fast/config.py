@@ -40,7 +40,8 @@ LR_SCHEDULES = ("constant", "poly")  # the learning rate over the epochs (TrainC
 POLY_EXPONENT = 0.9  # poly: lr x (1 - epoch / epochs)^0.9, nnU-Net's schedule
 STEP_MODES = ("eager", "compiled", "cuda_graph")  # the forms of a training step (expseg_fast/training/step.py)
 MODELS = ("ours", "vnet")
-SELECT_ON = ("auto", "validation", "colin27")  # the figure that chooses best.pt (training/selection.py)
+VALIDATION, COLIN27 = "validation", "colin27"  # the figures that can choose best.pt (training/selection.py)
+SELECT_ON = ("auto", VALIDATION, COLIN27)
 BOTTOM_FACTOR = {"ours": 8, "vnet": 16}  # cube edge / the edge of the network's bottom level
 INPUT_PATHS = ("data", "label_map", "val_data", "val_label_map")  # TrainConfig's fields that name files or folders read
 
@@ -150,7 +151,7 @@ class PredictorDefaults:
     channels_last: bool = True
     cuda_graph: bool = True
     fold_bn: bool = False  # BatchNorm folded into the convolutions (bench/NOTES.md: no gain on the CPU yet)
-    compiled: bool = False  # torch.compile (2.6x slower on the 2-core CPU; the GPU is to measure)
+    compiled: bool = False  # torch.compile (slower on the CPU so far: bench/NOTES.md; the GPU is to measure)
     flip: bool = False  # segment.py and evaluate.py average each window with its left-right mirror
     window_batch: tuple[tuple[str, int], ...] = (("cuda", 4), ("cpu", 1))
 

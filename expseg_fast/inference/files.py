@@ -32,8 +32,6 @@ from expseg_fast.data.identity import DataPin
 from expseg_fast.data.nifti import VOLUME_SUFFIXES, affines_match, nonfinite_problem, save_labels, volume_suffix
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import Resampling
-from expseg_fast.data.source import SYNTH
-from expseg_fast.data.synth import packaged_composition
 from expseg_fast.inference.mirroring import lateral_swap, left_right_axis, mirrored
 from expseg_fast.inference.plausibility import intensity_note, prediction_note
 from expseg_fast.inference.predictor import Predictor
@@ -54,8 +52,8 @@ class SegmentationError(ValueError):
 
 class LoadedModel(NamedTuple):
     """A checkpoint read once: the network (eval mode, on the device), its settings, its preprocessing
-    plan, its class names, the range of its training data (None for checkpoints older than that), the
-    epochs it had run, the data its run pinned (None for checkpoints older than that) and whether it is an
+    plan, its class names, the range of its training data (None where not recorded), the epochs it had
+    run, the data its run pinned (None where not recorded) and whether it is an
     inference-only copy (scripts/export_model.py: its data named by folder name only)."""
     model: torch.nn.Module
     config: TrainConfig
@@ -79,17 +77,15 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
         names = [str(name) for name in state["class_names"]]
         model = config.network(len(names))
         model.load_state_dict(state["model"])
-        seen = json.loads(state["data_range"]) if "data_range" in state else None
-        if seen is not None and "composition" not in seen and config.data == SYNTH:
-            seen["composition"] = packaged_composition(names)  # a generator run's from before the record
+        seen = json.loads(state["data_range"])
         epochs = int(state["epoch"]) + 1
-        plan = Plan.from_record(json.loads(state["plan"])) if "plan" in state else config.plan()
+        plan = Plan.from_record(json.loads(state["plan"]))
     except (RuntimeError, TypeError, ValueError, KeyError, RecursionError) as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise ValueError(f"{checkpoint}: its weights, class names or records do not fit its configuration "
                          f"({reason})") from None
     return LoadedModel(model.to(device).eval(), config, plan, names, seen, epochs, checkpoint_pin(state, checkpoint),
-                       bool(state.get("inference_only", False)))
+                       bool(state["inference_only"]))
 
 
 def input_files(inputs: Path) -> list[Path]:
@@ -167,8 +163,8 @@ def cases(files: list[Path], in_channels: int, problems: list[str]) -> list[tupl
 
 def inference_precision(config: TrainConfig, device_type: str) -> str:
     """The precision a checkpoint infers in: its training precision on CUDA; on the CPU bf16 where it
-    trained in bf16 and the processor multiplies bf16 natively (the same Dice as fp32 on both real scans at
-    about 2.3x the speed: results/real-scans/README.md), else fp32 (emulated bf16 is slow)."""
+    trained in bf16 and the processor multiplies bf16 natively (the same Dice as fp32 on both real scans,
+    faster: results/real-scans/README.md), else fp32 (emulated bf16 is slow)."""
     if device_type == "cuda":
         return config.precision
     return "bf16" if config.precision == "bf16" and cpu_bf16_units() else "fp32"

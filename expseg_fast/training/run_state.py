@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from expseg_fast.atomic import NoSpaceError
-from expseg_fast.checkpoint import checkpoint_config, load_checkpoint, non_finite_weights, save_checkpoint, to_bytes
+from expseg_fast.checkpoint import (
+    FORMAT,
+    checkpoint_config,
+    load_checkpoint,
+    non_finite_weights,
+    save_checkpoint,
+    to_bytes,
+)
 from expseg_fast.config import TrainConfig
 from expseg_fast.runlog import append_record, read_log, rewrite_log
 from expseg_fast.training import selection
@@ -28,7 +35,7 @@ def check_resume(config: TrainConfig, state: dict, path: Path, main: bool) -> No
     """A resumed run keeps its configuration: ValueError naming every setting that differs, except those
     it may take (RESUME_MAY_CHANGE), which are applied with a message. The channel count is the data's.
     An inference-only copy (checkpoint.for_inference) cannot be resumed."""
-    if state.get("inference_only"):
+    if state["inference_only"]:
         raise ValueError(f"{path}: an inference-only copy without the optimizer's state; resume from the run's own "
                          f"last.pt")
     saved = checkpoint_config(state, path)
@@ -53,7 +60,7 @@ def restore(run: Run, state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"])
     run.train_source.set_state(state)
     run.start_epoch, run.best = int(state["epoch"]) + 1, float(state["best"])
-    run.best_epoch = int(state.get("best_epoch", -1))
+    run.best_epoch = int(state["best_epoch"])
     if run.main:  # a kill between the log line and the checkpoint left a record the run will redo
         keep_log_before(run.out / "log.jsonl", run.start_epoch)
         repair_best(run.out, state)
@@ -67,7 +74,8 @@ def state_of(run: Run, epoch: int) -> dict:
         "aug_rng": run.aug_gen.get_state(), "order_rng": run.order_gen.get_state(), "torch_rng": torch.get_rng_state(),
         "config": run.config.to_json(),
         "class_names": list(run.data.label_map.names), "data_range": json.dumps(run.data_range),
-        "data_pin": run.pin.to_json(), "plan": json.dumps(run.plan.record()),
+        "data_pin": run.pin.to_json(), "plan": json.dumps(run.plan.record()), "inference_only": False,
+        "format": FORMAT,
     }
     if run.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state()
@@ -109,7 +117,7 @@ def save_epoch(run: Run, epoch: int, record: dict) -> None:
 
 def repair_best(out: Path, last: dict) -> None:
     """A kill between writing last.pt and best.pt leaves best.pt one improvement behind: copy last.pt."""
-    best_epoch, epoch = int(last.get("best_epoch", -1)), int(last["epoch"])
+    best_epoch, epoch = int(last["best_epoch"]), int(last["epoch"])
     if best_epoch != epoch:
         return
     best = out / "best.pt"

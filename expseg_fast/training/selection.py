@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from expseg_fast.config import TrainConfig
+from expseg_fast.config import COLIN27, VALIDATION, TrainConfig
 from expseg_fast.data import anatomy
 from expseg_fast.data.loader import prepare
 from expseg_fast.data.plans import Plan
@@ -19,7 +19,6 @@ from expseg_fast.data.source import SYNTH, Dataset
 from expseg_fast.training.run_folder import RunError
 from expseg_fast.training.subject_sources import CacheSource
 
-VALIDATION, COLIN27 = "validation", "colin27"  # the figures (config.SELECT_ON without auto)
 RECORD_KEYS = {VALIDATION: "val_dice_mean", COLIN27: "colin27_dice_mean"}  # each one's field of an epoch's record
 
 
@@ -34,10 +33,9 @@ class RealCheck:
 
 
 def best_by(config: TrainConfig, state: dict | None) -> str:
-    """The figure of a run (resumed: the one it started with; checkpoints from before the choice chose by
-    the run's own validation)."""
+    """The figure of a run (resumed: the one it started with)."""
     if state is not None:
-        return str(state.get("best_by", VALIDATION))
+        return str(state["best_by"])
     if config.select_on != "auto":
         return config.select_on
     found = anatomy.colin27_installed(anatomy.COLIN27)
