@@ -136,7 +136,7 @@ def phase_times(dtype: torch.dtype, channels_last: bool) -> dict:
     }, "stats": [], "grad": []}
     tiles = {"design": "tiles"}
     triton_explog.TUNING.update(stats=tiles, grad=tiles)
-    _, coef, _ = triton_explog.explog_forward(logits, target, weights, *args, False)
+    _, stats_t, _ = triton_explog.explog_forward(logits, target, weights, *args, False)
     for design, configs in SWEEP.items():
         for block_v, warps in configs:
             chosen = {"design": design, "block_v": block_v, "num_warps": warps}
@@ -149,9 +149,10 @@ def phase_times(dtype: torch.dtype, channels_last: bool) -> dict:
                 out["stats"].append(row)
                 row = dict(chosen)
                 triton_explog.TUNING.update(stats=tiles, grad=chosen)
-                grad_t = triton_explog.explog_backward(one, logits, target, coef, args[3])
+                grad_t = triton_explog.explog_backward(one, logits, target, weights, stats_t, *args, False)
                 row["grad_rel_err"] = float((grad_t.float() - grad_n.float()).norm() / grad_n.float().norm())
-                row["ms"] = bench(lambda: triton_explog.explog_backward(one, logits, target, coef, args[3]))
+                row["ms"] = bench(lambda: triton_explog.explog_backward(one, logits, target, weights, stats_t, *args,
+                                                                           False))
                 out["grad"].append(row)
             except Exception as error:  # a configuration that does not compile or fit
                 print(f"  {chosen}: {type(error).__name__}: {error}")

@@ -26,7 +26,7 @@ from expseg_fast.data.augment import AugmentConfig
 from expseg_fast.data.demo import DemoSettings
 from expseg_fast.data.nifti import MAX_VOXELS
 from expseg_fast.data.plans import PLANS, Plan, plan_of
-from expseg_fast.data.source import SYNTH, Dataset, open_dataset
+from expseg_fast.data.source import SYNTH, DataLocation, Dataset, open_dataset
 from expseg_fast.data.splits import random_splits
 from expseg_fast.data.synth import CONTRASTS, SynthSettings
 from expseg_fast.losses import LossSpec
@@ -315,7 +315,7 @@ class TrainConfig:
 
     def plan(self) -> Plan:
         """The preprocessing plan of this configuration (expseg_fast/data/plans.py)."""
-        return plan_of(self.preprocessing, self)
+        return plan_of(self.preprocessing, self.size, self.spacing_mm)
 
     def augment_config(self) -> AugmentConfig:
         """The rigid augmentation of this configuration (expseg_fast/data/augment.py)."""
@@ -344,12 +344,15 @@ class TrainConfig:
     def demo_settings(self) -> DemoSettings:
         return PRESETS[self.demo_preset].demo
 
-    def open_data(self, data: str | None, label_map: str | None, run_folder: Path, limit_subjects: int | None = None,
+    def location(self, data: str | None, label_map: str | None, run_folder: Path) -> DataLocation:
+        """Where data with its label map lies, None being this configuration's demo dataset: built once, and
+        found again, beside the run folder (in its parent)."""
+        return DataLocation(data, label_map, self.demo_settings(), self.demo_preset, Path(run_folder).absolute().parent)
+
+    def open_data(self, data: str | None, label_map: str | None, run_folder: Path, *, limit_subjects: int | None = None,
                   plan: Plan | None = None, max_voxels: int = MAX_VOXELS) -> Dataset:
-        """open_dataset (data/source.py) of data with its label map, where None is this configuration's demo
-        dataset: built once, and found again, beside the run folder (in its parent)."""
-        return open_dataset(data, label_map, self.demo_settings(), self.demo_preset, Path(run_folder).absolute().parent,
-                            limit_subjects, plan, max_voxels)
+        """open_dataset (data/source.py) of data with its label map at this configuration's location()."""
+        return open_dataset(self.location(data, label_map, run_folder), limit_subjects, plan, max_voxels)
 
     def check(self) -> None:
         """Raises ValueError naming every setting that is out of range or of the wrong type."""

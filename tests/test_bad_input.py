@@ -24,7 +24,7 @@ from expseg_fast.checkpoint import load_checkpoint
 from expseg_fast.config import TrainConfig
 from expseg_fast.data import DatasetError, find_pairs, load_volume, save_volume
 from expseg_fast.data.preprocess import plan_spacing_whole
-from expseg_fast.data.source import open_dataset
+from expseg_fast.data.source import DataLocation, open_dataset
 from expseg_fast.inference.files import SegmentationError, segment
 from expseg_fast.training import train
 
@@ -107,7 +107,7 @@ def test_the_dataset_scan_reports_a_bomb_with_the_other_problems(tmp_path):
     header_only(tmp_path / "data" / "imagesTr" / "c1_0000.nii.gz", (1200, 1200, 1200))
     (tmp_path / "data" / "labelsTr" / "c2.nii.gz").unlink()
     with pytest.raises(DatasetError) as caught:
-        open_dataset(str(tmp_path / "data"), str(tmp_path / "data" / "map.json"), None, "cpu", tmp_path)
+        open_dataset(DataLocation(str(tmp_path / "data"), str(tmp_path / "data" / "map.json")))
     lines = caught.value.problems
     assert any("c1_0000.nii.gz: declares 1200x1200x1200" in line and "more than the limit" in line for line in lines)
     assert any("c2_0000.nii.gz: no label file" in line for line in lines) and len(lines) == 2
@@ -124,7 +124,7 @@ def test_a_bad_label_map_is_reported_with_the_datas_problems(tmp_path):
     shutil.copy(data / "imagesTr" / "c1_0000.nii.gz", data / "imagesTr" / "c9_0000.nii.gz")  # the same scan twice
     shutil.copy(data / "labelsTr" / "c1.nii.gz", data / "labelsTr" / "c9.nii.gz")
     with pytest.raises(DatasetError) as caught:
-        open_dataset(str(data), str(data / "map.json"), None, "cpu", tmp_path)
+        open_dataset(DataLocation(str(data), str(data / "map.json")))
     lines = caught.value.problems
     assert len(lines) == 3, lines
     assert "map.json: not a label map (class 'x': id 1.5 is not an integer)" in lines[0]

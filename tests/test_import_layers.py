@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).parents[1] / "expseg_fast"
 # The layers, lowest first; a unit (a package or a root module) imports only from lower layers.
 LAYERS = [
-    {"numerics", "_C", "atomic", "machine", "metrics"},
+    {"numerics", "op_contract", "_C", "atomic", "machine", "metrics"},
     {"kernels", "runlog"},
     {"losses", "models", "data"},
     {"config"},

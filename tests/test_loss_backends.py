@@ -80,3 +80,36 @@ def test_gradient_matches_oracle_finite_differences(backend, spec_name):
     minus = oracle_loss(logits - h * direction, target, weights, spec)
     fd = float((plus - minus) / (2 * h))
     assert abs(float((grad * direction).sum()) - fd) <= 1e-6 * abs(fd) + 1e-10
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
+def test_the_native_and_triton_ops_keep_the_same_state_and_read_each_others(spec_name, channels_last):
+    """One contract (expseg_fast/op_contract.py): the same outputs with the same dtypes, the same tensors
+    saved for the backward, and each backward op takes the other's statistics."""
+    from expseg_fast.kernels import explog as triton_op
+
+    shape, spec = (2, 5, 3, 4, 5), SPECS[spec_name]
+    logits = make_logits(shape, torch.float32, channels_last).requires_grad_()
+    target, weights = make_target(shape, shape[1]), torch.rand(shape[1]) + 0.5
+    forwards = {"native": lambda: torch.ops.expseg_fast.explog_forward(logits, target, weights, *spec.op_args()),
+                "triton": lambda: triton_op.explog_forward(logits, target, weights, *spec.op_args(), True)}
+    outputs, saved = {}, {}
+    for name, forward in forwards.items():
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            outputs[name] = forward()
+        saved[name] = kept
+    assert [(t.dtype, t.shape) for t in outputs["native"]] == [(t.dtype, t.shape) for t in outputs["triton"]]
+    assert [(t.dtype, t.shape) for t in saved["native"]] == [(t.dtype, t.shape) for t in saved["triton"]]
+    assert [t.dtype for t in saved["native"]][-1] == torch.float64 and len(saved["native"]) == 4  # + statistics
+    (loss_n, stats_n, bad_n), (loss_t, stats_t, bad_t) = outputs["native"], outputs["triton"]
+    torch.testing.assert_close(stats_t, stats_n, rtol=1e-5, atol=1e-6)
+    assert torch.equal(bad_n, bad_t)
+    torch.testing.assert_close(loss_t.detach(), loss_n.detach(), rtol=1e-5, atol=0)
+    grad = torch.tensor(0.7)
+    args = (logits.detach(), target, weights)
+    native_grad = torch.ops.expseg_fast.explog_backward(grad, *args, stats_n, *spec.op_args())
+    triton_grad = triton_op.explog_backward(grad, *args, stats_n, *spec.op_args(), True)
+    assert_grad_close(triton_grad, native_grad, 2e-5)
+    assert_grad_close(torch.ops.expseg_fast.explog_backward(grad, *args, stats_t, *spec.op_args()), native_grad, 2e-5)

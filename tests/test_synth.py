@@ -22,7 +22,7 @@ from expseg_fast.data.anatomy import CLASSES_FILE, PROTOCOLS, GenerationTable, l
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.plans import FitPlan, SpacingPlan
 from expseg_fast.data.preprocess import IGNORE, ScanStatistics, apply_image
-from expseg_fast.data.source import open_dataset, open_synth
+from expseg_fast.data.source import DataLocation, open_dataset, open_synth
 from expseg_fast.data.synth import ImageGenerator, LabelMapSource, SynthSettings
 from expseg_fast.runlog import read_log
 from expseg_fast.training import train
@@ -201,7 +201,7 @@ def test_colin27_with_its_aal_labels_is_scored_on_the_aal_classes(tmp_path):
     state = torch.load(out / "last.pt", weights_only=False)
     model = config.network(len(state["class_names"])).eval()
     model.load_state_dict(state["model"])
-    scan = open_dataset(str(data), str(PROTOCOLS / "aal.json"), config.demo_settings(), config.demo_preset, tmp_path)
+    scan = open_dataset(DataLocation(str(data), str(PROTOCOLS / "aal.json")))
     label_map, lacking = scan.label_map.aligned_to(state["class_names"], "aal.json")
     sample = preprocess_pair(scan.pairs[0], label_map, config.plan())
     with torch.no_grad():

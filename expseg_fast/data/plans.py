@@ -77,8 +77,9 @@ class Plan(ABC):
 
     @classmethod
     @abstractmethod
-    def of(cls, settings) -> "Plan":
-        """The plan of a configuration (any object with the fields the mode needs, e.g. a TrainConfig)."""
+    def of(cls, size: int, spacing_mm: float) -> "Plan":
+        """The plan of a training cube's edge (voxels) and voxel size (mm; modes that resample to the cube
+        ignore it)."""
 
     @abstractmethod
     def training_grid(self, shape: tuple[int, int, int], affine: np.ndarray, classes: np.ndarray) -> Resampling:
@@ -154,8 +155,8 @@ class FitPlan(Plan):
     size: int
 
     @classmethod
-    def of(cls, settings) -> "FitPlan":
-        return cls(int(settings.size))
+    def of(cls, size: int, spacing_mm: float) -> "FitPlan":
+        return cls(int(size))
 
     def training_grid(self, shape, affine, classes) -> Resampling:
         return plan(shape, affine, self.size)
@@ -190,8 +191,8 @@ class SpacingPlan(Plan):
     spacing_mm: float
 
     @classmethod
-    def of(cls, settings) -> "SpacingPlan":
-        return cls(int(settings.size), float(settings.spacing_mm))
+    def of(cls, size: int, spacing_mm: float) -> "SpacingPlan":
+        return cls(int(size), float(spacing_mm))
 
     def training_grid(self, shape, affine, classes) -> Resampling:
         return plan_spacing(shape, affine, (self.size,) * 3, self.spacing_mm, foreground_centre(classes))
@@ -225,9 +226,10 @@ class SpacingPlan(Plan):
 PLANS: dict[str, type[Plan]] = {p.mode: p for p in (FitPlan, SpacingPlan)}
 
 
-def plan_of(mode: str, settings) -> Plan:
-    """The plan of a mode name for a configuration; ValueError for an unknown mode."""
+def plan_of(mode: str, size: int, spacing_mm: float) -> Plan:
+    """The plan of a mode name, a training cube's edge (voxels) and a voxel size (mm); ValueError for an
+    unknown mode."""
     if mode not in PLANS:
         raise ValueError(f"preprocessing must be one of {', '.join(PLANS)}, got {mode!r}")
-    return PLANS[mode].of(settings)
+    return PLANS[mode].of(size, spacing_mm)
 

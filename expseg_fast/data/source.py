@@ -82,21 +82,32 @@ def open_synth(limit: int | None = None) -> Dataset:
     return Dataset([], LabelMap.from_json(anatomy.CLASSES_FILE), subjects, anatomy.MAPS.resolve(), None, list(files))
 
 
-def open_dataset(data: str | None, label_map: str | None, demo_settings: demo.DemoSettings, demo_name: str,
-                 demo_root: Path, limit_subjects: int | None = None, plan: Plan | None = None,
+@dataclass(frozen=True)
+class DataLocation:
+    """Where a dataset lies: a dataset folder or list (data) with its JSON label map; or, data None, the
+    demo dataset of the demo settings, built once in demo_root/demo-data-NAME-SUBJECTS."""
+
+    data: str | None
+    label_map: str | None = None
+    demo: demo.DemoSettings | None = None
+    demo_name: str = ""
+    demo_root: Path = Path(".")
+
+
+def open_dataset(where: DataLocation, limit_subjects: int | None = None, plan: Plan | None = None,
                  max_voxels: int = MAX_VOXELS) -> Dataset:
     """The dataset, scanned (every problem at once, the label map's with the data's, before anything is
-    written; with a plan, also the scans it would lose or that would cost too much). data: a dataset folder
-    or list, with its JSON label_map; None: the demo dataset of demo_settings, built once in
-    demo_root/demo-data-NAME-SUBJECTS. limit_subjects: only the first N pairs (and only N demo
-    subjects built). DatasetError listing the problems."""
+    written; with a plan, also the scans it would lose or that would cost too much). limit_subjects: only
+    the first N pairs (and only N demo subjects built). DatasetError listing the problems."""
+    data, label_map = where.data, where.label_map
     problems: list[str] = []
     labels: LabelMap | None
     map_file: Path | None = None
     if data is None:
+        settings = where.demo
         if limit_subjects:  # build only what is used
-            demo_settings = dataclasses.replace(demo_settings, subjects=max(2, limit_subjects))
-        root = demo.build(demo_root / f"demo-data-{demo_name}-{demo_settings.subjects}", demo_settings)
+            settings = dataclasses.replace(settings, subjects=max(2, limit_subjects))
+        root = demo.build(where.demo_root / f"demo-data-{where.demo_name}-{settings.subjects}", settings)
         labels = LabelMap.from_json(root / "label_map.json")
     else:
         if label_map is None:

@@ -27,7 +27,7 @@ from expseg_fast.config import Table1Settings, TrainConfig
 from expseg_fast.data import preprocess_pair
 from expseg_fast.data.demo import CLASS_NAMES, PAPER_SIZES
 from expseg_fast.data.plans import FitPlan
-from expseg_fast.data.source import open_dataset
+from expseg_fast.data.source import DataLocation, open_dataset
 from expseg_fast.machine import processor_name
 
 
@@ -122,7 +122,8 @@ def _label_average(per_label: list[float]) -> float:
 def label_voxels(preset: Table1Settings, runs: Path) -> list[float]:
     """Mean voxel count of labels 1..19 per subject at the preset's training size (from the runs' cache)."""
     config = config_for(CASES[0], 0, preset, runs)
-    data = open_dataset(None, None, config.demo_settings(), config.demo_preset, runs, config.limit_subjects)
+    demo_data = DataLocation(None, None, config.demo_settings(), config.demo_preset, runs)
+    data = open_dataset(demo_data, config.limit_subjects)
     pairs, label_map = data.pairs, data.label_map
     totals = [0.0] * (len(CLASS_NAMES) - 1)
     for pair in pairs:

@@ -109,7 +109,8 @@ def _dataset(config: TrainConfig, data: str | None, label_map: str | None, check
     run_folder = checkpoint.resolve().parent
     if data is not None:
         return config.open_data(data, label_map, run_folder, max_voxels=max_voxels)
-    return config.open_data(config.data, config.label_map, run_folder, config.limit_subjects, max_voxels=max_voxels)
+    return config.open_data(config.data, config.label_map, run_folder, limit_subjects=config.limit_subjects,
+                            max_voxels=max_voxels)
 
 
 def _score(pair: Pair, label_map: LabelMap, plan: Plan, predictors: tuple[Predictor, Predictor],

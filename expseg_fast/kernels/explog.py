@@ -1,11 +1,13 @@
-"""Fused Triton kernels of the exp-log loss family and their autograd op.
+"""Fused Triton kernels of the exp-log loss family, as an op of the native op's contract and autograd
+(expseg_fast/op_contract.py).
 
 Three kernels, the same math as csrc/explog_math.h (DESIGN.md section 2):
   _stats_kernel     one pass over the logits: per-voxel softmax, per-(sample, label) sums of
                     G (count), M (missed mass 1 - p_l), Q (false-positive mass) and T (t^gamma_cross),
                     block partials added atomically (float64), or written per block and reduced in a
                     fixed order when deterministic.
-  _finalize_kernel  one program: the scalar loss and the per-(sample, label) backward coefficients.
+  _finalize_kernel  one program: the statistics reduced in order and the scalar loss (forward), or the
+                    per-(sample, label) backward coefficients from the statistics (backward).
   _grad_kernel      one pass that recomputes the softmax and writes d loss / d logits once.
 The statistics and gradient kernels come in two designs, chosen per kernel (TUNING, _launch): "tiles"
 work on (labels x voxels) tiles; "rows" (_stats_rows_kernel, _grad_rows_kernel) go one label row at a
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from expseg_fast.numerics import GRAD_FLOOR
+from expseg_fast.op_contract import register_autograd
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_LABELS = 256
@@ -185,11 +188,12 @@ def _stats_kernel(z_ptr, lab_ptr, part_ptr, bad_ptr, C: tl.constexpr, V, H, W, n
 
 
 @triton.jit
-def _finalize_kernel(part_ptr, w_ptr, coef_ptr, loss_ptr, N, C, P, V,
+def _finalize_kernel(part_ptr, w_ptr, out_ptr, loss_ptr, N, C, P, V,
                      w_dice, w_cross, gamma_dice, gamma_cross, eps, grad_floor,
-                     LINEAR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Reduces the P partials of each sample in order; writes the loss and coef (N, 3, C) =
-    (a, b, kappa) with dL/dp_i = a_i - b_i [l == i] and the cross part's scale kappa_i."""
+                     LINEAR: tl.constexpr, COEFS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Reduces the P partials (N, P, C, 4) of each sample in order; writes the loss and either (COEFS) the
+    backward coefficients out (N, 3, C) float32 = (a, b, kappa), dL/dp_i = a_i - b_i [l == i] and the cross
+    part's scale kappa_i, or the statistics out (N, C, 4) float64 (the backward passes them as P = 1)."""
     c = tl.arange(0, BLOCK_C)
     in_c = c < C
     w = tl.load(w_ptr + c, mask=in_c, other=0.0).to(tl.float64)
@@ -219,10 +223,17 @@ def _finalize_kernel(part_ptr, w_ptr, coef_ptr, loss_ptr, N, C, P, V,
             phi = _pow(u, gamma_dice)
             dphi = gamma_dice * tl.exp((gamma_dice - 1.0) * tl.log(tl.maximum(u, grad_floor)))
         total += tl.where(in_c, w_dice * phi / nc + w_cross * w * tt / nv, 0.0)
-        base = coef_ptr + n * 3 * C + c
-        tl.store(base, (w_dice * dphi / (b_ * nc)).to(tl.float32), mask=in_c)
-        tl.store(base + C, (2.0 * w_dice * dphi / (a_ * nc)).to(tl.float32), mask=in_c)
-        tl.store(base + 2 * C, (w_cross * w * gamma_cross / nv).to(tl.float32), mask=in_c)
+        if COEFS:
+            base = out_ptr + n * 3 * C + c
+            tl.store(base, (w_dice * dphi / (b_ * nc)).to(tl.float32), mask=in_c)
+            tl.store(base + C, (2.0 * w_dice * dphi / (a_ * nc)).to(tl.float32), mask=in_c)
+            tl.store(base + 2 * C, (w_cross * w * gamma_cross / nv).to(tl.float32), mask=in_c)
+        else:
+            base = out_ptr + (n * C + c) * 4
+            tl.store(base + 0, g, mask=in_c)
+            tl.store(base + 1, m, mask=in_c)
+            tl.store(base + 2, q, mask=in_c)
+            tl.store(base + 3, tt, mask=in_c)
     tl.store(loss_ptr, tl.sum(total, axis=0).to(tl.float32))
 
 
@@ -478,8 +489,8 @@ def explog_forward(
     w_dice: float, w_cross: float, gamma_dice: float, gamma_cross: float, linear_dice: bool, eps: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss () float32, coef (N, 3, C) float32 backward coefficients, bad (2,) int32 counts of
-    labels outside [0, C) and of voxels with a non-finite logit)."""
+    """The contract's forward (expseg_fast/op_contract.py): (loss () float32, statistics (N, C, 4) float64,
+    bad (2,) int64 counts of labels outside [0, C) and of voxels with a non-finite logit)."""
     n_samples, num_labels = logits.shape[:2]
     geo = _geometry(logits, target)
     launch = _launch("stats", num_labels, logits.stride(1) == 1)
@@ -489,7 +500,7 @@ def explog_forward(
     alloc = torch.empty if deterministic else torch.zeros
     part = alloc((n_samples, slots, num_labels, 4), dtype=torch.float64, device=logits.device)
     bad = torch.zeros(2, dtype=torch.int32, device=logits.device)
-    coef = torch.empty((n_samples, 3, num_labels), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((n_samples, num_labels, 4), dtype=torch.float64, device=logits.device)
     loss = torch.empty((), dtype=torch.float32, device=logits.device)
     if geo["V"] > 0:
         kernel = _stats_rows_kernel if launch.rows else _stats_kernel
@@ -499,11 +510,20 @@ def explog_forward(
             **geo)
     else:
         part.zero_()
+    _finalize(part, weights, stats, loss, geo["V"], (w_dice, w_cross, gamma_dice, gamma_cross, linear_dice, eps))
+    return loss, stats, bad.to(torch.int64)
+
+
+def _finalize(part: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, loss: torch.Tensor, voxels: int,
+              op_args: tuple) -> None:
+    """_finalize_kernel over part (N, P, C, 4): the statistics into out (N, C, 4), or, where out is
+    (N, 3, C), the backward coefficients."""
+    n_samples, slots, num_labels = part.shape[:3]
+    w_dice, w_cross, gamma_dice, gamma_cross, linear_dice, eps = op_args
     _finalize_kernel[(1,)](
-        part, weights, coef, loss, n_samples, num_labels, slots, geo["V"],
-        w_dice, w_cross, gamma_dice, gamma_cross, eps, GRAD_FLOOR,
-        LINEAR=linear_dice, BLOCK_C=launch.block_c, BLOCK_P=max(1, min(64, triton.next_power_of_2(slots))))
-    return loss, coef, bad
+        part, weights, out, loss, n_samples, num_labels, slots, voxels,
+        w_dice, w_cross, gamma_dice, gamma_cross, eps, GRAD_FLOOR, LINEAR=linear_dice, COEFS=out.shape[1] == 3,
+        BLOCK_C=triton.next_power_of_2(num_labels), BLOCK_P=max(1, min(64, triton.next_power_of_2(slots))))
 
 
 @explog_forward.register_fake
@@ -511,23 +531,31 @@ def _(logits, target, weights, w_dice, w_cross, gamma_dice, gamma_cross, linear_
     n_samples, num_labels = logits.shape[:2]
     return (
         logits.new_empty((), dtype=torch.float32),
-        logits.new_empty((n_samples, 3, num_labels), dtype=torch.float32),
-        logits.new_empty((2,), dtype=torch.int32),
+        logits.new_empty((n_samples, num_labels, 4), dtype=torch.float64),
+        logits.new_empty((2,), dtype=torch.int64),
     )
 
 
 @torch.library.custom_op("expseg_fast::triton_explog_backward", mutates_args=())
 def explog_backward(
-    grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, coef: torch.Tensor, gamma_cross: float
+    grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, stats: torch.Tensor,
+    w_dice: float, w_cross: float, gamma_dice: float, gamma_cross: float, linear_dice: bool, eps: float,
+    deterministic: bool,
 ) -> torch.Tensor:
-    """d loss / d logits (logits' dtype and memory format) scaled by grad (a 0-d tensor)."""
+    """The contract's backward: d loss / d logits (logits' dtype and memory format) scaled by grad (a 0-d
+    tensor), from the backward coefficients of the statistics (N, C, 4)."""
     out = torch.empty_like(logits)
+    n_samples, num_labels = logits.shape[:2]
     geo = _geometry(logits, target)
-    launch = _launch("grad", logits.shape[1], logits.stride(1) == 1)
+    coef = torch.empty((n_samples, 3, num_labels), dtype=torch.float32, device=logits.device)
+    unused_loss = torch.empty((), dtype=torch.float32, device=logits.device)
+    _finalize(stats.unsqueeze(1).contiguous(), weights, coef, unused_loss, geo["V"],
+              (w_dice, w_cross, gamma_dice, gamma_cross, linear_dice, eps))
+    launch = _launch("grad", num_labels, logits.stride(1) == 1)
     if out.numel():
         spatial = tuple(logits.shape[2:])
         kernel = _grad_rows_kernel if launch.rows else _grad_kernel
-        kernel[(triton.cdiv(geo["V"], launch.block_v), logits.shape[0])](
+        kernel[(triton.cdiv(geo["V"], launch.block_v), n_samples)](
             logits, target, out, coef, grad.float().contiguous(),
             sgn=out.stride(0), sgc=out.stride(1), sgd=out.stride(2), sgh=out.stride(3), sgw=out.stride(4),
             gamma_cross=gamma_cross, FLAT_G=_flat(out.stride()[2:], spatial), PACKED_G=_packed(out),
@@ -536,25 +564,11 @@ def explog_backward(
 
 
 @explog_backward.register_fake
-def _(grad, logits, target, coef, gamma_cross):
+def _(grad, logits, target, weights, stats, *op_args):
     return torch.empty_like(logits)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    logits, target, _weights, _w_dice, _w_cross, _gamma_dice, gamma_cross = inputs[:7]
-    _loss, coef, bad = output
-    ctx.save_for_backward(logits, target, coef)
-    ctx.gamma_cross = gamma_cross
-    ctx.mark_non_differentiable(coef, bad)
-
-
-def _backward(ctx, grad_loss, _grad_coef, _grad_bad):
-    logits, target, coef = ctx.saved_tensors
-    grad = explog_backward(grad_loss, logits, target, coef, ctx.gamma_cross) if ctx.needs_input_grad[0] else None
-    return (grad,) + (None,) * 9
-
-
-explog_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(explog_forward, explog_backward)
 
 
 def explog(
@@ -567,5 +581,5 @@ def explog(
     if logits.shape[1] > MAX_LABELS:
         raise ValueError(f"logits: the triton backend takes at most {MAX_LABELS} labels, got {logits.shape[1]}")
     deterministic = torch.are_deterministic_algorithms_enabled()
-    loss, _coef, bad = explog_forward(logits, target, weights.float(), *op_args, deterministic)
+    loss, _stats, bad = explog_forward(logits, target, weights.float(), *op_args, deterministic)
     return loss, bad

@@ -1,4 +1,5 @@
-"""The native op expseg_fast::explog_forward/backward (csrc/): loading, fake kernels, autograd.
+"""The native op expseg_fast::explog_forward/backward (csrc/): loading, fake kernels, and the ops' one
+autograd (expseg_fast/op_contract.py).
 
 One forward pass gathers the per-(sample, label) statistics (N, C, 4), stored in float64 (on the CPU
 summed from float64 chunk partials in a fixed order; on CUDA from float32 block partials through
@@ -9,6 +10,8 @@ d loss / d logits once. Nothing of size C*V is saved.
 from __future__ import annotations
 
 import torch
+
+from expseg_fast.op_contract import register_autograd
 
 # Label dtypes the kernels read in place; other integer dtypes are converted to int64 first.
 LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -75,18 +78,4 @@ if LOAD_ERROR is None:
     def _coef_backward_fake(coefs, logits, target, gamma_cross):
         return torch.empty_like(logits)
 
-    def _setup_context(ctx, inputs, output) -> None:
-        logits, target, weights, *op_args = inputs
-        _loss, stats, bad = output
-        ctx.save_for_backward(logits, target, weights, stats)
-        ctx.op_args = op_args
-        ctx.mark_non_differentiable(stats, bad)
-
-    def _backward(ctx, grad_loss, _grad_stats, _grad_bad):
-        logits, target, weights, stats = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.ops.expseg_fast.explog_backward(grad_loss, logits, target, weights, stats, *ctx.op_args)
-        return (grad, None, None) + (None,) * len(ctx.op_args)
-
-    torch.library.register_autograd("expseg_fast::explog_forward", _backward, setup_context=_setup_context)
+    register_autograd("expseg_fast::explog_forward", torch.ops.expseg_fast.explog_backward)

@@ -40,22 +40,24 @@ class PhaseClock:
 
 def train_epoch(run: Run, epoch: int, clock: PhaseClock) -> tuple[list[float], int]:
     """(the loss of every step, the steps of this process) of one epoch."""
-    run.model.train()
-    run.step.set_lr(run.config.lr_at(epoch))
-    order = [i for _ in range(run.train_source.repeats)
-             for i in torch.randperm(len(run.train_idx), generator=run.order_gen).tolist()]
-    shard = order[run.rank::run.world][: len(order) // run.world]  # equal shards: every process steps alike
-    progress = run.main and sys.stderr.isatty()
+    place, pinned, training = run.place, run.pinned, run.training
+    training.model.train()
+    training.step.set_lr(run.config.lr_at(epoch))
+    order = [i for _ in range(pinned.train_source.repeats)
+             for i in torch.randperm(len(pinned.train_idx), generator=training.order_gen).tolist()]
+    shard = order[place.rank::place.world][: len(order) // place.world]  # equal shards: every process steps alike
+    progress = place.main and sys.stderr.isatty()
+    augmentation = run.config.augment_config()
     losses = []
-    for step, (image, labels) in enumerate(run.train_source.epoch([run.train_idx[i] for i in shard]), start=1):
+    for step, (image, labels) in enumerate(pinned.train_source.epoch([pinned.train_idx[i] for i in shard]), start=1):
         if progress:
             _progress(epoch, step - 1, len(shard), clock.started)
         clock.lap("data")
-        image, labels = augment(image, labels, run.aug_gen, run.augment)
+        image, labels = augment(image, labels, training.aug_gen, augmentation)
         clock.lap("augment")
-        value, finite = run.step(image, labels)
+        value, finite = training.step(image, labels)
         if not finite:
-            stop_diverged(value, epoch, step, run.out / "last.pt")
+            stop_diverged(value, epoch, step, place.out / "last.pt")
         losses.append(value)
         clock.lap("step")
     if progress:

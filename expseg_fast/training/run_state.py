@@ -50,45 +50,47 @@ def check_resume(config: TrainConfig, state: dict, path: Path, main: bool) -> No
 def restore(run: Run, state: dict) -> None:
     """Puts the run where its last checkpoint left it (weights, optimizer, every generator), so that it
     continues exactly; drops log records of epochs it will redo and repairs best.pt."""
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.aug_gen.set_state(state["aug_rng"])
-    run.order_gen.set_state(state["order_rng"])
+    training = run.training
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scaler.load_state_dict(state["scaler"])
+    training.aug_gen.set_state(state["aug_rng"])
+    training.order_gen.set_state(state["order_rng"])
     torch.set_rng_state(state["torch_rng"])
-    if run.device.type == "cuda" and "cuda_rng" in state:
+    if run.place.device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"])
-    run.train_source.set_state(state)
-    run.start_epoch, run.best = int(state["epoch"]) + 1, float(state["best"])
-    run.best_epoch = int(state["best_epoch"])
-    if run.main:  # a kill between the log line and the checkpoint left a record the run will redo
-        keep_log_before(run.out / "log.jsonl", run.start_epoch)
-        repair_best(run.out, state)
+    run.pinned.train_source.set_state(state)
+    training.start_epoch, training.best = int(state["epoch"]) + 1, float(state["best"])
+    training.best_epoch = int(state["best_epoch"])
+    if run.place.main:  # a kill between the log line and the checkpoint left a record the run will redo
+        keep_log_before(run.place.out / "log.jsonl", training.start_epoch)
+        repair_best(run.place.out, state)
 
 
 def state_of(run: Run, epoch: int) -> dict:
     """What the checkpoint of an epoch holds."""
+    training, pinned = run.training, run.pinned
     state = {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "epoch": epoch, "best": run.best, "best_epoch": run.best_epoch, "best_by": run.best_by,
-        "aug_rng": run.aug_gen.get_state(), "order_rng": run.order_gen.get_state(), "torch_rng": torch.get_rng_state(),
-        "config": run.config.to_json(),
-        "class_names": list(run.data.label_map.names), "data_range": json.dumps(run.data_range),
-        "data_pin": run.pin.to_json(), "plan": json.dumps(run.plan.record()), "inference_only": False,
+        "model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+        "scaler": training.scaler.state_dict(), "epoch": epoch, "best": training.best,
+        "best_epoch": training.best_epoch, "best_by": training.best_by, "aug_rng": training.aug_gen.get_state(),
+        "order_rng": training.order_gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "config": run.config.to_json(), "class_names": list(pinned.names), "data_range": json.dumps(pinned.data_range),
+        "data_pin": pinned.pin.to_json(), "plan": json.dumps(run.plan.record()), "inference_only": False,
         "format": FORMAT,
     }
-    if run.device.type == "cuda":
+    if run.place.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state()
-    return {**state, **run.train_source.state()}
+    return {**state, **pinned.train_source.state()}
 
 
 def check_weights(run: Run, epoch: int) -> None:
     """RunError when the weights are not finite: nothing of the epoch is saved (fp16 runs reach here when
     the grad scaler could not keep them finite)."""
-    bad = non_finite_weights(run.model.state_dict())
+    bad = non_finite_weights(run.training.model.state_dict())
     if bad:
         raise RunError(f"epoch {epoch + 1}: the weights became non-finite ({bad[0]}, ...); nothing of this "
-                       f"epoch was saved, {run.out / 'last.pt'} holds the last finite one; try a lower --lr")
+                       f"epoch was saved, {run.place.out / 'last.pt'} holds the last finite one; try a lower --lr")
 
 
 @contextmanager
@@ -104,15 +106,15 @@ def full_disk_stops_the_run(out: Path) -> Iterator[None]:
 def save_epoch(run: Run, epoch: int, record: dict) -> None:
     """Appends the epoch's log record and writes last.pt, then best.pt when the epoch is the best so far,
     and epoch_NNN.pt with keep_checkpoints (each atomically; NoSpaceError naming the file)."""
-    append_record(run.out / "log.jsonl", record)
-    if selection.figure(record, run.best_by) >= run.best:
-        run.best_epoch = epoch
+    append_record(run.place.out / "log.jsonl", record)
+    if selection.figure(record, run.training.best_by) >= run.training.best:
+        run.training.best_epoch = epoch
     blob = to_bytes(state_of(run, epoch))
-    save_checkpoint(run.out / "last.pt", blob)  # first: a kill before best.pt is repaired on resume
-    if run.best_epoch == epoch:
-        save_checkpoint(run.out / "best.pt", blob)
+    save_checkpoint(run.place.out / "last.pt", blob)  # first: a kill before best.pt is repaired on resume
+    if run.training.best_epoch == epoch:
+        save_checkpoint(run.place.out / "best.pt", blob)
     if run.config.keep_checkpoints:
-        save_checkpoint(run.out / f"epoch_{epoch + 1:03d}.pt", blob)
+        save_checkpoint(run.place.out / f"epoch_{epoch + 1:03d}.pt", blob)
 
 
 def repair_best(out: Path, last: dict) -> None:

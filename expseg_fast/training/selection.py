@@ -7,15 +7,13 @@ checkpoints, so a resumed run chooses by the same figure."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from expseg_fast.config import COLIN27, VALIDATION, TrainConfig
 from expseg_fast.data import anatomy
 from expseg_fast.data.loader import prepare
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.source import SYNTH, Dataset
+from expseg_fast.training.place import Place
 from expseg_fast.training.run_folder import RunError
 from expseg_fast.training.subject_sources import CacheSource
 
@@ -42,19 +40,18 @@ def best_by(config: TrainConfig, state: dict | None) -> str:
     return COLIN27 if config.data == SYNTH and config.val_data is None and found else VALIDATION
 
 
-def colin27_check(config: TrainConfig, plan: Plan, data: Dataset, device: torch.device, cache_dir: Path,
-                  main: bool) -> RealCheck:
+def colin27_check(config: TrainConfig, plan: Plan, data: Dataset, place: Place) -> RealCheck:
     """Colin27 through the run's plan (prepared into the run's cache like any scan); RunError naming the
     package when mricron-data is not installed."""
     try:
-        folder = anatomy.colin27_dataset(cache_dir / "colin27")
+        folder = anatomy.colin27_dataset(place.cache / "colin27")
     except FileNotFoundError as error:
         raise RunError(f"select_on colin27: {error}") from error
     protocol = anatomy.PROTOCOLS / "aal.json"
-    scan = config.open_data(str(folder), str(protocol), cache_dir, None, plan, config.max_voxels)
+    scan = config.open_data(str(folder), str(protocol), place.cache, plan=plan, max_voxels=config.max_voxels)
     scan.label_map, lacking = scan.label_map.aligned_to(data.label_map.names, str(protocol))
-    return RealCheck("Colin27", CacheSource(prepare(scan.pairs, scan.label_map, plan, cache_dir, report=main),
-                                            device, 0), lacking)
+    return RealCheck("Colin27", CacheSource(prepare(scan.pairs, scan.label_map, plan, place.cache, report=place.main),
+                                            place.device, 0), lacking)
 
 
 def figure(record: dict, chosen_by: str) -> float:

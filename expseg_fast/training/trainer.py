@@ -33,18 +33,18 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     folder = RunFolder(Path(config.out))
     try:
         run = start(config, resume, folder)
-        if run.main:
-            c = run.config
-            print(f"training {c.model} on {len(run.train_idx)} subjects, validating on {len(run.val_idx)}, "
-                  f"{c.size}^3, {c.epochs} epochs, {c.loss} loss, {c.precision} on {run.device} x {run.world}; "
-                  f"output in {run.out}", flush=True)
-            print(selection.describe(run.best_by, run.real_check, run.data.label_map.names), flush=True)
+        place, pinned, c = run.place, run.pinned, run.config
+        if place.main:
+            print(f"training {c.model} on {len(pinned.train_idx)} subjects, validating on {len(pinned.val_idx)}, "
+                  f"{c.size}^3, {c.epochs} epochs, {c.loss} loss, {c.precision} on {place.device} x {place.world}; "
+                  f"output in {place.out}", flush=True)
+            print(selection.describe(run.training.best_by, pinned.real_check, pinned.names), flush=True)
         record: dict = {}
-        for epoch in range(run.start_epoch, run.config.epochs):
+        for epoch in range(run.training.start_epoch, run.config.epochs):
             record = run_epoch(run, epoch)
         distributed.teardown()
-        if run.main:
-            _say_done(run.out, bool(record))
+        if run.place.main:
+            _say_done(run.place.out, bool(record))
         return record
     finally:
         folder.close()
@@ -54,29 +54,30 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
 def run_epoch(run: Run, epoch: int) -> dict:
     """Trains, validates and (on the first process) records and checkpoints one epoch; its record."""
-    clock = PhaseClock(run.device)
-    if run.device.type == "cuda":
+    place, pinned, training = run.place, run.pinned, run.training
+    clock = PhaseClock(place.device)
+    if place.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, steps = train_epoch(run, epoch, clock)
     dice, first_prediction = validate(run)
     record = epoch_record(run, epoch, distributed.gather(losses), steps, dice, validate_real(run))
     clock.lap("validation")
-    run.best = max(run.best, selection.figure(record, run.best_by))
-    if not run.main:
+    training.best = max(training.best, selection.figure(record, training.best_by))
+    if not place.main:
         return record
-    run.history.append(record)
+    training.history.append(record)
     run_state.check_weights(run, epoch)
-    with run_state.full_disk_stops_the_run(run.out):
+    with run_state.full_disk_stops_the_run(place.out):
         from expseg_fast.training import reports  # matplotlib: loaded when the first epoch is over
 
-        reports.write_reports(run.out, run.data.label_map.names, run.val_source.sample(run.val_idx[0]),
-                              first_prediction, run.history)
+        reports.write_reports(place.out, pinned.names, pinned.val_source.sample(pinned.val_idx[0]), first_prediction,
+                              training.history)
         clock.lap("report")
         record["phase_seconds"] = clock.seconds
         record["seconds"] = time.perf_counter() - clock.started
         run_state.save_epoch(run, epoch, record)
     eta = record["seconds"] * (run.config.epochs - epoch - 1)
-    real = f"  {run.real_check.name} {record['colin27_dice_mean']:.3f}" if run.real_check else ""
+    real = f"  {pinned.real_check.name} {record['colin27_dice_mean']:.3f}" if pinned.real_check else ""
     print(f"epoch {epoch + 1}/{run.config.epochs}  loss {record['train_loss']:.4f}  val Dice "
           f"{record['val_dice_mean']:.3f}{real}  {record['seconds']:.1f} s  ETA {eta / 60:.1f} min", flush=True)
     return record

@@ -21,27 +21,27 @@ if TYPE_CHECKING:
 def validate(run: Run) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Dice (subjects, C) of every validation subject, gathered; the prediction (1, D, H, W) of the
     first validation subject, for the overlay, where this process measured it)."""
-    return _dice(run, run.val_source, run.val_idx, run.val_data.lacking)
+    return _dice(run, run.pinned.val_source, run.pinned.val_idx, run.pinned.val_data.lacking)
 
 
 def validate_real(run: Run) -> torch.Tensor | None:
     """Dice (1, C) of the run's real check (Colin27), gathered; None for a run without one."""
-    if run.real_check is None:
+    if run.pinned.real_check is None:
         return None
-    return _dice(run, run.real_check.source, [0], run.real_check.lacking)[0]
+    return _dice(run, run.pinned.real_check.source, [0], run.pinned.real_check.lacking)[0]
 
 
 def _dice(run: Run, source, indices: list[int], lacking: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Dice (subjects, C) of these subjects of the source, each predicted once on its training cube and
     gathered over the processes, NaN for the classes their labels lack; the first one's prediction where
     this process measured it)."""
-    run.model.eval()
+    run.training.model.eval()
     dice, first = [], None
     with torch.no_grad():
-        for j in indices[run.rank::run.world]:
+        for j in indices[run.place.rank::run.place.world]:
             image, labels = source.sample(j)
-            pred = labels_at(run.model, image, run.dtype, run.memory_format)
-            dice.append(hard_dice(pred, labels, run.num_labels, IGNORE))
+            pred = labels_at(run.training.model, image, run.dtype, run.memory_format)
+            dice.append(hard_dice(pred, labels, len(run.pinned.names), IGNORE))
             if j == indices[0]:
                 first = pred
     dice = torch.stack([d.cpu() for d in distributed.gather(dice)])
@@ -62,10 +62,10 @@ def epoch_record(run: Run, epoch: int, losses: list[float], steps: int, dice: to
         "val_dice_mean": float(per_label.nanmean()),
         "val_dice_per_label": [float(x) for x in per_label.nanmean(0)],
         "val_dice_std_per_label": [float(x) for x in nanstd(per_label)],
-        "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None,
+        "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if run.place.device.type == "cuda" else None,
     }
     if real is not None:
         record[selection.RECORD_KEYS[selection.COLIN27]] = float(real[:, 1:].nanmean())
         record["colin27_dice_per_label"] = [float(x) for x in real[0, 1:]]
-        record["best_by"] = run.best_by
+        record["best_by"] = run.training.best_by
     return record
