@@ -5,7 +5,8 @@ python -m bench.synth_step [--preset synth-cpu] [--size N] [--device cpu|cuda] [
                            [--out DIR]
 Prints one table, a row per normalisation (all measured in this run): generator ms per example (the plan's
 whole-scan grid, then the window), network step ms (the trainer's TrainStep: forward, fused loss, backward,
-the finiteness check, NAdam) at the preset's size, width and precision, and their ratio.
+the finiteness check, NAdam) at the preset's size and width, in the precision the trainer takes on this
+device (scripts/train.py: the preset's, fp32 on a CPU without bf16 units), and their ratio.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from bench.outputs import publish
 from bench.timing import median_ms
-from expseg_fast.config import DTYPES, TrainConfig
+from expseg_fast.config import DTYPES, TrainConfig, preset_precision
 from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.synth import ImageGenerator, LabelMapSource
@@ -28,6 +29,8 @@ from expseg_fast.training.step import TrainStep
 def measure(preset: str, device: str, repeats: int, size: int | None = None, norm: str | None = None) -> dict:
     overrides = {k: v for k, v in (("size", size), ("norm", norm)) if v}
     config = TrainConfig.for_preset(preset, **overrides)
+    precision, _ = preset_precision(preset, config.size, config.model, device)  # as the trainer: fp32 where
+    config = TrainConfig.for_preset(preset, **overrides, precision=precision)  # the CPU lacks bf16 units
     dev, plan = torch.device(device), config.plan()
     table, classes = GenerationTable.read(), LabelMap.from_json(CLASSES_FILE)
     source = LabelMapSource(label_map_files()[0], plan, dev, config.synth_settings().field_of_view_mm)
