@@ -39,7 +39,7 @@ def measure(preset: str, device: str, repeats: int, size: int | None = None, nor
     image, labels = generator(source, gen)
     generate_ms = median_ms(lambda: generator(source, gen), repeats, warmup=1, device=device)
     model = config.network(len(classes.names)).to(dev)
-    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    memory_format = config.memory_format
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler(dev.type, enabled=config.precision == "fp16")

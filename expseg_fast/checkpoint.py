@@ -97,16 +97,17 @@ def upgrade(state: dict, path: Path) -> dict:
         raise ValueError(f"{path}: written in checkpoint format {version} by a newer expseg_fast (this one reads "
                          f"formats up to {FORMAT}); update expseg_fast to use it")
     state = dict(state)
+    config = checkpoint_config(state, path) if version < 4 else None  # read once for the steps below
     if version < 1:
         state.update(best_epoch=-1, data_range="null")
     if version < 2:
         state["data_pin"] = None
     if version < 3:
-        state["plan"] = json.dumps(checkpoint_config(state, path).plan().record())
+        state["plan"] = json.dumps(config.plan().record())
     if version < 4:
         state["best_by"] = VALIDATION
         try:
-            state["data_range"] = _with_composition(state, path)
+            state["data_range"] = _with_composition(state, config)
         except (TypeError, ValueError, KeyError, RecursionError) as error:
             raise ValueError(f"{path}: its record of the training data's range is unreadable "
                              f"({type(error).__name__})") from None
@@ -115,11 +116,11 @@ def upgrade(state: dict, path: Path) -> dict:
     return state
 
 
-def _with_composition(state: dict, path: Path) -> str:
+def _with_composition(state: dict, config: TrainConfig) -> str:
     """A checkpoint's data_range (JSON), with the packaged label maps' composition where a generator run's
-    lacks one."""
+    (config: its configuration) lacks one."""
     seen = json.loads(state["data_range"])
-    if seen is not None and "composition" not in seen and checkpoint_config(state, path).data == SYNTH:
+    if seen is not None and "composition" not in seen and config.data == SYNTH:
         seen["composition"] = packaged_composition(list(state["class_names"]))
     return json.dumps(seen)
 

@@ -317,6 +317,11 @@ class TrainConfig:
         """The preprocessing plan of this configuration (expseg_fast/data/plans.py)."""
         return plan_of(self.preprocessing, self.size, self.spacing_mm)
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The memory format of the network's weights and inputs (channels_last)."""
+        return torch.channels_last_3d if self.channels_last else torch.contiguous_format
+
     def augment_config(self) -> AugmentConfig:
         """The rigid augmentation of this configuration (expseg_fast/data/augment.py)."""
         return AugmentConfig(self.augment_probability, self.augment_rotation_deg, self.augment_shift,

@@ -29,6 +29,8 @@ this replaced; tests/test_synth_window.py compares their images.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +105,14 @@ class LabelMapSource:
 def packaged_composition(names: list[str]) -> dict:
     """The composition (expseg_fast/data/facts.py) of the packaged label maps under the classes `names`:
     the record of the generator presets' checkpoints from before they stored one (all 20 maps, where
-    such a run trained on its split of them)."""
+    such a run trained on its split of them). Read once per process and class list (20 maps, seconds);
+    each call gets its own copy."""
+    return json.loads(_packaged_composition(tuple(names)))
+
+
+@functools.lru_cache(maxsize=4)
+def _packaged_composition(names: tuple[str, ...]) -> str:
+    """packaged_composition as JSON text (immutable, so the cache cannot be changed by a caller)."""
     table = GenerationTable.read()
     label_map, _ = LabelMap.from_json(CLASSES_FILE).aligned_to(names, str(CLASSES_FILE))
     index_class = label_map.apply(np.asarray(table.freesurfer_ids)).astype(np.int64)
@@ -113,7 +122,7 @@ def packaged_composition(names: list[str]) -> dict:
         counts = np.bincount(np.rint(volume.data).astype(np.int64).reshape(-1), minlength=len(index_class))
         per_class = np.bincount(index_class, weights=counts[: len(index_class)], minlength=len(names))[: len(names)]
         volumes.append(tuple(float(c) * voxel_ml(volume.affine) for c in per_class))
-    return composition(volumes)
+    return json.dumps(composition(volumes))
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class Run:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last_3d if self.config.channels_last else torch.contiguous_format
+        return self.config.memory_format
 
 
 def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
@@ -159,7 +159,7 @@ def _training(config: TrainConfig, place: Place, pinned: PinnedData, best_by: st
     counts = pinned.train_source.label_counts(pinned.train_idx, num_labels)
     weights = label_weights(counts.clamp_min(1)).to(place.device)  # labels absent from the split: the largest
     torch.manual_seed(config.seed)
-    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    memory_format = config.memory_format
     model = config.network(num_labels).to(place.device).to(memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if place.world > 1 else model
     graphed = config.step_mode == "cuda_graph"  # the graph reads the scheduled learning rate from the device
