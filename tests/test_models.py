@@ -212,6 +212,16 @@ def test_channels_last_check_catches_a_layout_break():
     assert seen == [True, False, True]
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("norm", NORMS)
+def test_ours_stays_channels_last_on_the_cpu_in_fp32_with_its_own_kernels(norm):
+    """No emulation: the engine's convolutions (models/conv.py) keep one fp32 image channels-last on the CPU
+    at every level, the first one-channel level included (PyTorch's im2col path returns contiguous)."""
+    model = build_model("ours", 5, 4, norm=norm).to(memory_format=torch.channels_last_3d)
+    seen = conv_inputs_channels_last(model, torch.randn(1, 1, 32, 32, 32), torch.float32, emulate_cl_kernels=False)
+    assert all(seen), f"{seen.count(False)} of {len(seen)} convolution inputs / output not channels-last"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("model_fn", MODELS, ids=["ours", "vnet"])

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expseg_fast.models.conv import Conv3d, conv3d
 from expseg_fast.models.norms import NORMS, norm_relu
 from expseg_fast.models.shapes import check_spatial_shape
 
@@ -76,11 +77,11 @@ class ResBlock(nn.Module):
         layers: list[nn.Module] = []
         for i in range(k):
             layers += [
-                nn.Conv3d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
+                Conv3d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
                 *norm_relu(norm, channels),
             ]
         self.body = nn.Sequential(*layers)
-        self.skip = nn.Conv3d(in_channels, channels, 1)
+        self.skip = Conv3d(in_channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) + self.skip(x)
@@ -113,7 +114,7 @@ class LevelFusion(nn.Conv3d):
     def _fused(self, levels: list[torch.Tensor], weight: torch.Tensor, size) -> torch.Tensor:
         total = None
         for x, w in zip(levels, weight.split([x.shape[1] for x in levels], dim=1)):
-            y = F.conv3d(x, w)
+            y = conv3d(x, w, None, (0, 0, 0))
             y = y if tuple(y.shape[2:]) == tuple(size) else _upsample(y, size)
             total = y.to(torch.promote_types(y.dtype, torch.float32), copy=True) if total is None else total.add_(y)
         return total.add_(self.bias.view(1, -1, 1, 1, 1)).to(y.dtype)
