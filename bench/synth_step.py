@@ -2,11 +2,13 @@
 run, at a preset's settings (it must not dominate the step).
 
 python -m bench.synth_step [--preset synth-cpu] [--size N] [--device cpu|cuda] [--repeats 5] [--norms batch instance]
-                           [--out DIR]
+                           [--malloc keep|system] [--out DIR]
 Prints one table, a row per normalisation (all measured in this run): generator ms per example (the plan's
 whole-scan grid, then the window), network step ms (the trainer's TrainStep: forward, fused loss, backward,
 the finiteness check, NAdam) at the preset's size and width, in the precision the trainer takes on this
-device (scripts/train.py: the preset's, fp32 on a CPU without bf16 units), and their ratio.
+device (scripts/train.py: the preset's, fp32 on a CPU without bf16 units), and their ratio. On the CPU the
+process keeps the memory it frees, as the trainer's does (machine.keep_freed_memory); `--malloc system`
+measures glibc's default instead (one process each: the setting is process-wide).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from expseg_fast.config import DTYPES, TrainConfig, preset_precision
 from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_files
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.synth import ImageGenerator, LabelMapSource
+from expseg_fast.machine import keep_freed_memory
 from expseg_fast.models import NORMS
 from expseg_fast.training.step import TrainStep
 
@@ -62,9 +65,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="the window's edge (default: the preset's)")
     parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS,
                         help="the network's normalisations to measure (default: each)")
+    parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
+                        help="CPU: keep freed memory as the trainer does (default), or glibc's default")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    rows = [measure(args.preset, args.device, args.repeats, args.size, norm) for norm in args.norms]
+    kept = args.device == "cpu" and args.malloc == "keep" and keep_freed_memory()
+    rows = [dict(measure(args.preset, args.device, args.repeats, args.size, norm), freed_memory_kept=kept)
+            for norm in args.norms]
     table = "| preset | device | norm | whole-scan grid | window | generator ms | step ms | generator share |\n" + \
             "|---|---|---|---|---|---|---|---|\n" + "".join(
         f"| {row['preset']} | {row['device']} | {row['norm']} | {'x'.join(map(str, row['grid']))} | {row['size']}^3 | "

@@ -3,12 +3,15 @@ and the torch device a command runs on."""
 
 from __future__ import annotations
 
+import ctypes
 import platform
 from pathlib import Path
 
 import torch
 
 BF16_UNITS = ("avx512_bf16", "amx_bf16")  # CPU flags of native bf16 multiplication
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+KEEP_BELOW = 1 << 30  # bytes: allocations under this come from (and return to) the process's own heap
 
 
 def _cpuinfo() -> str:
@@ -47,3 +50,18 @@ def torch_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name}: torch sees no CUDA device on this machine (use cpu or auto)")
     return device
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep what this process frees for its next allocations (allocations under
+    KEEP_BELOW from its heap, which is not trimmed until KEEP_BELOW lies free at its top) instead of
+    returning every block over 32 MB to the system and faulting fresh zeroed pages in at the next: a
+    training step on the CPU allocates and frees the same activations each time (bench/NOTES.md). The
+    process then holds its peak memory, as PyTorch's CUDA allocator does on a GPU. Process-wide; True
+    where it applied (Linux with glibc), False elsewhere (nothing changed)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_BELOW)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_BELOW))

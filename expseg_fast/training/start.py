@@ -25,7 +25,7 @@ from expseg_fast.data.loader import prepare
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.source import SYNTH, Dataset, open_synth
 from expseg_fast.losses import label_weights
-from expseg_fast.machine import torch_device
+from expseg_fast.machine import keep_freed_memory, torch_device
 from expseg_fast.runlog import read_log
 from expseg_fast.training import distributed, run_state, selection
 from expseg_fast.training.place import Place
@@ -113,6 +113,8 @@ def start(config: TrainConfig, resume: bool, folder: RunFolder) -> Run:
         run_state.check_resume(config, state, last, place.main)
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.benchmark = place.device.type == "cuda" and not config.deterministic  # fixed shapes
+    if place.device.type == "cpu":
+        keep_freed_memory()  # each step's activations reuse the last one's memory (bench/NOTES.md)
     if not place.main:
         distributed.barrier()  # the first process builds the demo data and the cache
     plan = config.plan()
