@@ -38,7 +38,7 @@ from expseg_fast.inference.predictor import Predictor
 from expseg_fast.inference.qc import write_qc
 from expseg_fast.inference.sliding_window import sliding_window_labels
 from expseg_fast.inference.volumes import volume_row, write_volumes
-from expseg_fast.machine import cpu_bf16_units, torch_device
+from expseg_fast.machine import cpu_bf16_units, keep_freed_memory, torch_device
 
 
 class SegmentationError(ValueError):
@@ -229,6 +229,8 @@ def segment(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, dev
     SegmentationError (after every good file is written) when some inputs could not be segmented or
     written. max_voxels: the largest scan (and resampled grid) taken, default the checkpoint's."""
     dev = torch_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # each window's activations reuse the last one's memory (bench/NOTES.md)
     inputs, out_dir = Path(inputs), Path(out_dir)
     volumes, qc = (Path(p) if p is not None else None for p in (volumes, qc))
     model, config, plan, names, seen, *_ = load_model(Path(checkpoint), dev)  # a refused checkpoint says so at once
