@@ -70,6 +70,8 @@ def test_which_convolutions_take_two_slabs():
     assert not takes_two_slabs(torch.empty(1, 8, 16, 16, 16, dtype=torch.float64), w3.double())
     assert not takes_two_slabs(torch.empty(1, 8, 16, 16, 16, dtype=torch.bfloat16), w3.bfloat16())
     assert not takes_two_slabs(torch.empty(1, 8, 16, 16, 16), torch.empty(8, 8, 5, 5, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the image is fp32, its convolution bf16: oneDNN's
+        assert not takes_two_slabs(torch.empty(1, 8, 16, 16, 16), w3)
 
 
 def _backends(fn) -> set[str]:

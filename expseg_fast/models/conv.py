@@ -23,8 +23,10 @@ _CL = torch.channels_last_3d
 
 def takes_two_slabs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether conv3d of x (N, C, D, H, W) by weight (O, C, k, k, k), stride 1, is computed as two slabs:
-    one fp32 CPU image PyTorch would send to its im2col path, D even, oneDNN present, k odd."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and x.shape[0] == 1
+    one fp32 CPU image PyTorch would send to its im2col path (not under CPU autocast, whose bf16 or fp16
+    convolutions always take oneDNN), D even, oneDNN present, k odd."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and x.dim() == 5 and x.shape[0] == 1
             and x.shape[1] * x.shape[2] * x.shape[3] <= ONEDNN_MIN_ROWS and x.shape[2] >= 2 and x.shape[2] % 2 == 0
             and weight.shape[2] % 2 == 1 and max(weight.shape[3:]) <= 3
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
