@@ -17,7 +17,7 @@ from expseg_fast.models import upsample as op
 SHAPES = {"33@16->64": (33, 16, 64), "33@32->64": (33, 32, 64), "24@32->64": (24, 32, 64)}
 
 
-@pytest.mark.skipif(not op._OPS, reason="the native extension is not built")
+@pytest.mark.skipif("cpu" not in op.DEVICE_TYPES, reason="the native extension is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("kind", ["stock", "op"])

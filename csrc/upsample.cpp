@@ -58,8 +58,8 @@ void backward_kernel(const scalar_t* gy, scalar_t* gx, const Resampling<acc_t>& 
       const int64_t n = p / D, d = p % D;
       std::fill(plane.begin(), plane.end(), acc_t(0));
       for (int64_t od = 0; od < Do; ++od) {
+        if (ld[od].i0 != d && ld[od].i1 != d) continue;  // the output plane does not read this one
         const acc_t wd = (ld[od].i0 == d ? ld[od].l0 : acc_t(0)) + (ld[od].i1 == d ? ld[od].l1 : acc_t(0));
-        if (ld[od].i0 != d && ld[od].i1 != d) continue;
         for (int64_t oh = 0; oh < Ho; ++oh) {
           const scalar_t* g = gy + ((n * Do + od) * Ho + oh) * out_row;
           std::fill(sums.begin(), sums.end(), acc_t(0));

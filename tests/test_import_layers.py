@@ -15,7 +15,8 @@ import pytest
 PACKAGE = Path(__file__).parents[1] / "expseg_fast"
 # The layers, lowest first; a unit (a package or a root module) imports only from lower layers.
 LAYERS = [
-    {"numerics", "op_contract", "_C", "atomic", "machine", "metrics"},
+    {"_C"},
+    {"numerics", "op_contract", "extension", "atomic", "machine", "metrics"},
     {"kernels", "runlog"},
     {"losses", "models", "data"},
     {"config"},

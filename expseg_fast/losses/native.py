@@ -11,29 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from expseg_fast.extension import LOAD_ERROR, kernel_device_types
 from expseg_fast.op_contract import register_autograd
 
 # Label dtypes the kernels read in place; other integer dtypes are converted to int64 first.
 LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 
-try:
-    from expseg_fast import _C  # noqa: F401  (loading it registers torch.ops.expseg_fast.*)
-
-    LOAD_ERROR: Exception | None = None
-except ImportError as error:  # not built: the backend reports it when asked for
-    LOAD_ERROR = error
-
-
-def _kernel_device_types() -> frozenset[str]:
-    if LOAD_ERROR is not None:
-        return frozenset()
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return frozenset(kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                     if has("expseg_fast::explog_forward", key))
-
-
 # Device types with a native kernel, fixed at import (so torch.compile traces a constant).
-DEVICE_TYPES = _kernel_device_types()
+DEVICE_TYPES = kernel_device_types("explog_forward")
 
 
 def available(device: torch.device) -> bool:

@@ -17,25 +17,11 @@ import sys
 import torch
 from torch import nn
 
+from expseg_fast.extension import kernel_device_types
+
 EPS = 1e-5  # GroupNorm's
 
-try:
-    from expseg_fast import _C  # noqa: F401  (loading it registers torch.ops.expseg_fast.*)
-
-    _LOADED = True
-except ImportError:
-    _LOADED = False
-
-
-def _device_types() -> frozenset[str]:
-    if not _LOADED:
-        return frozenset()
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return frozenset(kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                     if has("expseg_fast::instance_norm_forward", key))
-
-
-DEVICE_TYPES = _device_types()  # fixed at import, so torch.compile traces a constant
+DEVICE_TYPES = kernel_device_types("instance_norm_forward")  # fixed at import, so torch.compile traces a constant
 _said: set[str] = set()
 
 
@@ -54,7 +40,7 @@ def instance_norm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y
 
 
-if _LOADED and hasattr(torch.ops.expseg_fast, "instance_norm_forward"):
+if DEVICE_TYPES:  # the op is registered
 
     @torch.library.register_fake("expseg_fast::instance_norm_forward")
     def _forward_fake(x, weight, bias, eps, relu):

@@ -15,20 +15,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    from expseg_fast import _C  # noqa: F401  (loading it registers torch.ops.expseg_fast.*)
+from expseg_fast.extension import kernel_device_types
 
-    _OPS = hasattr(torch.ops.expseg_fast, "upsample_trilinear_forward")
-except ImportError:
-    _OPS = False
-
+DEVICE_TYPES = kernel_device_types("upsample_trilinear_forward")  # fixed at import, as torch.compile needs
 _CL = torch.channels_last_3d
 
 
 def takes_the_op(x: torch.Tensor) -> bool:
-    """Whether `upsample` of x (N, C, D, H, W) runs the native op: a CPU tensor, channels-last (or one
-    channel), floating point, the extension built."""
-    return _OPS and x.device.type == "cpu" and x.dim() == 5 and x.is_floating_point() \
+    """Whether `upsample` of x (N, C, D, H, W) runs the native op: the extension has it for x's device
+    (the CPU), x channels-last (or one channel) and floating point."""
+    return x.device.type in DEVICE_TYPES and x.dim() == 5 and x.is_floating_point() \
         and x.is_contiguous(memory_format=_CL)
 
 
@@ -40,7 +36,7 @@ def upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
-if _OPS:
+if DEVICE_TYPES:  # the op is registered
 
     @torch.library.register_fake("expseg_fast::upsample_trilinear_forward")
     def _forward_fake(x, size):
