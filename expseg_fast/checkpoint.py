@@ -1,9 +1,10 @@
 """Checkpoints: what one holds, and saving and loading them safely.
 
 A checkpoint is a dict of tensors and plain values (loaded with weights_only=True, so one carrying
-arbitrary pickled objects is refused): the model's, optimizer's and grad scaler's state dicts, the
-epoch it ends, the best figure so far, the epoch that reached it and which figure it is, every random
-generator's state (exact resume), the run's TrainConfig as JSON, the class names, the training data's
+arbitrary pickled objects is refused): the model's (the weights' moving average where the run kept one,
+its trained weights then beside it), optimizer's and grad scaler's state dicts, the epoch it ends, the
+best figure so far, the epoch that reached it and which figure it is, every random generator's state
+(exact resume), the run's TrainConfig as JSON, the class names, the training data's
 range, the data the run pinned (expseg_fast/data/identity.py) and its preprocessing plan, as JSON, and
 its format. load_checkpoint brings a checkpoint of any earlier format to today's (upgrade: the one place
 that knows what older ones lack; tests/fixtures/checkpoints holds one of each). It is serialised in
@@ -38,6 +39,8 @@ FORMATS = (
     "plan (the preprocessing plan, JSON); synth_rng for generator runs",
     "best_by (the figure that chose best.pt); a generator run's data_range holds its label maps' composition",
     "format; inference_only in every checkpoint (before, only scripts/export_model.py's copies held it)",
+    "a run with a moving average of its weights (ema_decay) keeps the average under model (what inference "
+    "reads) and its trained weights under trained_model, with average_updates",
 )
 FORMAT = len(FORMATS) - 1
 CURRENT_KEYS = (*KEYS, "best_epoch", "data_range", "data_pin", "plan", "best_by", "format", "inference_only")
@@ -143,13 +146,15 @@ def _reason(error: Exception) -> str:
 
 
 def for_inference(state: dict, path: Path) -> dict:
-    """The checkpoint loaded from path without its optimizer's and grad scaler's state (all that segment.py
-    and evaluate.py need, a third of the size); a run cannot resume from it. A copy to share: the paths of
+    """The checkpoint loaded from path without its optimizer's and grad scaler's state and, where the run kept
+    their moving average, its trained weights (all that segment.py and evaluate.py need, a third of the
+    size); a run cannot resume from it. A copy to share: the paths of
     the machine it was trained on (output folder, data, label maps; in the configuration and the data pin)
     are cut to their last component, so it names its data without saying where they lay (evaluate.py then
     needs --data). ValueError naming path when its configuration or data pin is unreadable."""
     named = checkpoint_config(state, path).with_paths(lambda v: Path(v).name, ("out", *INPUT_PATHS))
     shared = {**state, "optimizer": {}, "scaler": {}, "inference_only": True, "config": named.to_json()}
+    shared.pop("trained_model", None)  # only for resuming: model holds the weights inference uses
     pin = checkpoint_pin(state, path)
     if pin is not None:
         shared["data_pin"] = dataclasses.replace(pin, train=_named(pin.train), val=_named(pin.val)).to_json()

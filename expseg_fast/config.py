@@ -205,6 +205,9 @@ class TrainConfig:
     lr_schedule: str = _option("constant", "the learning rate over the epochs: constant, or poly: lr x (1 - epoch / "
                                            "epochs)^0.9 each epoch (nnU-Net's; it follows --epochs, also when a "
                                            "resumed run changes them)", LR_SCHEDULES)
+    ema_decay: float = _option(0.0, "an exponential moving average of the weights, which validation, best.pt and "
+                                    "inference use: the share of the average kept at each step (0: none; 0.999: about "
+                                    "the last 1000 steps; expseg_fast/training/averaging.py)")
     precision: str = _option(_DEFAULT.precision, "fp32, bf16 or fp16 (with a grad scaler)", PRECISIONS)
     channels_last: bool = _option(_DEFAULT.channels_last, "channels-last 3D memory format")
     augment_probability: float = _option(0.8, "probability of the rigid augmentation of a step's subject")
@@ -400,6 +403,8 @@ class TrainConfig:
         if self.select_on == "colin27" and (self.data != SYNTH or self.val_data is not None):
             problems.append("select_on colin27 needs data synth without val_data (Colin27 is scored on the "
                             "generator's classes, beside the generated validation images)")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.synth_repeats < 1:
             problems.append(f"synth_repeats must be >= 1, got {self.synth_repeats}")
         if self.splits < 1 or not 0 <= self.split < self.splits:

@@ -27,6 +27,8 @@ WRITTEN = {
     2: ("v2-data-pin", {"best_epoch", "data_range", "data_pin"}),
     3: ("v3-plan-synth", {"best_epoch", "data_range", "data_pin", "plan", "synth_rng"}),
     4: ("v4-best-by-synth", {"best_epoch", "data_range", "data_pin", "plan", "synth_rng", "best_by"}),
+    5: ("v5-format-synth", {"best_epoch", "data_range", "data_pin", "plan", "synth_rng", "best_by", "format",
+                            "inference_only"}),
 }
 
 
@@ -45,7 +47,7 @@ def test_a_checkpoint_of_an_earlier_format_loads_in_todays_form_with_its_own_log
     name, added = WRITTEN[version]
     raw, state = _raw(version), load_checkpoint(FIXTURES / f"{name}.pt")
     assert set(CURRENT_KEYS) <= set(state) and state["format"] == FORMAT and state["inference_only"] is False
-    for key in {"config", "class_names", "epoch", "best", *added} - {"data_range", "synth_rng"}:
+    for key in {"config", "class_names", "epoch", "best", *added} - {"data_range", "synth_rng", "format"}:
         assert state[key] == raw[key], key  # what it held is kept as it was
     assert all(torch.equal(state["model"][n], t) for n, t in raw["model"].items())
     assert state["best_epoch"] == raw.get("best_epoch", -1) and state["best_by"] == raw.get("best_by", VALIDATION)

@@ -36,18 +36,26 @@ def without_timing(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("seconds", "phase_seconds")}
 
 
-@pytest.mark.parametrize("schedule, norm", [("constant", "batch"), ("poly", "batch"), ("poly", "instance")])
-def test_resume_continues_exactly(tmp_path, schedule, norm):
+@pytest.mark.parametrize("schedule, norm, ema", [("constant", "batch", 0.0), ("poly", "batch", 0.0),
+                                                  ("poly", "instance", 0.0), ("poly", "batch", 0.9)])
+def test_resume_continues_exactly(tmp_path, schedule, norm, ema):
+    """(With a moving average of the weights, validation scores the average: its records match only if the
+    average resumed exactly too.)"""
     full = tmp_path / "full"
-    train(tiny(full, 3, lr_schedule=schedule, norm=norm))
+    train(tiny(full, 3, lr_schedule=schedule, norm=norm, ema_decay=ema))
     part = tmp_path / "part"
-    train(tiny(part, 1, lr_schedule=schedule, norm=norm))  # poly's first epoch has the full rate whatever the epochs
+    train(tiny(part, 1, lr_schedule=schedule, norm=norm, ema_decay=ema))  # poly's epoch 1: the full rate, any epochs
     # a kill after epoch 2's log line but before its checkpoint: the resumed run redoes epoch 2
     stale = {**log(part)[0], "epoch": 1, "train_loss": -1.0}
     with (part / "log.jsonl").open("a") as f:
         f.write(json.dumps(stale) + "\n")
-    train(tiny(part, 3, lr_schedule=schedule, norm=norm), resume=True)
+    train(tiny(part, 3, lr_schedule=schedule, norm=norm, ema_decay=ema), resume=True)
     assert [without_timing(r) for r in log(part)] == [without_timing(r) for r in log(full)]
+    if ema:
+        done, resumed = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
+        for key in ("model", "trained_model"):
+            assert all(torch.equal(t, resumed[key][n]) for n, t in done[key].items()), key
+        assert done["average_updates"] == resumed["average_updates"] == sum(r["train_steps"] for r in log(full))
 
 
 def test_the_poly_schedule_sets_each_epochs_rate_and_the_steps_follow_it(tmp_path):

@@ -1,7 +1,8 @@
 """One training epoch (the paper's strategy, section 2.3): NAdam steps (training/step.py) at the epoch's
 scheduled learning rate (TrainConfig.lr_at) over this process's shard of the shuffled training split,
-batch size 1, the rigid augmentation on the device; a step whose loss or gradients are not finite stops
-the run before it can spoil the weights. PhaseClock records where the epoch's seconds go."""
+batch size 1, the rigid augmentation on the device, the weights' moving average (where kept) updated
+after each step; a step whose loss or gradients are not finite stops the run before it can spoil the
+weights. PhaseClock records where the epoch's seconds go."""
 
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def train_epoch(run: Run, epoch: int, clock: PhaseClock) -> tuple[list[float], i
         value, finite = training.step(image, labels)
         if not finite:
             stop_diverged(value, epoch, step, place.out / "last.pt")
+        if training.average is not None:
+            training.average.update(training.model)
         losses.append(value)
         clock.lap("step")
     if progress:

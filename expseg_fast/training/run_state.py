@@ -51,7 +51,11 @@ def restore(run: Run, state: dict) -> None:
     """Puts the run where its last checkpoint left it (weights, optimizer, every generator), so that it
     continues exactly; drops log records of epochs it will redo and repairs best.pt."""
     training = run.training
-    training.model.load_state_dict(state["model"])
+    if training.average is not None:
+        training.model.load_state_dict(state["trained_model"])
+        training.average.restore(state["model"], state)
+    else:
+        training.model.load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.scaler.load_state_dict(state["scaler"])
     training.aug_gen.set_state(state["aug_rng"])
@@ -68,10 +72,11 @@ def restore(run: Run, state: dict) -> None:
 
 
 def state_of(run: Run, epoch: int) -> dict:
-    """What the checkpoint of an epoch holds."""
+    """What the checkpoint of an epoch holds: under `model` the weights inference uses (the moving average
+    where the run keeps one, with the trained weights under `trained_model`)."""
     training, pinned = run.training, run.pinned
     state = {
-        "model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+        "model": training.evaluated.state_dict(), "optimizer": training.optimizer.state_dict(),
         "scaler": training.scaler.state_dict(), "epoch": epoch, "best": training.best,
         "best_epoch": training.best_epoch, "best_by": training.best_by, "aug_rng": training.aug_gen.get_state(),
         "order_rng": training.order_gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -81,13 +86,15 @@ def state_of(run: Run, epoch: int) -> dict:
     }
     if run.place.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state()
+    if training.average is not None:
+        state.update(trained_model=training.model.state_dict(), **training.average.state())
     return {**state, **pinned.train_source.state()}
 
 
 def check_weights(run: Run, epoch: int) -> None:
     """RunError when the weights are not finite: nothing of the epoch is saved (fp16 runs reach here when
     the grad scaler could not keep them finite)."""
-    bad = non_finite_weights(run.training.model.state_dict())
+    bad = non_finite_weights(run.training.model.state_dict()) + non_finite_weights(run.training.evaluated.state_dict())
     if bad:
         raise RunError(f"epoch {epoch + 1}: the weights became non-finite ({bad[0]}, ...); nothing of this "
                        f"epoch was saved, {run.place.out / 'last.pt'} holds the last finite one; try a lower --lr")

@@ -28,6 +28,7 @@ from expseg_fast.losses import label_weights
 from expseg_fast.machine import keep_freed_memory, torch_device
 from expseg_fast.runlog import read_log
 from expseg_fast.training import distributed, run_state, selection
+from expseg_fast.training.averaging import WeightAverage
 from expseg_fast.training.place import Place
 from expseg_fast.training.run_folder import RunError, RunFolder
 from expseg_fast.training.selection import RealCheck
@@ -62,7 +63,8 @@ class PinnedData:
 class Training:
     """What a run holds and changes as it trains: the model (net: wrapped for DDP under torchrun), its
     optimizer, grad scaler and step, the augmentation's and the order's generators, the epoch it starts
-    at, and the best figure of best_by so far with its epoch; history: the log's records (main process)."""
+    at, and the best figure of best_by so far with its epoch; history: the log's records (main process);
+    average: the weights' moving average where the run keeps one."""
 
     model: torch.nn.Module
     net: torch.nn.Module
@@ -72,10 +74,16 @@ class Training:
     aug_gen: torch.Generator
     order_gen: torch.Generator
     best_by: str  # the figure that chooses best.pt
+    average: WeightAverage | None = None  # the weights' moving average (TrainConfig.ema_decay), or None
     start_epoch: int = 0
     best: float = -1.0
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The network that validation scores and checkpoints hold for inference: the average, where kept."""
+        return self.average.model if self.average is not None else self.model
 
 
 @dataclass
@@ -173,7 +181,8 @@ def _training(config: TrainConfig, place: Place, pinned: PinnedData, best_by: st
     aug_gen, order_gen = torch.Generator(), torch.Generator()
     aug_gen.manual_seed(config.seed + 1 + place.rank)
     order_gen.manual_seed(config.seed + 2)
-    return Training(model, net, optimizer, scaler, step, aug_gen, order_gen, best_by)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+    return Training(model, net, optimizer, scaler, step, aug_gen, order_gen, best_by, average)
 
 
 def _datasets(config: TrainConfig, out: Path, plan: Plan) -> tuple[Dataset, Dataset]:

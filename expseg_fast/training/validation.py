@@ -1,5 +1,6 @@
-"""The epoch's validation: the hard Dice per label of each validation subject's predicted label map on its
-training cube (the paper's measure, background left out of the averages), gathered over the processes;
+"""The epoch's validation: the hard Dice per label of each validation subject's label map, predicted by the
+weights' moving average where the run keeps one (else the trained weights), on its training cube (the
+paper's measure, background left out of the averages), gathered over the processes;
 the same for the run's real check (Colin27, training/selection.py) where it has one; and the epoch's log
 record."""
 
@@ -35,12 +36,13 @@ def _dice(run: Run, source, indices: list[int], lacking: list[int]) -> tuple[tor
     """(Dice (subjects, C) of these subjects of the source, each predicted once on its training cube and
     gathered over the processes, NaN for the classes their labels lack; the first one's prediction where
     this process measured it)."""
-    run.training.model.eval()
+    model = run.training.evaluated
+    model.eval()
     dice, first = [], None
     with torch.no_grad():
         for j in indices[run.place.rank::run.place.world]:
             image, labels = source.sample(j)
-            pred = labels_at(run.training.model, image, run.dtype, run.memory_format)
+            pred = labels_at(model, image, run.dtype, run.memory_format)
             dice.append(hard_dice(pred, labels, len(run.pinned.names), IGNORE))
             if j == indices[0]:
                 first = pred
