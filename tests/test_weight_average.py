@@ -42,7 +42,7 @@ def test_the_average_follows_the_recurrence_in_float64(ema_decay):
         with torch.no_grad():
             for t in net.state_dict().values():
                 t.add_(torch.randn_like(t.float()).to(t.dtype) * 3 if t.is_floating_point() else 1)
-        average.update(net)
+        average.update()
         keep = decay_at(ema_decay, n)
         for name, t in net.state_dict().items():
             if name in expected:

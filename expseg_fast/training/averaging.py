@@ -18,7 +18,8 @@ def decay_at(ema_decay: float, updates: int) -> float:
 
 
 class WeightAverage:
-    """model: the averaged copy (eval mode, no gradients); updates: how many steps it has followed."""
+    """model: the averaged copy (eval mode, no gradients) of the trained network it was made from, which it
+    follows; updates: how many steps it has followed."""
 
     def __init__(self, trained: torch.nn.Module, ema_decay: float) -> None:
         if not 0 < ema_decay < 1:
@@ -26,27 +27,21 @@ class WeightAverage:
         self.ema_decay = ema_decay
         self.model = copy.deepcopy(trained).eval().requires_grad_(False)
         self.updates = 0
-        self._pairs: tuple[torch.nn.Module, list, list, list] | None = None
+        # the two networks' tensors paired by name once (loading a state dict copies in place, so they stay
+        # the networks'): floating ones are averaged, integer ones (BatchNorm's step count) copied
+        pairs = list(zip(self.model.state_dict().values(), trained.state_dict().values(), strict=True))
+        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
+        self._trained = [t for a, t in pairs if a.is_floating_point()]
+        self._counters = [(a, t) for a, t in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, trained: torch.nn.Module) -> None:
-        """Moves the average towards trained's weights (a network of the same structure)."""
+    def update(self) -> None:
+        """Moves the average towards the trained network's weights (after a step)."""
         self.updates += 1
-        averaged, current, counters = self._tensors(trained)
-        if averaged:
-            torch._foreach_lerp_(averaged, current, 1 - decay_at(self.ema_decay, self.updates))
-        for a, t in counters:
+        if self._averaged:
+            torch._foreach_lerp_(self._averaged, self._trained, 1 - decay_at(self.ema_decay, self.updates))
+        for a, t in self._counters:
             a.copy_(t)
-
-    def _tensors(self, trained: torch.nn.Module) -> tuple[list, list, list]:
-        """(the average's floating tensors, trained's, (integer tensor pairs)), paired by name once per
-        trained network (loading a state dict copies in place, so they stay the network's)."""
-        if self._pairs is None or self._pairs[0] is not trained:
-            pairs = list(zip(self.model.state_dict().values(), trained.state_dict().values(), strict=True))
-            floating = [(a, t) for a, t in pairs if a.is_floating_point()]
-            self._pairs = (trained, [a for a, _ in floating], [t for _, t in floating],
-                           [(a, t) for a, t in pairs if not a.is_floating_point()])
-        return self._pairs[1], self._pairs[2], self._pairs[3]
 
     def state(self) -> dict:
         """What a checkpoint keeps of it besides its weights."""

@@ -60,7 +60,7 @@ def train_epoch(run: Run, epoch: int, clock: PhaseClock) -> tuple[list[float], i
         if not finite:
             stop_diverged(value, epoch, step, place.out / "last.pt")
         if training.average is not None:
-            training.average.update(training.model)
+            training.average.update()
         losses.append(value)
         clock.lap("step")
     if progress:

@@ -94,7 +94,10 @@ def state_of(run: Run, epoch: int) -> dict:
 def check_weights(run: Run, epoch: int) -> None:
     """RunError when the weights are not finite: nothing of the epoch is saved (fp16 runs reach here when
     the grad scaler could not keep them finite)."""
-    bad = non_finite_weights(run.training.model.state_dict()) + non_finite_weights(run.training.evaluated.state_dict())
+    training = run.training
+    bad = non_finite_weights(training.model.state_dict())
+    if training.average is not None:
+        bad += non_finite_weights(training.average.model.state_dict())
     if bad:
         raise RunError(f"epoch {epoch + 1}: the weights became non-finite ({bad[0]}, ...); nothing of this "
                        f"epoch was saved, {run.place.out / 'last.pt'} holds the last finite one; try a lower --lr")
