@@ -2,13 +2,15 @@
 run, at a preset's settings (it must not dominate the step).
 
 python -m bench.synth_step [--preset synth-cpu] [--size N] [--device cpu|cuda] [--repeats 5] [--norms batch instance]
-                           [--malloc keep|system] [--out DIR]
+                           [--malloc keep|system] [--conv-backward engine|pytorch] [--out DIR]
 Prints one table, a row per normalisation (all measured in this run): generator ms per example (the plan's
 whole-scan grid, then the window), network step ms (the trainer's TrainStep: forward, fused loss, backward,
 the finiteness check, NAdam) at the preset's size and width, in the precision the trainer takes on this
 device (scripts/train.py: the preset's, fp32 on a CPU without bf16 units), and their ratio. On the CPU the
 process keeps the memory it frees, as the trainer's does (machine.keep_freed_memory); `--malloc system`
-measures glibc's default instead (one process each: the setting is process-wide).
+measures glibc's default instead (one process each: the setting is process-wide); `--conv-backward pytorch`
+measures the fp32 CPU convolutions' backward as PyTorch computes it instead of with the engine's native
+weight gradient (expseg_fast/models/conv.py), the baseline of that op.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from expseg_fast.data.anatomy import CLASSES_FILE, GenerationTable, label_map_fi
 from expseg_fast.data.dataset import LabelMap
 from expseg_fast.data.synth import ImageGenerator, LabelMapSource
 from expseg_fast.machine import keep_freed_memory
-from expseg_fast.models import NORMS
+from expseg_fast.models import NORMS, conv
 from expseg_fast.training.step import TrainStep
 
 
@@ -67,14 +69,20 @@ def main() -> None:
                         help="the network's normalisations to measure (default: each)")
     parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
                         help="CPU: keep freed memory as the trainer does (default), or glibc's default")
+    parser.add_argument("--conv-backward", choices=["engine", "pytorch"], default="engine",
+                        help="the fp32 CPU convolutions' backward: the engine's native weight gradient (default) "
+                             "or PyTorch's")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.conv_backward == "pytorch":
+        conv.DEVICE_TYPES = frozenset()
     kept = args.device == "cpu" and args.malloc == "keep" and keep_freed_memory()
-    rows = [dict(measure(args.preset, args.device, args.repeats, args.size, norm), freed_memory_kept=kept)
-            for norm in args.norms]
-    table = "| preset | device | norm | whole-scan grid | window | generator ms | step ms | generator share |\n" + \
-            "|---|---|---|---|---|---|---|---|\n" + "".join(
-        f"| {row['preset']} | {row['device']} | {row['norm']} | {'x'.join(map(str, row['grid']))} | {row['size']}^3 | "
+    rows = [dict(measure(args.preset, args.device, args.repeats, args.size, norm), freed_memory_kept=kept,
+                 conv_backward=args.conv_backward) for norm in args.norms]
+    table = "| preset | device | norm | conv backward | whole-scan grid | window | generator ms | step ms | " \
+            "generator share |\n|---|---|---|---|---|---|---|---|---|\n" + "".join(
+        f"| {row['preset']} | {row['device']} | {row['norm']} | {row['conv_backward']} | "
+        f"{'x'.join(map(str, row['grid']))} | {row['size']}^3 | "
         f"{row['generator_ms']:.0f} | {row['step_ms']:.0f} | {100 * row['generator_share']:.0f} % |\n" for row in rows)
     publish(args.out, "synth_step", rows, "The label-map generator against the training step", table)
 

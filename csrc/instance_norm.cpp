@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_vectors.h"
 #include "instance_norm.h"
 
 namespace expseg {
@@ -68,15 +69,7 @@ typedef int32_t vint __attribute__((vector_size(kW * sizeof(int32_t))));
 typedef uint32_t vbits __attribute__((vector_size(kW * sizeof(uint32_t))));
 typedef uint16_t vhalfbits __attribute__((vector_size(kW * sizeof(uint16_t))));
 
-// Vector helpers: always inlined, so no vector crosses a call (whose ABI differs between the clones; hence
-// GCC's ABI note is silenced for the file: it is emitted as the functions are compiled, after a pop).
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define EXPSEG_VEC __attribute__((always_inline)) inline
-#if defined(__x86_64__) && !defined(__clang__)
-#define EXPSEG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define EXPSEG_CLONES  // elsewhere: the build's own ISA
-#endif
+// Vector helpers (EXPSEG_VEC, EXPSEG_CLONES: cpu_vectors.h).
 
 EXPSEG_VEC vfloat vload(const float* p) {
   vfloat v;

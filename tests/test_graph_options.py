@@ -113,13 +113,15 @@ def test_the_learning_rate_set_between_steps_is_the_one_they_step_with():
     steady, _, steady_model = steps("eager", 3, lr=1e-3)
     assert scheduled[:2] == steady[:2] and scheduled[2] != steady[2]  # the third step sees the second's rate
     assert as_tensor == pytest.approx(scheduled, rel=1e-6)
-    apart = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), steady_model.parameters()))
-    gap = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), tensor_model.parameters()))
-    assert apart > 1e-2  # the rate moved the weights far beyond the rounding below
-    # NAdam (see steps()) amplifies the float and tensor rates' different roundings in elements of tiny
-    # gradients (here up to 4e-4 after three steps, and only 2.5e-5 before models/conv.py changed the
-    # convolutions' rounding): the tensor rate's weights are still far nearer the float rate's than the rate moves them
-    assert gap < apart / 10, (gap, apart)
+    flat = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (model, steady_model, tensor_model)]
+    apart, gap = float((flat[0] - flat[1]).norm()), float((flat[0] - flat[2]).norm())
+    assert float((flat[0] - flat[1]).abs().max()) > 1e-2  # the rate moved the weights far beyond the rounding below
+    # NAdam (see steps()) amplifies the float and tensor rates' different roundings in elements whose gradient
+    # is rounding noise: one weight of 134 k, whose gradient was exactly 0 for two steps and then 2e-9 against
+    # -6e-9 (float32 rounding of a sum of 9e-4 terms), stepped by +-lr, 1.2e-2 apart, with the native weight
+    # gradient (models/conv.py; 4e-4 with PyTorch's backward). Over all the weights the tensor rate's are
+    # still far nearer the float rate's than the rate moves them (norm 0.14 % of it; 0.006 % with PyTorch's)
+    assert gap < apart / 100, (gap, apart)
 
 
 def test_a_cuda_graph_step_is_refused_off_cuda_in_one_line():

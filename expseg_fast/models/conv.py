@@ -9,6 +9,14 @@ around it (bench/NOTES.md, 2026-12-07). A batch of two passes that test: such a 
 on the image's two halves along D, each with the one plane of its neighbour (or of zero padding) that
 the kernel reaches, as a batch of two; in channels-last the two outputs are the whole output's memory
 as it stands (a view). The same function to float rounding; everything else goes to F.conv3d as before.
+
+The backward of such an fp32 CPU convolution ("same" padding, odd kernel) is ours too (_SameConv3d): oneDNN's
+weight gradient ran at a quarter of the CPU's multiply-add rate at the network's channel counts (36 -> 12 at
+64^3: 130 ms against 70 for the forward's same work), so it is the native op expseg_fast::conv3d_weight_grad
+(csrc/conv_weight_grad.*). The input gradient stays oneDNN's, and where the forward took two slabs it is
+the forward convolution of the output gradient by the kernel flipped and transposed (the same function for
+stride 1 and padding k // 2) through the same path. Elsewhere (CUDA, bf16 or fp16, autocast, the extension
+not built) PyTorch's backward.
 """
 
 from __future__ import annotations
@@ -16,9 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from expseg_fast.extension import kernel_device_types
 
 ONEDNN_MIN_ROWS = 20480  # PyTorch takes oneDNN for one fp32 image above this N*C*D*H (kernels <= 3)
 _CL = torch.channels_last_3d
+DEVICE_TYPES = kernel_device_types("conv3d_weight_grad")  # fixed at import, as torch.compile needs
 
 
 def takes_two_slabs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -32,11 +44,56 @@ def takes_two_slabs(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
+def takes_weight_op(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int, int]) -> bool:
+    """Whether conv3d's backward is _SameConv3d's: an fp32 CPU convolution outside autocast with "same"
+    padding (k // 2 along each axis, odd k), a gradient to compute, the extension built."""
+    return (x.device.type in DEVICE_TYPES and x.dtype == weight.dtype == torch.float32 and x.dim() == 5
+            and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad)
+            and all(k % 2 == 1 and p == k // 2 for k, p in zip(weight.shape[2:], padding)))
+
+
+class _SameConv3d(torch.autograd.Function):
+    """conv3d's function (forward: _conv3d) with the backward of the module's docstring."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                padding: tuple[int, int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return _conv3d(x, weight, bias, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0] and takes_two_slabs(x, weight):  # as the forward: PyTorch's would be im2col
+            grad_x = _conv3d(grad_y, weight.flip(2, 3, 4).transpose(0, 1), None, ctx.padding)
+        elif ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad_y, x, weight, None, [1, 1, 1], list(ctx.padding),
+                                                         [1, 1, 1], False, [0, 0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.expseg_fast.conv3d_weight_grad(grad_y, x, list(weight.shape[2:]))
+            grad_w = grad_w.contiguous(memory_format=_CL) if weight.is_contiguous(memory_format=_CL) else grad_w
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2, 3, 4))
+        return grad_x, grad_w, grad_b, None
+
+
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int, int]
            ) -> torch.Tensor:
     """F.conv3d(x, weight, bias, padding=padding) with stride 1, dilation 1, one group: x (N, C, D, H, W),
     weight (O, C, kD, kH, kW), padding kD // 2 along D -> (N, O, D, H, W); two slabs where
-    takes_two_slabs says so."""
+    takes_two_slabs says so, the backward _SameConv3d's where takes_weight_op says so."""
+    if takes_weight_op(x, weight, padding):
+        return _SameConv3d.apply(x, weight, bias, tuple(padding))
+    return _conv3d(x, weight, bias, padding)
+
+
+def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int, int]
+            ) -> torch.Tensor:
+    """conv3d's forward: two slabs where takes_two_slabs says so, else F.conv3d."""
     if not takes_two_slabs(x, weight) or padding[0] != weight.shape[2] // 2:
         return F.conv3d(x, weight, bias, padding=padding)
     depth, pad = x.shape[2], padding[0]
@@ -58,3 +115,10 @@ class Conv3d(nn.Conv3d):
                 or isinstance(self.padding, str):
             return super()._conv_forward(input, weight, bias)
         return conv3d(input, weight, bias, self.padding)
+
+
+if DEVICE_TYPES:  # the op is registered
+
+    @torch.library.register_fake("expseg_fast::conv3d_weight_grad")
+    def _weight_grad_fake(grad_y, x, kernel):
+        return x.new_empty((grad_y.shape[1], x.shape[1], *kernel))
