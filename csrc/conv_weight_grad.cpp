@@ -5,8 +5,8 @@
 // channels at 64^3: 48 GFLOP/s against 195 for a forward; bench/NOTES.md). Here each tap's gradient is a
 // sum over rows of a GEMM with a short inner dimension, out_t (a x b) += A_row^T B_row, where A is one
 // tensor and B the other shifted by the tap's offset along the row: a tile of 4 of A's channels by up to
-// 24 of B's lives in registers while a row's voxels stream through (one vector load of B and one
-// broadcast of A per 8 multiply-adds). B is the tensor with more channels (x, or grad_y with the offset
+// 24 of B's lives in registers while a row's voxels stream through (per voxel 3 vector loads of B and 4
+// broadcasts of A for 12 vector multiply-adds). B is the tensor with more channels (x, or grad_y with the offset
 // negated where O > C), so its channels fill the vectors. Threads take whole (n, d) planes; a float32 partial
 // sums planes until it holds 4096 voxels or more (one 64^2 plane, 16 of 16^2), then is added to the thread's
 // float64 total, and the threads' totals are summed in a fixed order.
@@ -20,7 +20,7 @@
 #include "conv_weight_grad.h"
 #include "cpu_vectors.h"
 
-#pragma GCC optimize("fp-contract=fast")
+#pragma GCC optimize("fp-contract=fast")  // a * b + c as one multiply-add (off under -std=c++20)
 
 namespace expseg {
 namespace {
