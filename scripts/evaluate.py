@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from expseg_fast.atomic import write_atomic
-from expseg_fast.config import PREDICTOR
 from expseg_fast.inference.evaluation import evaluate
+from expseg_fast.inference.options import add_window_options, check_window_options
 
 
 def main() -> None:
@@ -30,13 +30,9 @@ def main() -> None:
     parser.add_argument("--label-map", help="its JSON label map (with --data)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="write every figure to this JSON file")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=PREDICTOR.flip,
-                        help="average each window with its left-right mirror (twice the time; default %(default)s)")
-    parser.add_argument("--max-voxels", type=int, default=None,
-                        help="the most voxels a scan (or its resampled grid) may have; default the checkpoint's")
+    add_window_options(parser)
     args = parser.parse_args()
-    if args.max_voxels is not None and args.max_voxels < 1:
-        parser.error(f"--max-voxels must be >= 1, got {args.max_voxels}")
+    check_window_options(parser, args)
     try:
         result = evaluate(args.checkpoint, args.data, args.label_map, args.device, args.max_voxels, args.flip)
     except (ValueError, OSError) as error:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from expseg_fast.config import PREDICTOR
 from expseg_fast.inference.files import segment
+from expseg_fast.inference.options import add_window_options, check_window_options
 
 
 def main() -> None:
@@ -28,13 +28,9 @@ def main() -> None:
                         help="write each scan's class volumes (mm³, on its own grid) and their total to this CSV")
     parser.add_argument("--qc", default=None, metavar="FOLDER",
                         help="write a PNG per scan to this folder: three slices with the labels and a legend")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=PREDICTOR.flip,
-                        help="average each window with its left-right mirror (twice the time; default %(default)s)")
-    parser.add_argument("--max-voxels", type=int, default=None,
-                        help="the most voxels a scan (or its resampled grid) may have; default the checkpoint's")
+    add_window_options(parser)
     args = parser.parse_args()
-    if args.max_voxels is not None and args.max_voxels < 1:
-        parser.error(f"--max-voxels must be >= 1, got {args.max_voxels}")
+    check_window_options(parser, args)
     try:
         segment(args.checkpoint, args.inputs, args.out, args.device, args.overwrite, args.max_voxels, args.volumes,
                 args.qc, args.flip)
