@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expseg_fast.models.conv import ONEDNN_MIN_ROWS, Conv3d, conv3d, takes_two_slabs
+from expseg_fast.models.conv import ONEDNN_MIN_ROWS, Conv3d, conv3d, takes_channel_scale, takes_two_slabs
 
 CL = torch.channels_last_3d
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
@@ -41,6 +41,8 @@ def _check_against_float64(shape, out_channels, kernel, memory_format, bias=True
     ((1, 6, 16, 12, 10), 5, (3, 3, 3)),  # D, H, W unequal
     ((1, 4, 2, 3, 5), 3, (3, 3, 3)),  # two planes: each slab is one plane and its neighbour
     ((1, 6, 12, 8, 8), 7, (1, 1, 1)),  # the skip's 1x1x1
+    ((1, 1, 12, 8, 6), 7, (1, 1, 1)),  # the first skip's 1x1x1 of one channel: a channel scale
+    ((3, 1, 5, 7, 1), 2, (1, 1, 1)),  # the same, a batch and odd, flat extents
     ((1, 3, 8, 5, 5), 2, (3, 1, 3)),  # a kernel of unequal edges
     ((1, 5, 7, 8, 8), 4, (3, 3, 3)),  # odd D: F.conv3d
     ((2, 4, 8, 8, 8), 4, (3, 3, 3)),  # a batch: F.conv3d
@@ -57,6 +59,24 @@ def test_without_bias_and_under_no_grad():
     x, w = torch.randn(1, 3, 6, 6, 6), torch.randn(4, 3, 3, 3, 3)
     with torch.no_grad():
         torch.testing.assert_close(conv3d(x, w, None, (1, 1, 1)), F.conv3d(x, w, padding=1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_channel_scale_without_bias_and_for_one_voxel():
+    _check_against_float64((1, 1, 8, 6, 4), 5, (1, 1, 1), CL, bias=False)
+    _check_against_float64((2, 1, 1, 1, 1), 3, (1, 1, 1), torch.contiguous_format)
+
+
+def test_which_convolutions_take_the_channel_scale():
+    x, w = torch.empty(1, 1, 8, 8, 8), torch.empty(12, 1, 1, 1, 1)
+    assert takes_channel_scale(x, w, (0, 0, 0))
+    assert not takes_channel_scale(torch.empty(1, 2, 8, 8, 8), torch.empty(12, 2, 1, 1, 1), (0, 0, 0))
+    assert not takes_channel_scale(x, torch.empty(12, 1, 3, 3, 3), (1, 1, 1))
+    assert not takes_channel_scale(x, w, (1, 1, 1))  # padded: a border of the bias alone, F.conv3d's
+    assert not takes_channel_scale(x.double(), w.double(), (0, 0, 0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's convolution computes in bf16
+        assert not takes_channel_scale(x, w, (0, 0, 0))
+    y = conv3d(torch.randn(1, 1, 4, 4, 4), torch.randn(12, 1, 1, 1, 1), torch.randn(12), (0, 0, 0))
+    assert y.is_contiguous(memory_format=CL), "written channels-last, as the network's other convolutions"
 
 
 def test_which_convolutions_take_two_slabs():

@@ -26,7 +26,7 @@ from expseg_fast.data import (
 )
 from expseg_fast.data.dataset import present_values
 from expseg_fast.data.plans import FitPlan, SpacingPlan
-from expseg_fast.data.preprocess import IGNORE
+from expseg_fast.data.preprocess import IGNORE, Resampling
 
 
 def random_affine(rng, spacing) -> np.ndarray:
@@ -68,8 +68,9 @@ def test_round_trip_returns_labels_to_the_original_grid(seed):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_nearest_resampling_equals_an_index_grid_and_fancy_indexing(seed):
-    """apply_labels / invert_labels (coordinates as broadcast axis terms, one flat gather) give exactly
-    the plain form: every voxel's index vector through the matrix product, then volume[i, j, k]."""
+    """apply_labels / invert_labels (an index vector per axis, one outer gather) give exactly the plain
+    form: every voxel's index vector through the matrix product, then volume[i, j, k]; a rotation is
+    refused, not resampled wrong."""
     rng = np.random.default_rng(seed)
     shape = tuple(int(n) for n in rng.integers(20, 50, 3))
     affine = random_affine(rng, rng.uniform(0.7, 3.0, 3))
@@ -88,6 +89,9 @@ def test_nearest_resampling_equals_an_index_grid_and_fancy_indexing(seed):
     assert np.array_equal(forward, plain(labels, r.target_shape, r.matrix, r.offset, 0))
     inverse = np.linalg.inv(r.matrix)
     assert np.array_equal(invert_labels(forward, r), plain(forward, r.source_shape, inverse, -inverse @ r.offset, None))
+    rotated = Rotation.from_euler("z", 0.1).as_matrix() @ r.matrix
+    with pytest.raises(ValueError, match="permutation"):
+        apply_labels(labels, Resampling(r.source_shape, r.source_affine, r.target_shape, rotated, r.offset))
 
 
 def test_plan_is_isotropic_cubic_and_keeps_the_whole_field_of_view():

@@ -112,19 +112,22 @@ def test_each_fused_level_reaches_the_output(levels):
     assert start == model.fuse.in_channels
 
 
-@pytest.mark.parametrize("levels, batch, dropout, channels_last",
-                         [((0, 1, 2), 1, 0.0, False), ((0, 1, 2), 2, 0.3, True), ((1, 3), 3, 0.5, False),
-                          ((0,), 1, 0.2, True)])
-def test_the_level_fusion_is_the_convolution_of_the_upsampled_concatenation(levels, batch, dropout, channels_last):
+@pytest.mark.parametrize("levels, batch, dropout, channels_last, dtype",
+                         [((0, 1, 2), 1, 0.0, False, torch.float64), ((0, 1, 2), 2, 0.3, True, torch.float64),
+                          ((1, 3), 3, 0.5, False, torch.float64), ((0,), 1, 0.2, True, torch.float64),
+                          ((0, 1, 2), 1, 0.0, True, torch.float32), ((0,), 1, 0.0, True, torch.float32)])
+def test_the_level_fusion_is_the_convolution_of_the_upsampled_concatenation(levels, batch, dropout, channels_last,
+                                                                            dtype):
     """LevelFusion (the sum of each level's upsampled convolution, the dropout in the weights) against the
     paper's order in float64: the levels upsampled to full size, concatenated, whole channels dropped
-    with the same mask, then the 1x1x1 convolution; values and the gradients of inputs, weight and bias."""
+    with the same mask, then the 1x1x1 convolution; values and the gradients of inputs, weight and bias.
+    In float32 on the CPU the levels' convolutions and upsamplings are the engine's own ops."""
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     widths, full = [3 * 2**lv for lv in levels], (16, 8, 24)
     memory = torch.channels_last_3d if channels_last else torch.contiguous_format
-    inputs = [torch.randn(batch, w, *(n // 2**lv for n in full), dtype=torch.float64).contiguous(memory_format=memory)
+    inputs = [torch.randn(batch, w, *(n // 2**lv for n in full), dtype=dtype).contiguous(memory_format=memory)
               .requires_grad_() for w, lv in zip(widths, levels)]
-    fusion = LevelFusion(sum(widths), 5, dropout).double().train()
+    fusion = LevelFusion(sum(widths), 5, dropout).to(dtype).train()
     with torch.no_grad():
         fusion.bias.uniform_(-1, 1)
     seed = int(torch.randint(0, 2**31, ()))
@@ -132,20 +135,24 @@ def test_the_level_fusion_is_the_convolution_of_the_upsampled_concatenation(leve
     found = fusion(inputs, full)
     torch.manual_seed(seed)
     keep = (torch.rand(batch, sum(widths)) >= dropout).double() / (1 - dropout)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref_weight, ref_bias = (p.detach().double().requires_grad_() for p in (fusion.weight, fusion.bias))
     upsampled = [x if lv == 0 else F.interpolate(x, size=full, mode="trilinear", align_corners=False)
-                 for x, lv in zip(inputs, levels)]
-    expected = F.conv3d(torch.cat(upsampled, 1) * keep[:, :, None, None, None], fusion.weight, fusion.bias)
-    torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-10)
+                 for x, lv in zip(ref_inputs, levels)]
+    expected = F.conv3d(torch.cat(upsampled, 1) * keep[:, :, None, None, None], ref_weight, ref_bias)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(found.double(), expected, rtol=tol, atol=tol)
     grad = torch.randn_like(expected)
-    found_grads = torch.autograd.grad(found, [*inputs, fusion.weight, fusion.bias], grad)
-    expected_grads = torch.autograd.grad(expected, [*inputs, fusion.weight, fusion.bias], grad)
+    found_grads = torch.autograd.grad(found, [*inputs, fusion.weight, fusion.bias], grad.to(dtype))
+    expected_grads = torch.autograd.grad(expected, [*ref_inputs, ref_weight, ref_bias], grad)
     for a, b in zip(found_grads, expected_grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
     if dropout:
         assert 0 < (keep == 0).sum() < keep.numel() or batch * sum(widths) < 8  # the mask dropped some, not all
     fusion.eval()
-    torch.testing.assert_close(fusion(inputs, full), F.conv3d(torch.cat(upsampled, 1), fusion.weight, fusion.bias),
-                               rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        plain = F.conv3d(torch.cat(upsampled, 1), ref_weight, ref_bias)
+        torch.testing.assert_close(fusion(inputs, full).double(), plain, rtol=tol, atol=tol)
 
 
 def test_noise_and_dropout_only_in_training():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expseg_fast.inference.predictor import Predictor
+from expseg_fast.inference.predictor import Predictor, class_softmax
 from expseg_fast.models import ExpLogNet, NetConfig
 
 
@@ -30,6 +30,21 @@ def test_predictor_matches_eager_fp32_on_cpu():
     assert (labels == expected).float().mean() >= 0.999
     assert torch.allclose(probs.sum(1), torch.ones(1, 16, 16, 16))
     assert torch.equal(predictor.probabilities(image), probs)  # what sliding windows blend, without the arg max
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last_3d, torch.contiguous_format],
+                         ids=["channels_last", "contiguous"])
+@pytest.mark.parametrize("shape", [(1, 18, 6, 5, 4), (3, 2, 1, 1, 7)])
+def test_the_class_softmax_is_the_softmax_over_classes_in_the_logits_layout(memory_format, shape):
+    logits = torch.randn(shape) * 30  # far beyond exp's float32 range without the shift by the maximum
+    logits[0, :, 0, 0, 0] = 1e4
+    logits = logits.contiguous(memory_format=memory_format)
+    found = class_softmax(logits)
+    assert found.dtype == torch.float32 and found.shape == logits.shape
+    assert found.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(found.double(), torch.softmax(logits.double(), dim=1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(class_softmax(logits.bfloat16()).double(), torch.softmax(logits.bfloat16().double(), 1),
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_predictor_bf16_agrees_with_fp32():

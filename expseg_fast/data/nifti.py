@@ -133,7 +133,12 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
     write_atomic(path, lambda tmp: nib.save(image, tmp), suffix)
 
 
+def label_dtype(largest: int) -> type:
+    """The integer type label volumes are kept and written in, for class indices up to `largest`: uint8,
+    int16 from 256."""
+    return np.uint8 if largest < 256 else np.int16
+
+
 def save_labels(path: str | Path, labels: np.ndarray, affine: np.ndarray) -> None:
-    """Writes a label volume as save_volume does, as uint8 (int16 from 256 classes)."""
-    dtype = np.uint8 if labels.size == 0 or int(labels.max()) < 256 else np.int16
-    save_volume(path, labels.astype(dtype), affine)
+    """Writes a label volume as save_volume does, in label_dtype."""
+    save_volume(path, labels.astype(label_dtype(int(labels.max()) if labels.size else 0), copy=False), affine)

@@ -123,11 +123,10 @@ def resampling_problem(path, shape: tuple[int, int, int], affine: np.ndarray, si
     return None
 
 
-def _map(shape: tuple[int, int, int], matrix: np.ndarray, offset: np.ndarray, first: int = 0) -> np.ndarray:
-    """Coordinates (3, *shape) = matrix @ voxel + offset for every voxel of a grid of that shape, its first
-    axis starting at index `first` (a slab of a larger grid); summed as three broadcast axis terms: no
-    index grid, no matrix product over every voxel."""
-    axes = [np.arange(first, first + shape[0], dtype=np.float64)] + [np.arange(n, dtype=np.float64) for n in shape[1:]]
+def _map(shape: tuple[int, int, int], matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Coordinates (3, *shape) = matrix @ voxel + offset for every voxel of a grid of that shape, summed as
+    three broadcast axis terms: no index grid, no matrix product over every voxel."""
+    axes = [np.arange(n, dtype=np.float64) for n in shape]
     coords = np.empty((3, *shape))
     for k in range(3):
         coords[k] = ((matrix[k, 0] * axes[0])[:, None, None] + (matrix[k, 1] * axes[1])[None, :, None]
@@ -139,23 +138,25 @@ def _nearest(volume: np.ndarray, shape: tuple[int, int, int], matrix: np.ndarray
              fill) -> np.ndarray:
     """volume sampled by nearest neighbour on a grid of `shape` whose voxel v sits at matrix @ v + offset
     in volume's voxels; `fill` where that falls outside the voxels' extent [-0.5, n - 0.5] (None: clamp to
-    the nearest voxel instead). In slabs of the first axis (about 1M voxels each): no temporary of the
-    whole grid's coordinates (1.2 GB at 512^3, and a first touch of fresh memory costs seconds)."""
-    out = np.empty(shape, dtype=volume.dtype)
-    source = volume.reshape(-1)
-    rows = max(1, (1 << 20) // max(1, shape[1] * shape[2]))
-    for i0 in range(0, shape[0], rows):
-        slab = (min(rows, shape[0] - i0), shape[1], shape[2])
-        coords = _map(slab, matrix, offset, first=i0)
-        flat = np.zeros(slab, dtype=np.int64)  # each sample's index in volume.reshape(-1)
-        inside = np.ones(slab, dtype=bool)
-        for k, n in enumerate(volume.shape):
-            idx = np.rint(coords[k]).astype(np.int64)
-            if fill is not None:
-                inside &= (idx >= 0) & (idx < n)
-            flat = flat * n + np.clip(idx, 0, n - 1)
-        got = np.take(source, flat)
-        out[i0:i0 + slab[0]] = got if fill is None else np.where(inside, got, fill)
+    the nearest voxel instead). The plans' matrices are scaled permutations (they resample along the
+    canonical axes, never rotating: _source_map), so each volume axis's index follows one grid axis: three
+    index vectors and one outer gather, no coordinates per voxel (the same indices as _map's, bit for bit:
+    its other two terms are exact zeros). ValueError for any other matrix."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    axis_of = [int(np.flatnonzero(row)[0]) if np.count_nonzero(row) == 1 else -1 for row in matrix]
+    if sorted(axis_of) != [0, 1, 2]:
+        raise ValueError(f"nearest resampling needs a scaled permutation matrix (no rotation), got {matrix.tolist()}")
+    index, inside = [], []
+    for k, n in enumerate(volume.shape):
+        m = axis_of[k]
+        along = np.rint(matrix[k, m] * np.arange(shape[m], dtype=np.float64) + offset[k]).astype(np.int64)
+        inside.append((along >= 0) & (along < n))
+        index.append(np.clip(along, 0, n - 1))
+    order = [axis_of.index(j) for j in range(3)]  # the volume axis that grid axis j walks
+    out = np.ascontiguousarray(volume[np.ix_(*index)].transpose(order))
+    if fill is not None:
+        along = [inside[k] for k in order]
+        out[~(along[0][:, None, None] & along[1][None, :, None] & along[2][None, None, :])] = fill
     return out
 
 
@@ -197,10 +198,11 @@ def apply_image(image: np.ndarray, r: Resampling, statistics: ScanStatistics | N
     rule) every voxel, the grid beyond the scan counting as 0; without them (the `fov` rule) by the
     statistics of the voxels inside the field of view, the padding 0."""
     coords = _map(r.target_shape, r.matrix, r.offset)
-    out = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, mode="nearest")
+    # C order: a column-major file's voxels gathered along their rows run 3-4x faster than in place
+    out = ndimage.map_coordinates(np.ascontiguousarray(image, dtype=np.float32), coords, order=1, mode="nearest")
     inside = field_of_view(r)
     if statistics is not None:
-        return ((np.where(inside, out, 0.0) - statistics.mean) / statistics.std).astype(np.float32)
+        return ((np.where(inside, out, 0.0) - statistics.mean) / statistics.std).astype(np.float32, copy=False)
     mean, std = array_moments(out[inside])
     return np.where(inside, (out - mean) / std, 0.0).astype(np.float32)
 

@@ -29,7 +29,14 @@ from expseg_fast.data import VolumeError, invert_labels, load_volume
 from expseg_fast.data.dataset import group_channels, plain_name, volume_files
 from expseg_fast.data.facts import VolumeFacts, out_of_range
 from expseg_fast.data.identity import DataPin
-from expseg_fast.data.nifti import VOLUME_SUFFIXES, affines_match, nonfinite_problem, save_labels, volume_suffix
+from expseg_fast.data.nifti import (
+    VOLUME_SUFFIXES,
+    affines_match,
+    label_dtype,
+    nonfinite_problem,
+    save_labels,
+    volume_suffix,
+)
 from expseg_fast.data.plans import Plan
 from expseg_fast.data.preprocess import Resampling
 from expseg_fast.inference.mirroring import lateral_swap, left_right_axis, mirrored
@@ -183,15 +190,15 @@ def predictor_for(model: torch.nn.Module, config: TrainConfig, plan: Plan, devic
 
 def predict_labels(predictor: Predictor, image: np.ndarray, plan: Plan, num_classes: int,
                    mirror: tuple[int, list[int] | None] | None = None) -> np.ndarray:
-    """The label volume on the inference grid of one case's preprocessed image (K, ...) (case_image):
-    the plan's windows through the predictor, blended (expseg_fast/inference/sliding_window.py); with
-    mirror = (the grid's left-right axis, the lateral classes' swap), averaged with the mirrored windows'."""
+    """The label volume (label_dtype) on the inference grid of one case's preprocessed image (K, ...)
+    (case_image): the plan's windows through the predictor, blended (expseg_fast/inference/sliding_window.py);
+    with mirror = (the grid's left-right axis, the lateral classes' swap), averaged with the mirrored windows'."""
     probabilities = predictor.probabilities
     if mirror is not None:
         probabilities = mirrored(probabilities, *mirror)
     labels = sliding_window_labels(probabilities, torch.from_numpy(image).to(predictor.device), plan.size,
                                    predictor.input_shape[0], num_classes, plan.windows(image.shape[1:]))
-    return labels.cpu().numpy()
+    return labels.cpu().numpy().astype(label_dtype(num_classes - 1))
 
 
 def warn(path: Path, notes: list[str]) -> None:

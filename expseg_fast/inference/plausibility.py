@@ -28,7 +28,7 @@ def intensity_note(data: np.ndarray) -> str | None:
     low, high = float(np.min(data)), float(np.max(data))
     if low == high:
         return f"every voxel has the intensity {low:.4g}: a constant image, not a scan"
-    flat = data.reshape(-1)
+    flat = data.ravel(order="K")  # a view in the file's own order (reshape would copy a column-major one)
     distinct = np.unique(flat[:: max(1, flat.size // _SAMPLE)])
     if distinct.size <= FEWEST_VALUES:
         return f"only {distinct.size} distinct intensities: a mask or label map, not a scan"

@@ -24,6 +24,16 @@ from expseg_fast.models.forward import logits_at
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
+def class_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax over classes (N, C, D, H, W) float32 of logits of that shape, in their layout. Channels-last
+    logits go through PyTorch's kernel for the innermost axis, which their classes are (7.5 ms for
+    (1, 18, 64^3) on the 2-core CPU, against 20 ms for the softmax over dim 1 of the same memory)."""
+    logits = logits.float()
+    if logits.dim() == 5 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.softmax(logits.permute(0, 2, 3, 4, 1), dim=-1).permute(0, 4, 1, 2, 3)
+    return torch.softmax(logits, dim=1)
+
+
 class Predictor:
     """predictor(image) -> labels (N, D, H, W) int64; predictor.predict(image, probabilities=True)
     also returns the softmax (N, C, D, H, W) float32. `image` must have exactly `input_shape`."""
@@ -93,13 +103,13 @@ class Predictor:
         logits = self.logits(image)
         labels = logits.argmax(dim=1)
         if probabilities:
-            return labels, torch.softmax(logits.float(), dim=1)
+            return labels, class_softmax(logits)
         return labels
 
     @torch.inference_mode()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """The softmax (N, C, D, H, W) float32 only (what sliding windows blend: no arg max per window)."""
-        return torch.softmax(self.logits(image).float(), dim=1)
+        return class_softmax(self.logits(image))
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.predict(image)

@@ -106,15 +106,24 @@ class LevelFusion(nn.Conv3d):
             return self._fused(levels, self.weight, size)
         keep = torch.rand(levels[0].shape[0], self.in_channels, device=self.weight.device) >= self.dropout
         weights = self.weight[None] * (keep.to(self.weight.dtype) / (1 - self.dropout))[:, None, :, None, None, None]
-        return torch.cat([self._fused([x[n : n + 1] for x in levels], w, size) for n, w in enumerate(weights)])
+        if levels[0].shape[0] == 1:  # one sample: no slices (whose backward writes each level's gradient anew)
+            return self._fused(levels, weights[0], size)
+        samples = zip(*(x.split(1) for x in levels))  # split: its backward is one cat, in the levels' layout
+        return torch.cat([self._fused(list(xs), w, size) for xs, w in zip(samples, weights)])
 
     def _fused(self, levels: list[torch.Tensor], weight: torch.Tensor, size) -> torch.Tensor:
-        total = None
+        total, owned = None, False  # owned: total is a sum made here, which add_ may write (never a level's output)
         for x, w in zip(levels, weight.split([x.shape[1] for x in levels], dim=1)):
             y = conv3d(x, w, None, (0, 0, 0))
             y = y if tuple(y.shape[2:]) == tuple(size) else upsample(y, size)
-            total = y.to(torch.promote_types(y.dtype, torch.float32), copy=True) if total is None else total.add_(y)
-        return total.add_(self.bias.view(1, -1, 1, 1, 1)).to(y.dtype)
+            if total is None:
+                total = y.to(torch.promote_types(y.dtype, torch.float32))  # y itself in float32: no copy
+            elif owned:
+                total.add_(y)
+            else:
+                total, owned = total + y, True
+        bias = self.bias.view(1, -1, 1, 1, 1)
+        return (total.add_(bias) if owned else total + bias).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout={self.dropout}"
