@@ -15,7 +15,8 @@ from expseg_fast.data.preprocess import ScanStatistics
 # How far outside the training range a value may lie before segment.py warns (a factor either way).
 TOLERANCE = {"spacing_mm": 1.5, "field_of_view_mm": 1.3, "thinnest_mm": 1.3, "intensity_p99": 3.0,
              "intensity_scale": 3.0}
-_SLAB = 1 << 20  # voxels per bincount; about the voxels the 99th percentile is estimated from
+SAMPLE_VOXELS = 1 << 20  # about how many voxels a regular_sample holds
+_COUNT_SLAB = 1 << 20  # voxels per bincount in class_volumes_ml
 _SAID = {"spacing_mm": ("voxel size", " mm"), "field_of_view_mm": ("field of view", " mm"),
          "thinnest_mm": ("thinnest extent", " mm"), "intensity_p99": ("intensity (99th percentile)", ""),
          "intensity_scale": ("intensity scale (std of the non-zero voxels)", "")}
@@ -41,13 +42,18 @@ class VolumeFacts:
         extent = spacing * np.array(data.shape[:3])
         stats = ScanStatistics.of(data)
         volumes = () if classes is None else class_volumes_ml(classes, affine, num_classes)
-        flat = np.asarray(data).ravel(order="K")  # a view in the file's own order
-        sample = flat[:: max(1, flat.size // _SLAB)]  # the percentile of a regular sample of about 2^20 voxels
         return cls(float(spacing.min()), float(extent.max()), "".join(nib.aff2axcodes(affine)),
-                   float(np.percentile(sample, 99)), float(extent.min()), stats.mean, stats.std, volumes)
+                   float(np.percentile(regular_sample(data), 99)), float(extent.min()), stats.mean, stats.std, volumes)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def regular_sample(data: np.ndarray, count: int = SAMPLE_VOXELS) -> np.ndarray:
+    """Every k-th voxel of data in its own memory order, k chosen for about `count` of them: a view (no
+    copy of a column-major volume, which reshape would make)."""
+    flat = np.asarray(data).ravel(order="K")
+    return flat[:: max(1, flat.size // count)]
 
 
 def voxel_ml(affine: np.ndarray) -> float:
@@ -57,11 +63,11 @@ def voxel_ml(affine: np.ndarray) -> float:
 
 def class_volumes_ml(classes: np.ndarray, affine: np.ndarray, num_classes: int) -> tuple[float, ...]:
     """The volume (mL) of each class 0..num_classes-1 in a volume of class indices with this affine.
-    Counted a slab of 2^20 voxels at a time: no int64 copy of the whole volume."""
+    Counted a slab of _COUNT_SLAB voxels at a time: no int64 copy of the whole volume."""
     flat = np.asarray(classes).reshape(-1)
     counts = np.zeros(num_classes, dtype=np.int64)
-    for start in range(0, flat.size, _SLAB):
-        counts += np.bincount(flat[start:start + _SLAB].astype(np.int64), minlength=num_classes)[:num_classes]
+    for start in range(0, flat.size, _COUNT_SLAB):
+        counts += np.bincount(flat[start:start + _COUNT_SLAB].astype(np.int64), minlength=num_classes)[:num_classes]
     return tuple(float(c) * voxel_ml(affine) for c in counts)
 
 

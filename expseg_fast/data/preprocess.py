@@ -155,8 +155,8 @@ def _nearest(volume: np.ndarray, shape: tuple[int, int, int], matrix: np.ndarray
     order = [axis_of.index(j) for j in range(3)]  # the volume axis that grid axis j walks
     out = np.ascontiguousarray(volume[np.ix_(*index)].transpose(order))
     if fill is not None:
-        along = [inside[k] for k in order]
-        out[~(along[0][:, None, None] & along[1][None, :, None] & along[2][None, None, :])] = fill
+        kept = [inside[k] for k in order]  # each grid axis's samples inside the volume
+        out[~(kept[0][:, None, None] & kept[1][None, :, None] & kept[2][None, None, :])] = fill
     return out
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from expseg_fast.data.facts import class_volumes_ml
+from expseg_fast.data.facts import SAMPLE_VOXELS, class_volumes_ml, regular_sample
 
 FEWEST_VALUES = 8  # distinct intensities a scan has more of (a mask or a label map has a handful)
 LEAST_CORRELATION = 0.5  # neighbour correlation along the best axis, below which an image is noise-like
 FOREGROUND_FACTOR = 2.0  # the predicted foreground may be this much smaller or larger than the training's
 SHARE_MARGIN = 0.25  # shares may lie this much (total variation) further from the mean than training's did
-_SAMPLE = 1 << 20  # voxels counted for the distinct values
 
 
 def intensity_note(data: np.ndarray) -> str | None:
@@ -28,8 +27,7 @@ def intensity_note(data: np.ndarray) -> str | None:
     low, high = float(np.min(data)), float(np.max(data))
     if low == high:
         return f"every voxel has the intensity {low:.4g}: a constant image, not a scan"
-    flat = data.ravel(order="K")  # a view in the file's own order (reshape would copy a column-major one)
-    distinct = np.unique(flat[:: max(1, flat.size // _SAMPLE)])
+    distinct = np.unique(regular_sample(data))
     if distinct.size <= FEWEST_VALUES:
         return f"only {distinct.size} distinct intensities: a mask or label map, not a scan"
     correlation = max(_neighbour_correlation(data, axis) for axis in range(data.ndim) if data.shape[axis] > 1)
@@ -40,10 +38,10 @@ def intensity_note(data: np.ndarray) -> str | None:
 
 
 def _neighbour_correlation(data: np.ndarray, axis: int) -> float:
-    """Correlation of each voxel with its neighbour along axis, over about _SAMPLE voxels (the other two
+    """Correlation of each voxel with its neighbour along axis, over about SAMPLE_VOXELS voxels (the other two
     axes strided, so a 512³ scan costs no float64 copy of itself)."""
     a = np.moveaxis(data, axis, 0)
-    step = max(1, int((a.size / _SAMPLE) ** 0.5))
+    step = max(1, int((a.size / SAMPLE_VOXELS) ** 0.5))
     a = a[:, ::step, ::step]
     x, y = a[:-1].astype(np.float64).reshape(-1), a[1:].astype(np.float64).reshape(-1)
     x, y = x - x.mean(), y - y.mean()

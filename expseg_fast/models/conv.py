@@ -19,9 +19,9 @@ stride 1 and padding k // 2) through the same path. Elsewhere (CUDA, bf16 or fp1
 not built) PyTorch's backward.
 
 A 1x1x1 convolution of one input channel (the first block's skip) is a per-channel scale and shift of that
-channel: oneDNN took 5.5 ms forward for the (1, 1, 64^3) -> 12 one on the 2-core CPU, the same as a
-broadcast multiply-add writing channels-last in 1.4 ms (_ChannelScale, with a backward of one matrix-vector
-product for the weight and a sum for the bias; fp32 on the CPU outside autocast).
+channel: oneDNN took 5.5 ms forward for the (1, 1, 64^3) -> 12 one on the 2-core CPU, and a broadcast
+multiply-add computes the same function, written channels-last, in 1.4 ms (_ChannelScale, with a backward
+of one matrix-vector product for the weight and a sum for the bias; fp32 on the CPU outside autocast).
 """
 
 from __future__ import annotations
