@@ -99,9 +99,11 @@ PRESETS["cpu-bf16"] = dataclasses.replace(PRESETS["cpu"], size=48, epochs=32, pr
 # on both real scans: results/real-scans/README.md), the 64^3 window (128 mm), the generator's own spatial
 # augmentation instead of the trainer's; 14 training maps x 4 draws an epoch, as many epochs as fit the main
 # command's hour on a 2-core CPU with bf16 units (times: bench/NOTES.md); the poly learning rate and instance
-# norm, each chosen by real-scan Dice (results/real-scans/README.md)
+# norm, each chosen by real-scan Dice, and best.pt chosen among the schedule's last tenth: in each of six runs
+# an epoch chosen earlier scored below the last on the FreeSurfer-labelled scan (results/real-scans/README.md)
 _SYNTH = (("data", SYNTH), ("out", "runs/synth"), ("preprocessing", "spacing"), ("spacing_mm", 2.0),
-          ("augment_probability", 0.0), ("synth_repeats", 4), ("lr_schedule", "poly"), ("norm", "instance"))
+          ("augment_probability", 0.0), ("synth_repeats", 4), ("lr_schedule", "poly"), ("norm", "instance"),
+          ("select_last", 0.1))
 PRESETS["synth-cpu"] = dataclasses.replace(PRESETS["cpu-bf16"], size=64, epochs=110, settings=_SYNTH)
 # the same on a GPU at the paper's width: 1.5 mm voxels, 128^3 (192 mm)
 PRESETS["synth-paper"] = dataclasses.replace(PRESETS["paper"], size=128, epochs=300, demo_of="paper",
@@ -239,6 +241,9 @@ class TrainConfig:
                                      "synth: Colin27's T1 scored through its AAL labels, from Debian's mricron-data, "
                                      "besides the run's own), or auto: colin27 where --data synth without --val-data "
                                      "finds mricron-data, else validation", SELECT_ON)
+    select_last: float = _option(1.0, "the share of the epochs, counted from the last, among which best.pt is "
+                                      "chosen (1: all; the synth presets 0.1, the poly schedule's last tenth); "
+                                      "before it begins best.pt is the best epoch so far")
     synth_contrast: str = _option("t1", "--data synth: the generator's contrasts: t1 (the T1 priors) or random "
                                         "(any contrast)", CONTRASTS)
     synth_repeats: int = _option(4, "--data synth: images drawn from each training label map per epoch")
@@ -403,6 +408,8 @@ class TrainConfig:
         if self.select_on == "colin27" and (self.data != SYNTH or self.val_data is not None):
             problems.append("select_on colin27 needs data synth without val_data (Colin27 is scored on the "
                             "generator's classes, beside the generated validation images)")
+        if not 0 < self.select_last <= 1:
+            problems.append(f"select_last must be in (0, 1], got {self.select_last}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.synth_repeats < 1:

@@ -5,6 +5,8 @@ checkpoint on Colin27: tests/test_synth.py, beside the other Colin27 scoring.)""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_synth import tiny_synth
@@ -63,3 +65,52 @@ def test_best_pt_follows_the_chosen_figure(tmp_path, monkeypatch):
     best, last = (torch.load(out / f, weights_only=False) for f in ("best.pt", "last.pt"))
     assert best["epoch"] == 1 and last["best_epoch"] == 1 and last["best_by"] == COLIN27
     assert last["best"] == pytest.approx(0.6)
+
+
+def reference_best(figures: list[float], epochs: int, share: float) -> int:
+    """The epoch best.pt holds after the epochs of figures: the last of the best among the schedule's last
+    share where it has begun, else among all so far (independent of selection.update)."""
+    first = epochs - max(1, round(share * epochs))
+    pool = range(first, len(figures)) if len(figures) > first else range(len(figures))
+    top = max(figures[e] for e in pool)
+    return max(e for e in pool if figures[e] == top)
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_best_is_the_best_of_the_last_share_once_it_begins(trial):
+    """Fresh random figures (with ties), epochs and shares: after every epoch the best is the reference's."""
+    g = torch.Generator().manual_seed(1000 + trial)
+    epochs = int(torch.randint(1, 30, (1,), generator=g))
+    share = float(torch.rand(1, generator=g)) if trial % 4 else 1.0
+    share = max(share, 1e-3)
+    figures = (torch.randint(0, 6, (epochs,), generator=g) / 5).tolist()
+    config = TrainConfig(epochs=epochs, select_last=share)
+    training = SimpleNamespace(best=-1.0, best_epoch=-1, best_by=VALIDATION)
+    for epoch, value in enumerate(figures):
+        selection.update(config, training, {"val_dice_mean": value}, epoch)
+        assert training.best_epoch == reference_best(figures[:epoch + 1], epochs, share)
+        assert training.best == figures[training.best_epoch]
+
+
+def test_select_last_is_checked_in_one_line():
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"^select_last must be in \(0, 1\], got {bad}$"):
+            TrainConfig(select_last=bad).check()
+    assert TrainConfig.for_preset("synth-cpu").select_last == 0.1  # the poly schedule's last tenth
+    assert selection.first_candidate(TrainConfig.for_preset("synth-cpu")) == 99  # epochs 100-110 of 110
+
+
+def test_best_pt_among_the_last_share_and_on_resume_with_more_epochs(tmp_path, monkeypatch, capsys):
+    """Colin27's figures 0.2, 0.9, 0.4, 0.3 with the last half choosing: after two of two epochs best.pt is
+    the second (0.9); resumed to four, the third opens the last half and replaces it, the fourth (lower)
+    does not. The log line says among which epochs."""
+    monkeypatch.setattr(selection, "colin27_check", lambda *args: RealCheck("Colin27", None, []))
+    monkeypatch.setattr(trainer, "validate_real", scripted([0.2, 0.9, 0.4, 0.3]))
+    out = tmp_path / "run"
+    train(tiny_synth(out, 2, select_on="colin27", select_last=0.5))
+    assert "among epochs 2-2 (before them: the best so far)" in capsys.readouterr().out
+    assert torch.load(out / "best.pt", weights_only=False)["epoch"] == 1
+    train(tiny_synth(out, 4, select_on="colin27", select_last=0.5), resume=True)
+    assert "among epochs 3-4" in capsys.readouterr().out
+    best, last = (torch.load(out / f, weights_only=False) for f in ("best.pt", "last.pt"))
+    assert best["epoch"] == 2 and last["best_epoch"] == 2 and last["best"] == pytest.approx(0.4)

@@ -24,7 +24,6 @@ from expseg_fast.checkpoint import (
 )
 from expseg_fast.config import TrainConfig
 from expseg_fast.runlog import append_record, read_log, rewrite_log
-from expseg_fast.training import selection
 from expseg_fast.training.run_folder import RunError
 
 if TYPE_CHECKING:
@@ -114,11 +113,10 @@ def full_disk_stops_the_run(out: Path) -> Iterator[None]:
 
 
 def save_epoch(run: Run, epoch: int, record: dict) -> None:
-    """Appends the epoch's log record and writes last.pt, then best.pt when the epoch is the best so far,
-    and epoch_NNN.pt with keep_checkpoints (each atomically; NoSpaceError naming the file)."""
+    """Appends the epoch's log record and writes last.pt, then best.pt when the epoch became the best
+    (selection.update), and epoch_NNN.pt with keep_checkpoints (each atomically; NoSpaceError naming the
+    file)."""
     append_record(run.place.out / "log.jsonl", record)
-    if selection.figure(record, run.training.best_by) >= run.training.best:
-        run.training.best_epoch = epoch
     blob = to_bytes(state_of(run, epoch))
     save_checkpoint(run.place.out / "last.pt", blob)  # first: a kill before best.pt is repaired on resume
     if run.training.best_epoch == epoch:

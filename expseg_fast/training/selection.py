@@ -1,12 +1,14 @@
 """Which validation figure chooses best.pt (TrainConfig.select_on): the run's own validation Dice, or, for
 a run on the label-map generator, Colin27's — a real T1 (Debian's mricron-data, read in place) scored
 through its manual AAL labels on the classes they share with the generator's (8 of 17), on its training
-cube (the plan's grid, as the run's own validation). The choice is made when a run starts and kept in its
-checkpoints, so a resumed run chooses by the same figure."""
+cube (the plan's grid, as the run's own validation); and among which epochs (TrainConfig.select_last: the
+schedule's last share; before it begins, the best so far, so that best.pt exists after any epoch). The
+figure is chosen when a run starts and kept in its checkpoints, so a resumed run chooses by the same one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from expseg_fast.config import COLIN27, VALIDATION, TrainConfig
 from expseg_fast.data import anatomy
@@ -16,6 +18,9 @@ from expseg_fast.data.source import SYNTH, Dataset
 from expseg_fast.training.place import Place
 from expseg_fast.training.run_folder import RunError
 from expseg_fast.training.subject_sources import CacheSource
+
+if TYPE_CHECKING:
+    from expseg_fast.training.start import Training
 
 RECORD_KEYS = {VALIDATION: "val_dice_mean", COLIN27: "colin27_dice_mean"}  # each one's field of an epoch's record
 
@@ -59,10 +64,26 @@ def figure(record: dict, chosen_by: str) -> float:
     return float(record[RECORD_KEYS[chosen_by]])
 
 
-def describe(chosen_by: str, check: RealCheck | None, names: tuple[str, ...] | list[str]) -> str:
-    """The line the run prints at its start: which figure chooses best.pt."""
+def first_candidate(config: TrainConfig) -> int:
+    """The first epoch (0-based) of the schedule's last share (select_last, at least one epoch) among which
+    best.pt is chosen."""
+    return config.epochs - max(1, round(config.select_last * config.epochs))
+
+
+def update(config: TrainConfig, training: Training, record: dict, epoch: int) -> None:
+    """Makes the epoch the best (training.best, best_epoch) when its figure is the best so far, or when it
+    opens the last share and the best is from before it."""
+    value, first = figure(record, training.best_by), first_candidate(config)
+    if value >= training.best or epoch >= first > training.best_epoch:
+        training.best, training.best_epoch = value, epoch
+
+
+def describe(config: TrainConfig, chosen_by: str, check: RealCheck | None, names: tuple[str, ...] | list[str]) -> str:
+    """The line the run prints at its start: which figure chooses best.pt, and among which epochs."""
+    first = first_candidate(config)
+    among = f", among epochs {first + 1}-{config.epochs} (before them: the best so far)" if first > 0 else ""
     if chosen_by == VALIDATION or check is None:
-        return "best.pt: the epoch of the best validation Dice"
+        return f"best.pt: the epoch of the best validation Dice{among}"
     scored = [n for i, n in enumerate(names) if i > 0 and i not in check.lacking]
     return (f"best.pt: the epoch of the best Dice on {check.name} (real T1, mricron-data; {len(scored)} classes: "
-            f"{', '.join(scored)}), besides the validation Dice on generated images")
+            f"{', '.join(scored)}), besides the validation Dice on generated images{among}")

@@ -38,7 +38,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             print(f"training {c.model} on {len(pinned.train_idx)} subjects, validating on {len(pinned.val_idx)}, "
                   f"{c.size}^3, {c.epochs} epochs, {c.loss} loss, {c.precision} on {place.device} x {place.world}; "
                   f"output in {place.out}", flush=True)
-            print(selection.describe(run.training.best_by, pinned.real_check, pinned.names), flush=True)
+            print(selection.describe(c, run.training.best_by, pinned.real_check, pinned.names), flush=True)
         record: dict = {}
         for epoch in range(run.training.start_epoch, run.config.epochs):
             record = run_epoch(run, epoch)
@@ -62,7 +62,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
     dice, first_prediction = validate(run)
     record = epoch_record(run, epoch, distributed.gather(losses), steps, dice, validate_real(run))
     clock.lap("validation")
-    training.best = max(training.best, selection.figure(record, training.best_by))
+    selection.update(run.config, training, record, epoch)
     if not place.main:
         return record
     training.history.append(record)
