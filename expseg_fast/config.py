@@ -247,6 +247,9 @@ class TrainConfig:
     synth_contrast: str = _option("t1", "--data synth: the generator's contrasts: t1 (the T1 priors) or random "
                                         "(any contrast)", CONTRASTS)
     synth_repeats: int = _option(4, "--data synth: images drawn from each training label map per epoch")
+    synth_partial_volume: int = _option(1, "--data synth: the map's points per axis of a voxel whose mixture the "
+                                           "voxel averages (1: its centre's class; 2: 2^3 points, the partial "
+                                           "volume of a real scan's coarse voxels, ~2x the generator's time)")
     step_mode: str = _option("eager", "the training step: eager, compiled (torch.compile of forward and backward) "
                                       "or cuda_graph (the whole step replayed from one CUDA graph; CUDA, batch 1)",
                              STEP_MODES)
@@ -336,8 +339,9 @@ class TrainConfig:
                              (self.augment_scale_min, self.augment_scale_max))
 
     def synth_settings(self) -> SynthSettings:
-        """The label-map generator's settings (its defaults in SynthSettings, the contrast from here)."""
-        return SynthSettings(contrast=self.synth_contrast)
+        """The label-map generator's settings (its defaults in SynthSettings, the contrast and the partial
+        volume from here)."""
+        return SynthSettings(contrast=self.synth_contrast, partial_volume=self.synth_partial_volume)
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of epoch (0-based, < epochs) under the schedule."""
@@ -412,6 +416,8 @@ class TrainConfig:
             problems.append(f"select_last must be in (0, 1], got {self.select_last}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.synth_partial_volume < 1:
+            problems.append(f"synth_partial_volume must be >= 1, got {self.synth_partial_volume}")
         if self.synth_repeats < 1:
             problems.append(f"synth_repeats must be >= 1, got {self.synth_repeats}")
         if self.splits < 1 or not 0 <= self.split < self.splits:

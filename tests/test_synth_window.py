@@ -154,3 +154,42 @@ def test_the_window_first_images_are_distributed_as_the_full_field_generators():
     assert _agree(ours["means"][:, present], full["means"][:, present], 0.1).all()
     assert _agree(ours["correlation"], full["correlation"], 0.02)
     assert 0.3 < np.nanmean(ours["correlation"]) < 0.95  # blurred, but not flat: the statistic can see a change
+
+
+@pytest.mark.parametrize("k, skull_stripped", [(1, False), (2, False), (2, True), (3, True)])
+def test_partial_volume_averages_the_mixture_over_each_voxels_points_of_the_map(k, skull_stripped):
+    """Without the draw's geometry, deviations and bias, a voxel's intensity is the mean of the mixture's
+    means at the map's voxels nearest the centres of its k^3 sub-cubes (numpy, from the affines), those
+    outside the map or, skull-stripped, outside the brain counting 0; k = 1 is the centre's class alone.
+    (Nearest-voxel ties, which float rounding breaks either way, may differ: 0.999 of voxels agree.)"""
+    plan = SpacingPlan(40, 3.0)
+    generator = ImageGenerator(TABLE, CLASSES, plan, dataclasses.replace(STILL, partial_volume=k), CPU)
+    source = LabelMapSource(label_map_files()[2], plan, CPU, 256.0)
+    gen = torch.Generator().manual_seed(k)
+    draw = generator._draw(source, gen)
+    draw = dataclasses.replace(draw, affine=torch.eye(3), displacement=torch.zeros_like(draw.displacement),
+                               stds=torch.zeros_like(draw.stds), log_bias=torch.zeros_like(draw.log_bias),
+                               skull_stripped=skull_stripped)
+    grid = source.grid.target_shape
+    region = tuple(slice(n // 4, n // 4 + 24) for n in grid)
+    _, _, image = generator._synthesise(source, draw, region, gen)
+
+    to_map = np.linalg.inv(source.affine) @ source.grid.target_affine
+    voxels = np.stack(np.meshgrid(*(np.arange(r.start, r.stop) for r in region), indexing="ij"), -1).astype(float)
+    steps = (np.arange(k) + 0.5) / k - 0.5
+    means = draw.means.double().numpy()[np.asarray(TABLE.intensity_class)]
+    brain = np.asarray(TABLE.brain)
+    maps = source.indices.numpy()
+    total = np.zeros(voxels.shape[:3])
+    for shift in np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3):
+        src = (voxels + shift) @ to_map[:3, :3].T + to_map[:3, 3]
+        nearest = np.rint(src).astype(int)
+        inside = ((src >= -0.5) & (src <= np.array(maps.shape) - 0.5)).all(-1)
+        index = np.where(inside, maps[tuple(np.clip(nearest, 0, np.array(maps.shape) - 1).transpose(3, 0, 1, 2))], 0)
+        kept = inside & brain[index] if skull_stripped else inside
+        total += np.where(kept, means[index], 0.0)
+    expected = np.maximum(total / k**3, 0.0)
+    close = np.isclose(image.double().numpy(), expected, atol=1e-3)
+    assert close.mean() > 0.999
+    mixed = ~np.isin(np.round(expected, 3), np.round(np.maximum(means, 0), 3))
+    assert (mixed.mean() > 0.05) == (k > 1)  # the mixing voxels exist only with partial volume

@@ -15,8 +15,9 @@ generator, one example is drawn window first (as SynthSeg crops before it synthe
    points, a random acquisition resolution per axis, a noise level and a gamma;
 3. only on the grid voxels the window's acquisition reads (the window and the margin of its blur and
    resampling, AcquisitionAxis): the map's labels through the affine and the displacement (nearest
-   neighbour), the mixture, everything outside the map (and, skull-stripped, outside the brain) 0, the
-   multiplicative bias field (the exponential of a trilinear field);
+   neighbour), the mixture (with partial_volume K > 1, each voxel's means and deviations averaged over
+   the map's points at the centres of its K^3 sub-cubes), everything outside the map (and, skull-stripped,
+   outside the brain) 0, the multiplicative bias field (the exponential of a trilinear field);
 4. the acquisition on the window: per axis a Gaussian blur, then down- and up-sampling, each a matrix
    along the axis (the whole grid's operation, its rows for the window); noise, a gamma
    (x^exp(N(0, gamma))) on the image scaled by its maximum;
@@ -53,7 +54,9 @@ class SynthSettings:
     axis; resolution_mm: the range of the simulated acquisition's voxel edge (per axis); noise: the
     largest noise std, as a fraction of the intensity range; gamma: the std of the log gamma;
     skull_strip: the probability of a skull-stripped scan; field_of_view_mm: the smallest extent of the
-    scans imitated (a 256 mm head scan: the map is centred in it)."""
+    scans imitated (a 256 mm head scan: the map is centred in it); partial_volume: the map's points per
+    axis of a grid voxel whose mixture means and deviations the voxel averages (1: its centre's class
+    alone; 2: the 2^3 centres of its eighths, as a real scan's coarse voxel mixes what lies within it)."""
 
     contrast: str = "t1"
     scaling: float = 0.15
@@ -68,6 +71,7 @@ class SynthSettings:
     gamma: float = 0.4
     skull_strip: float = 0.5
     field_of_view_mm: float = 256.0
+    partial_volume: int = 1
 
 
 CONTRASTS = ("t1", "random")
@@ -219,18 +223,36 @@ class ImageGenerator:
         to_map = matrix.new_tensor(from_world[:3, :3]).T
         displacement = _smooth_field(draw.displacement, grid.target_shape, axes) @ to_map
         src = columns[0] + columns[1] + columns[2] + offset + displacement  # (.., 3) map voxel coordinates
-        size = torch.as_tensor(source.shape, dtype=torch.float32, device=dev)
-        inside = ((src >= -0.5) & (src <= size - 0.5)).all(-1)
-        voxel = torch.minimum(src.round_().clamp_min_(0), size - 1).long()
-        flat = (voxel[..., 0] * source.shape[1] + voxel[..., 1]) * source.shape[2] + voxel[..., 2]
-        indices = torch.where(inside, source.indices.reshape(-1)[flat], 0)
-        index = indices.long()
-        group = self.intensity_class[index]
+        k = self.settings.partial_volume
+        if k > 1:  # the mixture's means and deviations averaged over the voxel's k^3 points of the map
+            shifts = [matrix @ matrix.new_tensor(point) for point in _eighths(k)]  # map voxels
+            mean, std, keep = self._partial_volume(source, draw, src, shifts)
+        indices, inside = _map_indices(source, src)
         deviation = torch.randn(indices.shape, generator=gen, device=dev)
-        image = (draw.means[group] + (blur * draw.stds)[group] * deviation).clamp_min(0.0)
-        keep = inside & self.brain[index] if draw.skull_stripped else inside
+        if k == 1:
+            index = indices.long()
+            group = self.intensity_class[index]
+            mean, std = draw.means[group], draw.stds[group]
+            keep = inside & self.brain[index] if draw.skull_stripped else inside
+        image = torch.where(keep, (mean + blur * std * deviation).clamp_min(0.0), 0.0)
         bias = torch.exp(_smooth_field(draw.log_bias[None], grid.target_shape, axes)[..., 0])
-        return indices, inside, torch.where(keep, image, 0.0) * bias
+        return indices, inside, image * bias
+
+    def _partial_volume(self, source: LabelMapSource, draw: ExampleDraw, src: torch.Tensor,
+                        shifts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, any kept) per voxel of the map points src + each shift (map voxel coordinates): the
+        mixture's means and standard deviations averaged over the points, those outside the map (or,
+        skull-stripped, outside the brain) counting 0, and whether any point is kept."""
+        kept_index = self.brain if draw.skull_stripped else torch.ones_like(self.brain)
+        means, stds = (v[self.intensity_class] * kept_index for v in (draw.means, draw.stds))  # per map index
+        mean = std = kept = None
+        for shift in shifts:
+            indices, inside = _map_indices(source, src + shift)
+            index = indices.long()
+            keep, weight = inside & kept_index[index], inside.float()
+            m, d = means[index].mul_(weight), stds[index].mul_(weight)
+            mean, std, kept = (m, d, keep) if mean is None else (mean.add_(m), std.add_(d), kept.logical_or_(keep))
+        return mean / len(shifts), std / len(shifts), kept
 
     def _noisy(self, image: torch.Tensor, empty: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
         """The acquired image with noise of std `level`, clamped at 0; voxels empty before it stay 0."""
@@ -305,6 +327,22 @@ class AcquisitionAxis:
         used = torch.nonzero(rows.abs().sum(0)).flatten()
         lo, hi = min(int(used.min()), window.start), max(int(used.max()) + 1, window.stop)
         return cls(rows[:, lo:hi].float(), slice(lo, hi), float((operator ** 2).sum(1).mean()))
+
+
+def _map_indices(source: LabelMapSource, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the map's indices at its voxels nearest the map voxel coordinates src (..., 3), 0 outside the
+    map; inside it). src is rounded in place."""
+    size = src.new_tensor(source.shape)
+    inside = ((src >= -0.5) & (src <= size - 0.5)).all(-1)
+    voxel = torch.minimum(src.round_().clamp_min_(0), size - 1).long()
+    flat = (voxel[..., 0] * source.shape[1] + voxel[..., 1]) * source.shape[2] + voxel[..., 2]
+    return torch.where(inside, source.indices.reshape(-1)[flat], 0), inside
+
+
+def _eighths(k: int) -> list[tuple[float, float, float]]:
+    """The centres of a voxel's k^3 equal sub-cubes, in voxels from its centre."""
+    steps = [(2 * i + 1) / (2 * k) - 0.5 for i in range(k)]
+    return [(a, b, c) for a in steps for b in steps for c in steps]
 
 
 def _positions(n: int, m: int) -> torch.Tensor:
