@@ -249,7 +249,7 @@ class TrainConfig:
     synth_repeats: int = _option(4, "--data synth: images drawn from each training label map per epoch")
     synth_partial_volume: int = _option(1, "--data synth: the map's points per axis of a voxel whose mixture the "
                                            "voxel averages (1: its centre's class; 2: 2^3 points, the partial "
-                                           "volume of a real scan's coarse voxels, ~2x the generator's time)")
+                                           "volume of a real scan's coarse voxels, about 3x the generator's time)")
     step_mode: str = _option("eager", "the training step: eager, compiled (torch.compile of forward and backward) "
                                       "or cuda_graph (the whole step replayed from one CUDA graph; CUDA, batch 1)",
                              STEP_MODES)

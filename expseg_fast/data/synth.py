@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,35 +225,33 @@ class ImageGenerator:
         displacement = _smooth_field(draw.displacement, grid.target_shape, axes) @ to_map
         src = columns[0] + columns[1] + columns[2] + offset + displacement  # (.., 3) map voxel coordinates
         k = self.settings.partial_volume
-        if k > 1:  # the mixture's means and deviations averaged over the voxel's k^3 points of the map
-            shifts = [matrix @ matrix.new_tensor(point) for point in _eighths(k)]  # map voxels
-            mean, std, keep = self._partial_volume(source, draw, src, shifts)
+        if k > 1:  # the mixture over the voxel's k^3 points of the map (before src is rounded for its centre)
+            shifts = [matrix @ matrix.new_tensor(point) for point in _sub_cube_centres(k)]  # map voxels
+            mean, std, keep = self._mixture(draw, (_map_indices(source, src + shift) for shift in shifts))
         indices, inside = _map_indices(source, src)
-        deviation = torch.randn(indices.shape, generator=gen, device=dev)
         if k == 1:
-            index = indices.long()
-            group = self.intensity_class[index]
-            mean, std = draw.means[group], draw.stds[group]
-            keep = inside & self.brain[index] if draw.skull_stripped else inside
+            mean, std, keep = self._mixture(draw, [(indices, inside)])
+        deviation = torch.randn(indices.shape, generator=gen, device=dev)
         image = torch.where(keep, (mean + blur * std * deviation).clamp_min(0.0), 0.0)
         bias = torch.exp(_smooth_field(draw.log_bias[None], grid.target_shape, axes)[..., 0])
         return indices, inside, image * bias
 
-    def _partial_volume(self, source: LabelMapSource, draw: ExampleDraw, src: torch.Tensor,
-                        shifts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean, std, any kept) per voxel of the map points src + each shift (map voxel coordinates): the
-        mixture's means and standard deviations averaged over the points, those outside the map (or,
-        skull-stripped, outside the brain) counting 0, and whether any point is kept."""
+    def _mixture(self, draw: ExampleDraw, points: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, kept) per voxel from each of its points' (map indices, inside the map): the mixture's
+        means and standard deviations averaged over the points, those outside the map (or, skull-stripped,
+        outside the brain) counting 0, and whether any point is kept."""
         kept_index = self.brain if draw.skull_stripped else torch.ones_like(self.brain)
         means, stds = (v[self.intensity_class] * kept_index for v in (draw.means, draw.stds))  # per map index
         mean = std = kept = None
-        for shift in shifts:
-            indices, inside = _map_indices(source, src + shift)
+        count = 0
+        for indices, inside in points:
             index = indices.long()
             keep, weight = inside & kept_index[index], inside.float()
             m, d = means[index].mul_(weight), stds[index].mul_(weight)
             mean, std, kept = (m, d, keep) if mean is None else (mean.add_(m), std.add_(d), kept.logical_or_(keep))
-        return mean / len(shifts), std / len(shifts), kept
+            count += 1
+        return (mean / count, std / count, kept) if count > 1 else (mean, std, kept)
 
     def _noisy(self, image: torch.Tensor, empty: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
         """The acquired image with noise of std `level`, clamped at 0; voxels empty before it stay 0."""
@@ -339,7 +338,7 @@ def _map_indices(source: LabelMapSource, src: torch.Tensor) -> tuple[torch.Tenso
     return torch.where(inside, source.indices.reshape(-1)[flat], 0), inside
 
 
-def _eighths(k: int) -> list[tuple[float, float, float]]:
+def _sub_cube_centres(k: int) -> list[tuple[float, float, float]]:
     """The centres of a voxel's k^3 equal sub-cubes, in voxels from its centre."""
     steps = [(2 * i + 1) / (2 * k) - 0.5 for i in range(k)]
     return [(a, b, c) for a in steps for b in steps for c in steps]
