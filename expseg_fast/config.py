@@ -104,7 +104,7 @@ PRESETS["cpu-bf16"] = dataclasses.replace(PRESETS["cpu"], size=48, epochs=32, pr
 _SYNTH = (("data", SYNTH), ("out", "runs/synth"), ("preprocessing", "spacing"), ("spacing_mm", 2.0),
           ("augment_probability", 0.0), ("synth_repeats", 4), ("lr_schedule", "poly"), ("norm", "instance"),
           ("select_last", 0.1))
-PRESETS["synth-cpu"] = dataclasses.replace(PRESETS["cpu-bf16"], size=64, epochs=110, settings=_SYNTH)
+PRESETS["synth-cpu"] = dataclasses.replace(PRESETS["cpu-bf16"], size=64, epochs=200, settings=_SYNTH)
 # the same on a GPU at the paper's width: 1.5 mm voxels, 128^3 (192 mm)
 PRESETS["synth-paper"] = dataclasses.replace(PRESETS["paper"], size=128, epochs=300, demo_of="paper",
                                              settings=tuple((k, 1.5 if k == "spacing_mm" else v) for k, v in _SYNTH))

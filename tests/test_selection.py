@@ -97,7 +97,7 @@ def test_select_last_is_checked_in_one_line():
         with pytest.raises(ValueError, match=rf"^select_last must be in \(0, 1\], got {bad}$"):
             TrainConfig(select_last=bad).check()
     assert TrainConfig.for_preset("synth-cpu").select_last == 0.1  # the poly schedule's last tenth
-    assert selection.first_candidate(TrainConfig.for_preset("synth-cpu")) == 99  # epochs 100-110 of 110
+    assert selection.first_candidate(TrainConfig.for_preset("synth-cpu")) == 180  # epochs 181-200 of 200
 
 
 def test_best_pt_among_the_last_share_and_on_resume_with_more_epochs(tmp_path, monkeypatch, capsys):
